@@ -1,0 +1,210 @@
+"""Every event the trainer and the consumers publish, and one union that parses any of them.
+
+Each class is a plain pydantic model with a ``type`` discriminator; the subject an event
+travels on is ``trainbus.events.<run_id>.<type>`` (see ``schemas.subjects``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from schemas.common import (
+    Envelope,
+    JsonDict,
+    MetricFloat,
+    Model,
+    NonNegativeFinite,
+    ShortText,
+)
+
+RunStateName = Literal["running", "paused", "stopping"]
+FinishStatus = Literal["completed", "stopped", "failed"]
+Severity = Literal["info", "warning", "critical"]
+CommandStatus = Literal["accepted", "applied", "rejected"]
+Count = Annotated[int, Field(ge=0)]
+Step = Annotated[int, Field(ge=0)]
+
+
+class Hyperparameters(Model):
+    """The hyper-parameters an operator may change live, as in ``TrainingArguments``."""
+
+    learning_rate: NonNegativeFinite
+    max_grad_norm: NonNegativeFinite | None = None
+    weight_decay: NonNegativeFinite = 0.0
+    eval_steps: Annotated[int, Field(ge=1)] | None = None
+    save_steps: Annotated[int, Field(ge=1)] | None = None
+    logging_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class RunStarted(Envelope):
+    """A run (or a resumed attempt of it) began; carries what is needed to reproduce it."""
+
+    type: Literal["run.started"] = "run.started"
+    config: JsonDict
+    config_hash: str
+    model: str
+    adapter: str
+    data_fingerprint: str
+    world_size: Annotated[int, Field(ge=1)] = 1
+    hyperparameters: Hyperparameters
+    max_steps: Step | None = None
+    trainable_parameters: Count | None = None
+    total_parameters: Count | None = None
+    resumed_from_step: Step | None = None
+    host: str = ""
+
+
+class RunState(Envelope):
+    """The trainer changed state (running, paused, stopping)."""
+
+    type: Literal["run.state"] = "run.state"
+    state: RunStateName
+    step: Step
+    reason: ShortText = ""
+
+
+class RunFinished(Envelope):
+    """The run ended: completed, stopped by a command or signal, or failed with an error."""
+
+    type: Literal["run.finished"] = "run.finished"
+    status: FinishStatus
+    step: Step
+    reason: ShortText = ""
+    error: ShortText | None = None
+    outbox_pending: Count = 0
+
+
+class TrainStep(Envelope):
+    """Training metrics at the logging cadence."""
+
+    type: Literal["train.step"] = "train.step"
+    step: Step
+    epoch: MetricFloat
+    loss: MetricFloat
+    learning_rate: MetricFloat
+    grad_norm: MetricFloat | None = None
+    tokens_per_second: MetricFloat = 0.0
+    samples_per_second: MetricFloat = 0.0
+    step_time_seconds: MetricFloat = 0.0
+    memory_bytes: Count = 0
+    hyperparameters: Hyperparameters | None = None
+
+
+class Evaluation(Envelope):
+    """Evaluation of the model: eval loss plus the classification metrics of the task."""
+
+    type: Literal["eval"] = "eval"
+    step: Step
+    epoch: MetricFloat | None = None
+    loss: MetricFloat
+    accuracy: MetricFloat | None = None
+    macro_f1: MetricFloat | None = None
+    per_label_f1: dict[str, MetricFloat] = Field(default_factory=dict)
+    abstain_rate: MetricFloat | None = None
+    ece: MetricFloat | None = None
+    critical_error_cost: MetricFloat | None = None
+    labels: list[str] = Field(default_factory=list)
+    confusion_matrix: list[list[Count]] = Field(default_factory=list)
+    num_samples: Count = 0
+    trigger: Literal["scheduled", "command", "final"] = "scheduled"
+
+
+class Checkpoint(Envelope):
+    """A checkpoint was written; sha256 and size let a consumer verify what it promotes."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    step: Step
+    path: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size_bytes: Count
+    metrics: dict[str, MetricFloat] = Field(default_factory=dict)
+    trigger: Literal["scheduled", "command", "signal", "final"] = "scheduled"
+
+
+class CommandResult(Envelope):
+    """What happened to a control command: the audit trail of every operator action."""
+
+    type: Literal["command.result"] = "command.result"
+    command_id: str
+    command: str
+    status: CommandStatus
+    code: str = ""
+    message: ShortText = ""
+    issued_by: str = ""
+    step: Step | None = None
+    applied: JsonDict = Field(default_factory=dict)
+
+
+class AuditFlag(Envelope):
+    """A rule of the audit gate fired."""
+
+    type: Literal["audit.flag"] = "audit.flag"
+    rule: str
+    severity: Severity
+    step: Step | None = None
+    message: ShortText
+    judged_event_id: str
+    value: MetricFloat | None = None
+    threshold: MetricFloat | None = None
+    actions: list[str] = Field(default_factory=list)
+    actions_taken: list[str] = Field(default_factory=list)
+
+
+class AuditVerdict(Envelope):
+    """The audit gate's one verdict on one checkpoint; only approved ones are promotable."""
+
+    type: Literal["audit.verdict"] = "audit.verdict"
+    checkpoint_event_id: str
+    checkpoint_step: Step
+    checkpoint_path: str
+    verdict: Literal["approved", "rejected"]
+    reasons: list[ShortText] = Field(default_factory=list)
+    metrics: dict[str, MetricFloat] = Field(default_factory=dict)
+    eval_event_id: str | None = None
+
+
+class Heartbeat(Envelope):
+    """Sent every few seconds, also while paused or evaluating, so a stall is visible."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    step: Step
+    phase: Literal["starting", "training", "evaluating", "saving", "paused", "stopping"]
+    uptime_seconds: NonNegativeFinite = 0.0
+
+
+Event = Annotated[
+    RunStarted
+    | RunState
+    | RunFinished
+    | TrainStep
+    | Evaluation
+    | Checkpoint
+    | CommandResult
+    | AuditFlag
+    | AuditVerdict
+    | Heartbeat,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_TYPES: dict[str, type[Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        RunStarted,
+        RunState,
+        RunFinished,
+        TrainStep,
+        Evaluation,
+        Checkpoint,
+        CommandResult,
+        AuditFlag,
+        AuditVerdict,
+        Heartbeat,
+    )
+}
+
+
+def parse_event(data: bytes | str) -> Event:
+    """Parse one event from JSON; raises ``pydantic.ValidationError`` on bad input."""
+    return EVENT_ADAPTER.validate_json(data)

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real nats-server per test session (never a mocked broker)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from runtime.bus import BusTarget, connect
+from runtime.natsserver import RunningServer, start_server
+from runtime.settings import BusSettings, ServerSettings, Settings
+from runtime.stream import ensure_stream
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "admin")
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never talk to a bus named by the developer's environment."""
+    for var in ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A nats-server with JetStream on a free port, shared by the whole session."""
+    server = start_server(ServerSettings(), tmp_path_factory.mktemp("nats"), lock=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(nats_server: RunningServer, tmp_path: Path) -> Settings:
+    """Settings pointing at the session server, state in the test's tmp dir."""
+    return Settings(state_dir=str(tmp_path / ".trainbus"), bus=BusSettings(url=nats_server.url, ack_timeout=2.0))
+
+
+@pytest.fixture
+def target(nats_server: RunningServer) -> BusTarget:
+    return BusTarget([nats_server.url], "test")
+
+
+@pytest.fixture
+async def nc(target: BusTarget, settings: Settings) -> AsyncIterator[NATS]:
+    """A connection to the session server with the events stream provisioned."""
+    conn = await connect(target, settings, name="test")
+    await ensure_stream(conn.jetstream(), settings.stream)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def role_passwords() -> dict[str, str]:
+    return {name: secrets.token_hex(8) for name in ROLE_NAMES}
+
+
+@pytest.fixture(scope="session")
+def secured_server(tmp_path_factory: pytest.TempPathFactory, role_passwords: dict[str, str]) -> Iterator[RunningServer]:
+    """A nats-server running configs/nats/roles.conf, passwords from its environment."""
+    saved = {k: os.environ.get(k) for k in role_passwords}
+    for name, password in role_passwords.items():
+        os.environ[f"TRAINBUS_{name.upper()}_PASSWORD"] = password
+    try:
+        server = start_server(
+            ServerSettings(config_file=str(REPO / "configs/nats/roles.conf")),
+            tmp_path_factory.mktemp("nats-roles"),
+            lock=False,
+        )
+    finally:
+        for name in role_passwords:
+            os.environ.pop(f"TRAINBUS_{name.upper()}_PASSWORD", None)
+    del saved
+    yield server
+    server.stop()
