@@ -50,6 +50,8 @@ class AdapterConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapter (peft's ``modules_to_save``), e.g. embed_tokens, lm_head."""
     adalora_init_r: int = Field(12, ge=1)
     """AdaLoRA: initial rank per matrix (budget is pruned towards ``r``)."""
     adalora_tinit: int = Field(0, ge=0)

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class NatsPublisher:
         name: str = "trainbus-publisher",
         credentials: Credentials | None = None,
         provision_stream: bool = True,
+        responders: dict[str, Callable[[bytes], bytes]] | None = None,
     ) -> None:
         self.target = target
         self.settings = settings
@@ -56,6 +58,7 @@ class NatsPublisher:
         self.name = name
         self.credentials = credentials
         self.provision_stream = provision_stream
+        self.responders = dict(responders or {})
         self.stats = PublisherStats()
         self.log = get_logger(component="publisher")
         self._outbox_path = outbox_path
@@ -145,6 +148,10 @@ class NatsPublisher:
             js = nc.jetstream(timeout=self.settings.bus.ack_timeout)
             if self.provision_stream:
                 await ensure_stream(js, self.settings.stream)
+            for subject, handler in self.responders.items():
+                await nc.subscribe(subject, cb=_responder(handler, self.log))
+            if self.responders:
+                await nc.flush()
             self._ready.set()
             await self._pump(nc, js)
         finally:
@@ -343,3 +350,18 @@ class _Acks:
             if b'"duplicate"' in data:  # the server writes `"duplicate": true`, only when true
                 state.duplicates += 1
         state._check()
+
+
+def _responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A request/reply subscription callback: answer at once with ``handler``'s bytes."""
+
+    async def respond(msg: Any) -> None:
+        try:
+            answer = handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the bus thread
+            log.error("request handler failed", subject=msg.subject, error=repr(exc))
+            return
+        if msg.reply:
+            await msg.respond(answer)
+
+    return respond

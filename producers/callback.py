@@ -1,0 +1,390 @@
+"""``TrainbusCallback``: publishes a Hugging Face ``Trainer`` run as trainbus events and obeys commands.
+
+Add it to any ``transformers.Trainer`` or TRL ``SFTTrainer``::
+
+    from producers import TrainbusCallback
+    TrainbusCallback.attach(trainer, run_id="my-run")   # or Trainer(..., callbacks=[TrainbusCallback()])
+
+It never blocks on the network: events go to a ``NatsPublisher`` (in-memory queue, background
+thread, outbox). Commands received on ``trainbus.control.<run_id>`` are applied at the next step
+boundary on every rank. Only rank 0 publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from producers import hyperparams
+from producers.checkpoints import fingerprint
+from producers.control import ControlChannel, internal_stop
+from producers.distributed import share_commands, world
+from runtime.bus import resolve_target
+from runtime.publisher import NatsPublisher
+from runtime.settings import Settings
+from runtime.sinks import EventSink, NullSink, Stamper
+from schemas import (
+    Checkpoint,
+    Command,
+    CommandReply,
+    CommandResult,
+    Evaluation,
+    Heartbeat,
+    RunFinished,
+    RunStarted,
+    RunState,
+    TrainStep,
+    control_subject,
+)
+
+_EVAL_FIELDS = (
+    "accuracy",
+    "macro_f1",
+    "per_label_f1",
+    "abstain_rate",
+    "ece",
+    "critical_error_cost",
+    "labels",
+    "confusion_matrix",
+    "num_samples",
+)
+
+
+def open_bus(
+    run_id: str, settings: Settings, outbox_path: Path, channel: ControlChannel | None, memory_limit: int = 10_000
+) -> NatsPublisher:
+    """Connect the run's publisher (and its control responder); ``BusUnavailable`` if unreachable."""
+    responders: dict[str, Callable[[bytes], bytes]] = (
+        {control_subject(run_id): channel.handle} if channel is not None else {}
+    )
+    target = resolve_target(settings)
+    publisher = NatsPublisher(
+        target,
+        settings,
+        outbox_path=outbox_path,
+        memory_limit=memory_limit,
+        name=f"trainbus-{run_id}",
+        responders=responders,
+    )
+    publisher.start()
+    return publisher
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def _memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(psutil.Process().memory_info().rss)
+
+
+class TrainbusCallback(TrainerCallback):
+    """See the module docstring. ``sink``/``channel`` are given by ``trainbus train``; else it connects itself."""
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        *,
+        sink: EventSink | None = None,
+        channel: ControlChannel | None = None,
+        attempt: int = 1,
+        settings: Settings | None = None,
+        heartbeat_seconds: float = 2.0,
+        run_config: dict[str, Any] | None = None,
+        model_name: str | None = None,
+        adapter: str | None = None,
+        data_fingerprint: str = "",
+        outbox_dir: Path | None = None,
+    ) -> None:
+        self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.rank, self.world_size = world()
+        self.settings = settings or Settings()
+        self.channel = channel
+        self._own_sink = sink is None
+        self.stamper = Stamper(sink or NullSink(), self.run_id, attempt)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.run_config = run_config
+        self.model_name = model_name
+        self.adapter = adapter
+        self.data_fingerprint = data_fingerprint
+        self.outbox_dir = outbox_dir
+        self.trainer: Trainer | None = None
+        self.phase = "starting"
+        self.paused = False
+        self.stop_command: Command | None = None
+        self.finished = False
+        self.signal_name: str | None = None
+        self.latest_eval: dict[str, float] = {}
+        self._pending_trigger: dict[str, str] = {}
+        self._deferred: list[Command] = []
+        self._t0 = time.monotonic()
+        self._last_log = (time.monotonic(), 0, 0)
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._step = 0
+        if channel is not None:
+            channel.on_reply = self._on_reply
+
+    @classmethod
+    def attach(cls, trainer: Trainer, **kwargs: Any) -> TrainbusCallback:
+        """Create the callback, add it to ``trainer`` and bind it (so save/evaluate work while paused)."""
+        callback = cls(**kwargs)
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+        return callback
+
+    @property
+    def is_publisher(self) -> bool:
+        return self.rank == 0
+
+    def emit(self, cls: type[Any], **fields: Any) -> None:
+        if self.is_publisher:
+            self.stamper.emit(cls, **fields)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.is_publisher and self._own_sink and isinstance(self.stamper.sink, NullSink):
+            self.channel = self.channel or ControlChannel(self.run_id, self._on_reply)
+            outbox = (self.outbox_dir or Path(str(args.output_dir))) / f"outbox-{self.run_id}.jsonl"
+            self.stamper.sink = open_bus(self.run_id, self.settings, outbox, self.channel)
+        model = kwargs.get("model")
+        config = self.run_config if self.run_config is not None else args.to_sanitized_dict()
+        config_json = json.dumps(config, sort_keys=True, default=str)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else None
+        total = sum(p.numel() for p in model.parameters()) if model is not None else None
+        name = self.model_name or str(
+            getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        )
+        peft_type = getattr(getattr(model, "peft_config", {}).get("default"), "peft_type", None)
+        self._step = state.global_step
+        self.emit(
+            RunStarted,
+            config=json.loads(config_json),
+            config_hash=hashlib.sha256(config_json.encode()).hexdigest(),
+            model=name,
+            adapter=self.adapter or (str(peft_type.value).lower() if peft_type is not None else "none"),
+            data_fingerprint=self.data_fingerprint,
+            world_size=self.world_size,
+            hyperparameters=hyperparams.current(args, state, kwargs.get("lr_scheduler")),
+            max_steps=state.max_steps or None,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            resumed_from_step=state.global_step or None,
+            host=socket.gethostname(),
+        )
+        self.phase = "training"
+        self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)
+        if self.is_publisher and self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, name="trainbus-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(self.heartbeat_seconds):
+            self.emit(Heartbeat, step=self._step, phase=self.phase, uptime_seconds=time.monotonic() - self._t0)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.stop_command is not None:
+            self.finish(
+                "stopped",
+                state.global_step,
+                reason=self.stop_command.reason or f"stop by {self.stop_command.issued_by}",
+            )
+        else:
+            self.finish("completed", state.global_step, reason="max_steps reached")
+
+    def finish(self, status: str, step: int | None = None, *, reason: str = "", error: str | None = None) -> None:
+        """Publish ``run.finished`` once, stop the heartbeat, flush the bus (when this callback owns it)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._heartbeat_stop.set()
+        if self.channel is not None:
+            self.channel.close()
+        self.emit(
+            RunFinished,
+            status=status,
+            step=self._step if step is None else step,
+            reason=reason[:2000],
+            error=error[:2000] if error else None,
+        )
+        if self._own_sink:
+            self.stamper.sink.close()
+
+    # ---- metrics -------------------------------------------------------------------------
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        logs = kwargs.get("logs") or {}
+        if "loss" not in logs:
+            return
+        now = time.monotonic()
+        then, last_step, last_tokens = self._last_log
+        steps = max(1, state.global_step - last_step)
+        dt = max(now - then, 1e-9)
+        tokens = state.num_input_tokens_seen or 0
+        samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
+        self._last_log = (now, state.global_step, tokens)
+        self.emit(
+            TrainStep,
+            step=state.global_step,
+            epoch=_finite(state.epoch),
+            loss=_finite(logs.get("loss")),
+            learning_rate=_finite(logs.get("learning_rate")),
+            grad_norm=_finite(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+            tokens_per_second=(tokens - last_tokens) / dt if tokens else 0.0,
+            samples_per_second=samples / dt,
+            step_time_seconds=dt / steps,
+            memory_bytes=_memory_bytes(),
+            hyperparameters=hyperparams.current(args, state, kwargs.get("lr_scheduler")),
+        )
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.phase = "evaluating"
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        metrics: dict[str, Any] = kwargs.get("metrics") or {}
+        found = {name: metrics[f"eval_{name}"] for name in _EVAL_FIELDS if f"eval_{name}" in metrics}
+        self.latest_eval = {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
+        self.latest_eval["loss"] = _finite(metrics.get("eval_loss"))
+        self.emit(
+            Evaluation,
+            step=state.global_step,
+            epoch=_finite(state.epoch),
+            loss=_finite(metrics.get("eval_loss")),
+            trigger=self._pending_trigger.pop("evaluate", "scheduled"),
+            **found,
+        )
+        self.phase = "paused" if self.paused else "training"
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.is_publisher:
+            return
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        digest, size = fingerprint(folder)
+        trigger = self._pending_trigger.pop("save", "scheduled")
+        metrics = dict(self.latest_eval)
+        self.emit(
+            Checkpoint,
+            step=state.global_step,
+            path=str(folder),
+            sha256=digest,
+            size_bytes=size,
+            metrics=metrics,
+            trigger=trigger,
+        )
+
+    # ---- control -------------------------------------------------------------------------
+
+    def _on_reply(self, command: Command | None, reply: CommandReply) -> None:
+        self.emit(
+            CommandResult,
+            command_id=reply.command_id or "unknown",
+            command=command.type if command is not None else "unknown",
+            status=reply.status,
+            code=reply.code,
+            message=reply.message,
+            issued_by=command.issued_by if command is not None else "",
+            step=reply.step,
+        )
+
+    def _take(self, timeout: float = 0.0) -> list[Command]:
+        if self.signal_name and self.stop_command is None and self.channel is not None:
+            self.channel.submit(
+                internal_stop(self.run_id, f"received {self.signal_name}", f"signal-{uuid.uuid4().hex[:8]}")
+            )
+            self.signal_name = None
+        local = self.channel.take(timeout) if (self.channel is not None and self.is_publisher) else []
+        return share_commands(local)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._step = state.global_step
+        if self.channel is not None:
+            self.channel.step = state.global_step
+        for command in self._take():
+            self._apply(command, args, state, control, kwargs)
+        while self.paused and self.stop_command is None:
+            for command in self._take(timeout=0.2):
+                self._apply(command, args, state, control, kwargs)
+
+    def _applied(self, command: Command, step: int, applied: dict[str, Any] | None = None) -> None:
+        self.emit(
+            CommandResult,
+            command_id=command.command_id,
+            command=command.type,
+            status="applied",
+            issued_by=command.issued_by,
+            step=step,
+            applied=applied or {},
+        )
+
+    def _apply(
+        self,
+        command: Command,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        kwargs: dict[str, Any],
+    ) -> None:
+        step = state.global_step
+        kind = command.type
+        if kind == "pause":
+            self.paused, self.phase = True, "paused"
+            self.emit(RunState, state="paused", step=step, reason=command.reason or f"pause by {command.issued_by}")
+        elif kind == "resume":
+            self.paused, self.phase = False, "training"
+            self.emit(RunState, state="running", step=step, reason=command.reason or f"resume by {command.issued_by}")
+        elif kind == "stop":
+            self.stop_command, self.paused, self.phase = command, False, "stopping"
+            control.should_training_stop = True
+            if command.save:  # type: ignore[union-attr]
+                control.should_save = True
+                self._pending_trigger["save"] = "signal" if command.issued_by == "trainbus" else "command"
+            self.emit(RunState, state="stopping", step=step, reason=command.reason or f"stop by {command.issued_by}")
+        elif kind == "save_checkpoint":
+            self._pending_trigger["save"] = "command"
+            if self.paused and self.trainer is not None:
+                self.phase = "saving"
+                self.trainer._save_checkpoint(self.trainer.model, trial=None)  # type: ignore[arg-type]
+                self.on_save(args, state, control)
+                self.phase = "paused"
+            else:
+                control.should_save = True
+        elif kind == "evaluate":
+            self._pending_trigger["evaluate"] = "command"
+            if self.paused and self.trainer is not None:
+                self.trainer.evaluate()
+            else:
+                control.should_evaluate = True
+        elif kind == "set":
+            changes = command.changes()  # type: ignore[union-attr]
+            effective = hyperparams.apply(changes, args, state, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+            if self.on_hyperparameters is not None:
+                self.on_hyperparameters(effective)
+            self._applied(command, step, effective)
+            return
+        self._applied(command, step)
+
+    on_hyperparameters: Any = None
+    """Called with the effective values after ``set`` (``trainbus train`` persists them for --resume)."""

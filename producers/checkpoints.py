@@ -1,0 +1,25 @@
+"""Checkpoint fingerprints: a sha256 over a checkpoint folder, so a consumer can verify what it promotes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def fingerprint(folder: Path) -> tuple[str, int]:
+    """(sha256 hex, total bytes) over every file's relative path and contents, in sorted order."""
+    digest = hashlib.sha256()
+    size = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step in ``run_dir``, if any."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(found)[1] if found else None

@@ -1,0 +1,120 @@
+"""Classification metrics from the model's probabilities over the label set, at every evaluation.
+
+The model answers ``{"decision": <label or null>, ...}``; the probability of each label is the
+likelihood of its JSON string (``"HIGH_RISK"``, …, ``null``) right after the prompt and
+``ANSWER_PREFIX``, normalised over the options. ``ClassificationEval`` adds the metrics to the
+Trainer's evaluation metrics so every ``eval`` event carries them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from producers.data import ANSWER_PREFIX, Example, build_prompt
+from producers.labels import LabelSet
+from producers.metrics import classification_metrics
+
+
+@torch.no_grad()
+def option_probabilities(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    options: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> np.ndarray:
+    """``(len(prompts), len(options))`` probabilities of each option continuing each prompt."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    option_ids = [tokenizer(opt, add_special_tokens=False)["input_ids"] for opt in options]
+    rows: list[tuple[list[int], int]] = []  # (ids, number of option tokens at the end)
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for ids in option_ids:
+            keep = max_length - len(ids)
+            rows.append((prompt_ids[-keep:] + ids, len(ids)))
+    scores = np.zeros(len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(chunk):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for i, (ids, n_opt) in enumerate(chunk):
+            end = len(ids)
+            positions = torch.arange(end - n_opt - 1, end - 1, device=device)
+            targets = torch.tensor(ids[end - n_opt :], device=device)
+            scores[start + i] = logprobs[i, positions, targets].sum().item()
+    grid = scores.reshape(len(prompts), len(options))
+    grid = np.exp(grid - grid.max(axis=1, keepdims=True))
+    return grid / grid.sum(axis=1, keepdims=True)
+
+
+def evaluate_classifier(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: LabelSet,
+    system_prompt: str,
+    *,
+    batch_size: int,
+    max_length: int,
+) -> dict[str, Any]:
+    """Classification metrics of ``model`` on ``examples`` (see ``producers.metrics``)."""
+    options = [json.dumps(name) for name in labels.names] + ["null"]
+    prompts = [build_prompt(ex, system_prompt) + ANSWER_PREFIX for ex in examples]
+    was_training = model.training
+    model.eval()
+    try:
+        probs = option_probabilities(model, tokenizer, prompts, options, batch_size=batch_size, max_length=max_length)
+    finally:
+        model.train(was_training)
+    return classification_metrics(probs, [ex.label for ex in examples], labels)
+
+
+class ClassificationEval(TrainerCallback):
+    """Adds ``eval_accuracy``, ``eval_macro_f1``, … to the metrics of every Trainer evaluation."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: LabelSet,
+        system_prompt: str,
+        *,
+        batch_size: int,
+        max_length: int,
+    ) -> None:
+        self.examples = list(examples)
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.system_prompt = system_prompt
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model, metrics = kwargs.get("model"), kwargs.get("metrics")
+        if model is None or metrics is None or not state.is_world_process_zero or not self.examples:
+            return
+        result = evaluate_classifier(
+            model,
+            self.tokenizer,
+            self.examples,
+            self.labels,
+            self.system_prompt,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
+        metrics.update({f"eval_{key}": value for key, value in result.items()})
