@@ -8,6 +8,8 @@ the same step.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,34 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_if_launched() -> None:
+    """Join the process group when started by torchrun/accelerate (before any rank-dependent work)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def agree(value: str | None) -> str | None:
+    """Rank 0's ``value`` on every rank (e.g. a generated run id)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box: list[object] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0] if isinstance(box[0], str) else None
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes files); the other ranks then run it too."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if distributed and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def share_commands(commands: list[Command]) -> list[Command]:

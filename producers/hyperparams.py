@@ -30,8 +30,8 @@ def current(args: TrainingArguments, state: TrainerState, scheduler: Any) -> Hyp
         learning_rate=peak_learning_rate(args, scheduler),
         max_grad_norm=float(args.max_grad_norm),
         weight_decay=float(args.weight_decay),
-        eval_steps=int(state.eval_steps) if state.eval_steps else None,
-        save_steps=int(state.save_steps) if state.save_steps else None,
+        eval_steps=int(state.eval_steps) if state.eval_steps and args.eval_strategy != "no" else None,
+        save_steps=int(state.save_steps) if state.save_steps and args.save_strategy != "no" else None,
         logging_steps=max(1, int(state.logging_steps or args.logging_steps)),
     )
 
@@ -51,6 +51,8 @@ def apply(
             if "initial_lr" in group:
                 group["initial_lr"] *= factor
             group["lr"] *= factor
+        if inner is not None and hasattr(inner, "_last_lr"):
+            inner._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
         args.learning_rate = new_peak
         effective["learning_rate"] = new_peak
         effective["current_learning_rate"] = float(optimizer.param_groups[0]["lr"])

@@ -23,7 +23,7 @@ from producers.checkpoints import latest_checkpoint
 from producers.config import RunConfig
 from producers.control import ControlChannel
 from producers.data import Example, data_fingerprint, read_examples
-from producers.distributed import world
+from producers.distributed import agree, init_if_launched, main_process_first, world
 from producers.encoding import EncodedDataset, PadCollator
 from producers.evaluation import ClassificationEval
 from producers.labels import LabelSet, load_labels
@@ -69,7 +69,7 @@ def _read(path: str, labels: LabelSet, skip_invalid: bool, log: Any) -> list[Exa
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -82,9 +82,10 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = N
     check_quantization(cfg.model)
     labels = load_labels(cfg.data.labels_file)
     train_path = Path(cfg.data.train_file)
-    if not train_path.exists() and cfg.data.generate_sample:
-        write_sample_data(train_path.parent)
-        log.info("wrote the sample data set", folder=str(train_path.parent))
+    with main_process_first():
+        if not train_path.exists() and cfg.data.generate_sample:
+            write_sample_data(train_path.parent)
+            log.info("wrote the sample data set", folder=str(train_path.parent))
     train = _read(cfg.data.train_file, labels, cfg.data.skip_invalid, log)
     files = [train_path]
     validation: list[Example] = []
@@ -107,11 +108,11 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = N
             raise NotFound(f"--resume {run_id}: {run_dir} has no checkpoint-* folder to continue from")
     else:
         try:
-            run_id = check_run_id(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_id = check_run_id(agree(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}") or "")
         except ValueError as exc:
             raise ConfigError(f"--run-id: {exc}") from None
         run_dir = output / run_id
-        if (run_dir / RUN_FILE).exists():
+        if world()[0] == 0 and (run_dir / RUN_FILE).exists():
             raise ConfigError(f"--run-id {run_id}: {run_dir} already holds a run; use --resume {run_id} to continue it")
     _check_writable(run_dir)
     return Prepared(cfg, run_id, attempt, run_dir, labels, train, validation, data_fingerprint(files), resume_from)
@@ -161,7 +162,8 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
     """Model + adapter + data + ``Trainer``; ``callbacks`` are added after the classification eval."""
     cfg = prep.cfg
     set_seed(cfg.training.seed)
-    path = prepare_base_model(cfg.model, prep.run_dir, cfg.training.seed)
+    with main_process_first():
+        path = prepare_base_model(cfg.model, prep.run_dir, cfg.training.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, path)
     set_seed(cfg.training.seed)
     model = apply_adapter(model, cfg.adapter, cfg.training.max_steps)
@@ -197,6 +199,7 @@ def _live_overrides(run_dir: Path) -> dict[str, Any]:
 
 def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None) -> int:
     """Train one run end to end; returns the process exit code."""
+    init_if_launched()
     prep = prepare(cfg, run_id=run_id, resume=resume)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
     live = _live_overrides(prep.run_dir) if resume else {}
@@ -208,9 +211,12 @@ def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None)
     sink: EventSink = NullSink()
     if rank == 0 and cfg.publish.enabled:
         sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
-    (prep.run_dir / RUN_FILE).write_text(
-        json.dumps({"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}, indent=2)
-    )
+    if rank == 0:
+        (prep.run_dir / RUN_FILE).write_text(
+            json.dumps(
+                {"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}, indent=2
+            )
+        )
     callback = TrainbusCallback(
         prep.run_id,
         sink=sink,
@@ -263,5 +269,4 @@ def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None)
                 f"trainbus: run {prep.run_id} (attempt {prep.attempt}) {status}: {stats.published} events published{note}",
                 flush=True,
             )
-    os.environ.pop("TRAINBUS_RUN_ID", None)
     return 0

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,7 @@ async def connect(
     name: str,
     credentials: Credentials | None = None,
     log: Any = None,
+    on_permission_error: Callable[[str], None] | None = None,
 ) -> NATS:
     """Connect with reconnect-forever; the first connection must succeed within ``connect_timeout``."""
     log = log or get_logger()
@@ -161,6 +162,8 @@ async def connect(
         text = str(err)
         if "permissions violation" in text.lower():
             log.warning("nats permission violation", detail=text.strip("'\" "), user=creds.identity())
+            if on_permission_error is not None:
+                on_permission_error(text)
         else:
             log.warning("nats error", error=text or type(err).__name__)
 

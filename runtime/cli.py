@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trainbus`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE pairs may follow options (`ctl set --run r lr=1e-5`); anything else is a mistake
+        if getattr(args, "values", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+            args.values = [*args.values, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except TrainbusError as exc:

@@ -1,0 +1,262 @@
+"""`trainbus bench control`: how fast a running trainer answers and applies control commands.
+
+Run from the repository root::
+
+    trainbus bench control                   # configs/tiny.yaml, 200 commands
+    trainbus bench control --commands 20
+
+It starts an embedded nats-server and a ``trainbus train`` subprocess on the config (eval, save
+and logging out of the way, ``max_steps`` far off), waits for its ``run.started``, then sends
+``set`` commands one at a time with ``send_command(..., wait=True)``, alternating
+``logging_steps=1000`` and ``999`` (harmless: no log step is reached). Each command goes out at a
+random point within a training step, so the wait for the next step boundary is sampled
+uniformly. It prints the request → ``accepted`` reply round trip and the request → ``applied``
+``command.result`` latency (p50/p99), next to the trainer's step time measured from the trainer's
+own timestamps on the applied results: a command applies at the next step boundary, so applied
+p99 should stay within one step time + 5 ms. Finally ``stop`` (save=False) ends the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from consumers.control import NoTrainer, build_command, send_command
+from runtime.bus import BusTarget, connect
+from runtime.errors import ConfigError, TrainbusError
+from runtime.logs import get_logger, setup_logging
+from runtime.natsserver import start_server
+from runtime.settings import Settings, load_config
+from runtime.stream import ensure_stream, last_event
+from schemas import CommandResult, event_subject
+
+ISSUER = "bench-control"
+SLACK_MS = 5.0
+
+
+def register(sub: Any) -> None:
+    """Add ``control`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
+    p = sub.add_parser("control", help="command accepted/applied latency against a live trainer's step time")
+    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument("--commands", type=int, default=200, help="set commands to time")
+    p.add_argument("--warmup", type=int, default=5, help="commands sent first and not counted (at least 2)")
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the trainer to start")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random send times")
+    p.set_defaults(func=bench_control)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+class _TimedRequests:
+    """Stands in for the NATS connection in ``send_command``: notes when each request's reply came."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.replied_at = 0.0
+
+    async def subscribe(self, subject: str) -> Any:
+        return await self.nc.subscribe(subject)
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
+        msg = await self.nc.request(subject, payload, timeout=timeout)
+        self.replied_at = time.perf_counter()
+        return msg
+
+
+@dataclass
+class Timing:
+    """One command: request → reply, request → applied (ms), and the applied event."""
+
+    accepted_ms: float
+    applied_ms: float
+    delivery_ms: float
+    result: CommandResult
+
+
+@dataclass
+class Figures:
+    """What the benchmark measured."""
+
+    timings: list[Timing] = field(default_factory=list)
+    stop_step: int | None = None
+
+
+async def _send(timed: _TimedRequests, run_id: str, i: int, wait_timeout: float = 60.0) -> Timing:
+    command = build_command("set", run_id, issued_by=ISSUER, settings=[f"logging_steps={1000 - i % 2}"])
+    start = time.perf_counter()
+    reply, result = await send_command(cast(NATS, timed), command, wait=True, wait_timeout=wait_timeout)
+    done, wall = time.perf_counter(), time.time()
+    if result is None:
+        raise TrainbusError(f"set was rejected by the trainer ({reply.code}): {reply.message}")
+    return Timing(
+        accepted_ms=(timed.replied_at - start) * 1000,
+        applied_ms=(done - start) * 1000,
+        delivery_ms=(wall - result.time.timestamp()) * 1000,
+        result=result,
+    )
+
+
+def _step_seconds(timings: list[Timing]) -> float:
+    """Seconds per step from the trainer's timestamps on the first and last applied results."""
+    first, last = timings[0].result, timings[-1].result
+    steps = (last.step or 0) - (first.step or 0)
+    return (last.time - first.time).total_seconds() / steps if steps > 0 else float("nan")
+
+
+async def _wait_started(
+    nc: NATS, run_id: str, trainer: subprocess.Popen[bytes], log_path: Path, timeout: float
+) -> None:
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    while await last_event(js, event_subject(run_id, "run.started")) is None:
+        if trainer.poll() is not None:
+            raise TrainbusError(f"the trainer exited with {trainer.returncode}: {_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise TrainbusError(f"the trainer did not start within {timeout:g}s: {_tail(log_path)}")
+        await asyncio.sleep(0.5)
+
+
+async def measure(
+    url: str,
+    settings: Settings,
+    run_id: str,
+    trainer: subprocess.Popen[bytes],
+    log_path: Path,
+    args: argparse.Namespace,
+) -> Figures:
+    """Wait for the trainer, time the commands, stop it; returns the timings."""
+    nc = await connect(BusTarget([url], "embedded"), settings, name="bench-control")
+    figures = Figures()
+    try:
+        await ensure_stream(nc.jetstream(), settings.stream)
+        await _wait_started(nc, run_id, trainer, log_path, args.start_timeout)
+        timed = _TimedRequests(nc)
+        try:
+            warm = [await _send(timed, run_id, i, wait_timeout=args.start_timeout) for i in range(max(2, args.warmup))]
+        except NoTrainer as exc:
+            raise TrainbusError(f"{exc}: {_tail(log_path)}") from None
+        step = _step_seconds(warm)
+        step = step if math.isfinite(step) and step > 0 else 0.05  # NaN: the warmup applied all at one step
+        rng = random.Random(args.seed)
+        for i in range(args.commands):
+            await asyncio.sleep(rng.uniform(0, step))  # a random phase within the step
+            figures.timings.append(await _send(timed, run_id, i))
+        stop = build_command("stop", run_id, issued_by=ISSUER, reason="bench control done", save=False)
+        _, stopped = await send_command(nc, stop, wait=True)
+        figures.stop_step = stopped.step if stopped is not None else None
+    finally:
+        await nc.close()
+    return figures
+
+
+def _trainer_argv(config: str, run_id: str, work: Path) -> list[str]:
+    data = work / "data"
+    overrides = [
+        "training.max_steps=100000",
+        "training.eval_steps=null",
+        "training.save_steps=null",
+        "training.logging_steps=1000",
+        f"training.output_dir={work / 'runs'}",
+        f"data.train_file={data / 'train.jsonl'}",
+        f"data.validation_file={data / 'validation.jsonl'}",
+        f"data.test_file={data / 'test.jsonl'}",
+        f"state_dir={work / '.trainbus'}",
+    ]
+    argv = [sys.executable, "-m", "runtime.cli", "train", config, "--run-id", run_id]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def bench_control(args: argparse.Namespace) -> int:
+    """Run the control benchmark and print its figures."""
+    if args.commands < 1 or args.warmup < 0:
+        raise ConfigError("--commands must be at least 1 and --warmup at least 0")
+    if not Path(args.config).is_file():
+        raise ConfigError(f"--config: {args.config} is not a file")
+    settings = load_config(Settings)  # TRAINBUS_* environment variables apply
+    setup_logging(settings.log.level, settings.log.format)
+    log = get_logger(bench="control")
+    run_id = f"bench-control-{time.strftime('%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="trainbus-bench-control-") as tmp:
+        work = Path(tmp)
+        server = start_server(settings.server, work / "nats")
+        trainer: subprocess.Popen[bytes] | None = None
+        log_path = work / "trainer.log"
+        try:
+            with log_path.open("wb") as out:
+                trainer = subprocess.Popen(
+                    _trainer_argv(args.config, run_id, work),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, "NATS_URL": server.url},
+                )
+            log.debug("trainer started", pid=trainer.pid, run_id=run_id)
+            figures = asyncio.run(measure(server.url, settings, run_id, trainer, log_path, args))
+            try:
+                code: int | None = trainer.wait(120)
+            except subprocess.TimeoutExpired:
+                code = None
+        finally:
+            if trainer is not None and trainer.poll() is None:
+                trainer.terminate()
+                try:
+                    trainer.wait(30)
+                except subprocess.TimeoutExpired:
+                    trainer.kill()
+                    trainer.wait()
+            server.stop()
+    _report(args, figures, code)
+    return 0
+
+
+def _report(args: argparse.Namespace, figures: Figures, code: int | None) -> None:
+    t = figures.timings
+    step_ms = _step_seconds(t) * 1000
+    accepted = [x.accepted_ms for x in t]
+    applied = [x.applied_ms for x in t]
+    delivery = [x.delivery_ms for x in t]
+    first, last = t[0].result.step, t[-1].result.step
+
+    def line(values: list[float]) -> str:
+        return (
+            f"p50 {statistics.median(values):>7.2f} ms  p99 {_percentile(values, 0.99):>7.2f} ms  "
+            f"max {max(values):>7.2f} ms  (n={len(values)})"
+        )
+
+    print(
+        f"trainbus bench control: {args.config} on an embedded nats-server; {len(t)} `set` commands "
+        "(logging_steps 1000/999) sent one at a time, each at a random point within a step"
+    )
+    print(f"trainer step time                          {step_ms:>7.2f} ms  (steps {first}..{last}, trainer clock)")
+    print(f"accepted  request -> reply                 {line(accepted)}")
+    print(f"applied   request -> command.result        {line(applied)}")
+    print(f"          of which trainer emit -> client  {line(delivery)}")
+    p99, bound = _percentile(applied, 0.99), step_ms + SLACK_MS
+    verdict = "met" if p99 <= bound else "NOT met"
+    print(f"applied p99 vs one step time + {SLACK_MS:g} ms      {p99:>7.2f} ms vs {bound:.2f} ms  ({verdict})")
+    exited = f"exited with {code}" if code is not None else "did not exit within 120 s (terminated)"
+    print(f"trainer stopped (stop, save=False) at step {figures.stop_step}; {exited}")

@@ -1,0 +1,194 @@
+"""The operator's side of the control channel: `trainbus ctl` and ``send_command`` for other consumers.
+
+A command is a request on ``trainbus.control.<run_id>``; the trainer answers at once
+(``accepted``/``rejected``). With ``wait`` the client also waits for the ``command.result``
+event with status ``applied``. No answer means no trainer is listening for that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from pydantic import ValidationError
+
+from runtime.bus import bus_target, connect
+from runtime.commands import add_settings_args, settings_from
+from runtime.errors import BusUnavailable, ConfigError, TrainbusError
+from runtime.settings import parse_override
+from schemas import (
+    COMMAND_ADAPTER,
+    Command,
+    CommandReply,
+    CommandResult,
+    check_run_id,
+    control_subject,
+    event_subject,
+    parse_event,
+)
+
+ACTIONS = {
+    "pause": "pause",
+    "resume": "resume",
+    "stop": "stop",
+    "save": "save_checkpoint",
+    "eval": "evaluate",
+    "set": "set",
+}
+
+
+class NoTrainer(TrainbusError):
+    """Nobody answered on the run's control subject."""
+
+    exit_code = 3
+
+
+class Rejected(TrainbusError):
+    """The trainer rejected the command."""
+
+    exit_code = 2
+
+
+def default_issuer() -> str:
+    """The NATS user we connect as, else the OS user."""
+    return os.environ.get("NATS_USER") or getpass.getuser()
+
+
+def build_command(
+    action: str,
+    run_id: str,
+    *,
+    issued_by: str,
+    reason: str = "",
+    settings: Sequence[str] = (),
+    save: bool = True,
+) -> Command:
+    """A validated command; bad values raise ``ConfigError`` naming the field."""
+    fields: dict[str, Any] = {
+        "type": ACTIONS[action],
+        "command_id": f"{issued_by[:40]}-{uuid.uuid4().hex[:12]}".replace(" ", "_"),
+        "run_id": run_id,
+        "issued_by": issued_by,
+        "reason": reason,
+    }
+    if action == "stop":
+        fields["save"] = save
+    for item in settings:
+        path, value = parse_override(item)
+        fields[".".join(path)] = value
+    try:
+        return COMMAND_ADAPTER.validate_python(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"][1:]) or action
+        raise ConfigError(f"{where}: {err['msg']}") from None
+
+
+async def send_command(
+    nc: NATS, command: Command, *, timeout: float = 5.0, wait: bool = False, wait_timeout: float = 60.0
+) -> tuple[CommandReply, CommandResult | None]:
+    """Send ``command``; return the trainer's reply and (with ``wait``) the ``applied`` result."""
+    subject = control_subject(command.run_id)
+    results = await nc.subscribe(event_subject(command.run_id, "command.result")) if wait else None
+    try:
+        try:
+            msg = await nc.request(subject, command.model_dump_json().encode(), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise NoTrainer(
+                f"no trainer is listening for run {command.run_id!r} (nobody subscribes to {subject})"
+            ) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise NoTrainer(f"no trainer answered on {subject} within {timeout:g}s") from None
+        reply = CommandReply.model_validate_json(msg.data)
+        if reply.status == "rejected" or results is None:
+            return reply, None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                event_msg = await results.next_msg(timeout=left)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            event = parse_event(event_msg.data)
+            if (
+                isinstance(event, CommandResult)
+                and event.command_id == command.command_id
+                and event.status == "applied"
+            ):
+                return reply, event
+        raise TrainbusError(f"{command.type} was accepted but not applied within {wait_timeout:g}s")
+    finally:
+        if results is not None:
+            await results.unsubscribe()
+
+
+def register_ctl(sub: Any) -> None:
+    p = sub.add_parser("ctl", help="send a control command to a running trainer (pause, resume, stop, save, eval, set)")
+    p.add_argument("action", choices=sorted(ACTIONS), help="what to do")
+    p.add_argument("values", nargs="*", metavar="KEY=VALUE", help="for set: learning_rate=1e-5 max_grad_norm=0.5 …")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--wait", action="store_true", help="wait until the trainer has applied it")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the trainer's answer")
+    p.add_argument("--wait-timeout", type=float, default=120.0, help="seconds to wait for 'applied' with --wait")
+    p.add_argument("--reason", default="", help="why (recorded in the event stream)")
+    p.add_argument("--as", dest="issued_by", help="who issues it (default: the NATS user, else the OS user)")
+    p.add_argument("--no-save", action="store_true", help="for stop: do not save a checkpoint first")
+    add_settings_args(p)
+    p.set_defaults(func=cmd_ctl)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    try:
+        run_id = check_run_id(args.run)
+    except ValueError as exc:
+        raise ConfigError(f"--run: {exc}") from None
+    if args.values and args.action != "set":
+        raise ConfigError(f"{args.action} takes no KEY=VALUE arguments")
+    if args.action == "set" and not args.values:
+        raise ConfigError("set needs at least one KEY=VALUE, e.g. learning_rate=1e-5")
+    command = build_command(
+        args.action,
+        run_id,
+        issued_by=args.issued_by or default_issuer(),
+        reason=args.reason,
+        settings=args.values,
+        save=not args.no_save,
+    )
+    denied: list[str] = []
+    with bus_target(settings) as target:
+
+        async def go() -> tuple[CommandReply, CommandResult | None]:
+            nc = await connect(target, settings, name="trainbus-ctl", on_permission_error=denied.append)
+            try:
+                return await send_command(
+                    nc, command, timeout=args.timeout, wait=args.wait, wait_timeout=args.wait_timeout
+                )
+            except NoTrainer:
+                if denied:
+                    raise BusUnavailable(
+                        f"the server denied this user publishing to {control_subject(run_id)}: {denied[0].strip(chr(39))}"
+                    ) from None
+                raise
+            finally:
+                await nc.close()
+
+        reply, applied = asyncio.run(go())
+    if reply.status == "rejected":
+        raise Rejected(f"{command.type} rejected ({reply.code}): {reply.message}")
+    if applied is not None:
+        extra = f" {json.dumps(applied.applied)}" if applied.applied else ""
+        print(f"{command.type} applied at step {applied.step} (command {command.command_id}){extra}")
+    else:
+        print(
+            f"{command.type} accepted at step {reply.step} (command {command.command_id}); it applies at the next step boundary"
+        )
+    return 0

@@ -1,0 +1,169 @@
+"""The exporter's prometheus-client ``Collector``: metric families built from state on each scrape.
+
+Every metric is named ``trainbus_*`` with base units in the name; per-run metrics carry a
+``run_id`` label, the exporter's own metrics (``trainbus_exporter_*``) do not. Non-finite values
+(a diverged loss) are exported as NaN/+Inf/-Inf, which the exposition format allows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from consumers.exporter.state import RUN_STATES, ExporterState, RunMetrics, expire
+
+TRAIN_GAUGES = {
+    "loss": ("trainbus_train_loss", "Training loss at the latest logged step."),
+    "learning_rate": ("trainbus_learning_rate", "Learning rate at the latest logged step."),
+    "grad_norm": ("trainbus_grad_norm", "Gradient norm (before clipping) at the latest logged step."),
+    "epoch": ("trainbus_epoch", "Fractional epoch at the latest logged step."),
+    "tokens_per_second": ("trainbus_train_tokens_per_second", "Training throughput in tokens per second."),
+    "samples_per_second": ("trainbus_train_samples_per_second", "Training throughput in samples per second."),
+    "step_time_seconds": ("trainbus_train_step_duration_seconds", "Mean wall time of one optimizer step."),
+    "memory_bytes": ("trainbus_memory_bytes", "Memory used by the trainer (accelerator or process RSS)."),
+}
+EVAL_GAUGES = {
+    "loss": ("trainbus_eval_loss", "Evaluation loss of the latest evaluation."),
+    "accuracy": ("trainbus_eval_accuracy_ratio", "Accuracy of the latest evaluation (0-1)."),
+    "macro_f1": ("trainbus_eval_macro_f1", "Macro-averaged F1 of the latest evaluation (0-1)."),
+    "abstain_rate": ("trainbus_eval_abstention_ratio", "Share of abstentions in the latest evaluation (0-1)."),
+    "ece": ("trainbus_eval_calibration_error", "Expected calibration error of the latest evaluation."),
+    "critical_error_cost": (
+        "trainbus_eval_critical_error_cost",
+        "Harm-weighted cost of critical confusions in the latest evaluation.",
+    ),
+    "step": ("trainbus_eval_step", "Global step of the latest evaluation."),
+}
+RUN = ["run_id"]
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=RUN + (labels or []))
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=RUN + (labels or []))
+
+
+def run_families(runs: list[RunMetrics]) -> list[Metric]:
+    """The per-run metric families (``run_id`` label) for ``runs``."""
+    train = {key: _gauge(name, doc) for key, (name, doc) in TRAIN_GAUGES.items()}
+    evals = {key: _gauge(name, doc) for key, (name, doc) in EVAL_GAUGES.items()}
+    step = _gauge("trainbus_global_step", "Latest global optimizer step the trainer reported.")
+    attempt = _gauge("trainbus_run_attempt", "Attempt number of the run (1, +1 per resume).")
+    info = _gauge("trainbus_run_info", "Model and adapter of the run (value always 1).", ["model", "adapter"])
+    state = _gauge("trainbus_run_state", "Run state: 1 for the current state, 0 for the others.", ["state"])
+    last = _gauge("trainbus_last_event_timestamp_seconds", "Unix time of the run's newest event (publisher clock).")
+    ckpt = _gauge("trainbus_checkpoints", "Checkpoints of the run by audit verdict (pending: none yet).", ["verdict"])
+    ckpt_bytes = _gauge("trainbus_checkpoint_size_bytes", "Size of the run's newest checkpoint.")
+    flags = _counter(
+        "trainbus_audit_flags", "Audit flags raised on the run, by rule and severity.", ["rule", "severity"]
+    )
+    commands = _counter(
+        "trainbus_commands",
+        "Control command outcomes (command.result events) by command and result.",
+        ["command", "result"],
+    )
+    events = _counter(
+        "trainbus_events", "Events of the run seen by the exporter, by type (duplicates excluded).", ["type"]
+    )
+    for run in runs:
+        rid = run.run_id
+        for key, value in run.train.items():
+            train[key].add_metric([rid], value)
+        for key, value in run.eval.items():
+            evals[key].add_metric([rid], value)
+        if run.step is not None:
+            step.add_metric([rid], run.step)
+        attempt.add_metric([rid], run.attempt)
+        info.add_metric([rid, run.model, run.adapter], 1)
+        for name in RUN_STATES:
+            state.add_metric([rid, name], 1 if run.state == name else 0)
+        last.add_metric([rid], run.last_event_time)
+        for verdict, n in run.verdict_counts().items():
+            ckpt.add_metric([rid, verdict], n)
+        if run.checkpoint_bytes is not None:
+            ckpt_bytes.add_metric([rid], run.checkpoint_bytes)
+        for (rule, severity), n in sorted(run.audit_flags.items()):
+            flags.add_metric([rid, rule, severity], n)
+        for (command, result), n in sorted(run.commands.items()):
+            commands.add_metric([rid, command, result], n)
+        for event_type, n in sorted(run.events.items()):
+            events.add_metric([rid, event_type], n)
+    scalar = [step, attempt, info, state, last, ckpt, ckpt_bytes, flags, commands, events]
+    return [*train.values(), *evals.values(), *scalar]
+
+
+def exporter_families(state: ExporterState) -> list[Metric]:
+    """The exporter's own metric families (no ``run_id``: they describe this process)."""
+    lag = HistogramMetricFamily(
+        "trainbus_exporter_event_lag_seconds",
+        "Time from an event's timestamp to the exporter handling it (live events, not the replayed backlog).",
+        buckets=state.lag.cumulative(),
+        sum_value=state.lag.total,
+    )
+    return [
+        CounterMetricFamily(
+            "trainbus_exporter_invalid_events",
+            "Messages that failed validation (logged and acked).",
+            state.invalid_events,
+        ),
+        CounterMetricFamily(
+            "trainbus_exporter_duplicate_events",
+            "Events delivered again and not counted twice.",
+            state.duplicate_events,
+        ),
+        CounterMetricFamily(
+            "trainbus_exporter_ignored_events", "Events of runs that had already expired.", state.ignored_events
+        ),
+        CounterMetricFamily(
+            "trainbus_exporter_expired_runs",
+            "Finished runs dropped from /metrics after --expire-after.",
+            state.expired_runs,
+        ),
+        GaugeMetricFamily("trainbus_exporter_runs", "Runs currently exported.", len(state.runs)),
+        GaugeMetricFamily(
+            "trainbus_exporter_caught_up",
+            "1 once the stream's backlog has been replayed, else 0.",
+            int(state.caught_up),
+        ),
+        lag,
+    ]
+
+
+class RunCollector:
+    """Collector over an ``ExporterState`` that the consumer loop updates under ``lock``.
+
+    Each scrape first expires finished runs older than ``expire_after`` seconds, then renders.
+    """
+
+    def __init__(
+        self,
+        state: ExporterState,
+        lock: threading.Lock,
+        *,
+        expire_after: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.lock = lock
+        self.expire_after = expire_after
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            expire(self.state, self.clock(), self.expire_after)
+            families = run_families(list(self.state.runs.values())) + exporter_families(self.state)
+        yield from families
+
+
+def build_registry(collector: RunCollector) -> CollectorRegistry:
+    """A fresh registry holding only ``collector`` (never the global default registry)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry

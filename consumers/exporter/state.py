@@ -1,0 +1,207 @@
+"""What the Prometheus exporter knows: the latest state of every run, built from its events.
+
+Pure: ``handle(event, state)`` folds one event into ``state`` (in place, and returns it) with no
+I/O and no clock; ``expire`` drops finished runs whose last event is older than a cut-off. The
+exporter rebuilds this state by replaying the stream on every start, so a restart reproduces
+the same counters; counting is idempotent by ``event_id`` because delivery is at least once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    CommandResult,
+    Evaluation,
+    Event,
+    Heartbeat,
+    RunFinished,
+    RunStarted,
+    RunState,
+    TrainStep,
+)
+
+RUN_STATES = ("unknown", "running", "paused", "stopping", "completed", "stopped", "failed")
+"""Every value of ``trainbus_run_state{state=...}``; exactly one is 1 per run."""
+VERDICTS = ("pending", "approved", "rejected")
+"""Every value of ``trainbus_checkpoints{verdict=...}``; all are exported, 0 included."""
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the event-lag histogram."""
+TOMBSTONES = 10_000
+"""How many expired run ids are remembered so a straggling event does not resurrect them."""
+
+_TRAIN_FIELDS = (
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "epoch",
+    "tokens_per_second",
+    "samples_per_second",
+    "step_time_seconds",
+    "memory_bytes",
+)
+_EVAL_FIELDS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+
+
+@dataclass
+class RunMetrics:
+    """Latest values and counters of one run."""
+
+    run_id: str
+    attempt: int = 1
+    state: str = "unknown"
+    model: str = ""
+    adapter: str = ""
+    step: int | None = None
+    train: dict[str, float] = field(default_factory=dict)
+    """Latest ``train.step`` values by field name; a field the event left out is absent."""
+    eval: dict[str, float] = field(default_factory=dict)
+    """Latest ``eval`` values by field name (``step`` included)."""
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    """Checkpoint event_id -> ``pending``, ``approved`` or ``rejected``."""
+    checkpoint_bytes: int | None = None
+    audit_flags: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(rule, severity) -> flags."""
+    commands: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(command, result) -> ``command.result`` events."""
+    events: Counter[str] = field(default_factory=Counter)
+    """Event type -> events."""
+    last_event_time: float = 0.0
+    """Unix time (seconds) of the newest event, by the publisher's clock."""
+    finished: bool = False
+    seen: set[str] = field(default_factory=set, repr=False)
+    """Event ids already counted."""
+
+    def verdict_counts(self) -> dict[str, int]:
+        """Checkpoints by verdict, every verdict present."""
+        counts = Counter(self.checkpoints.values())
+        return {verdict: counts.get(verdict, 0) for verdict in VERDICTS}
+
+
+@dataclass
+class LagHistogram:
+    """Event lag in seconds; ``buckets[i]`` counts lags in (LAG_BUCKETS[i-1], LAG_BUCKETS[i]]."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LAG_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Add one observation (negative lag from clock skew counts as 0)."""
+        seconds = max(0.0, seconds)
+        self.count += 1
+        self.total += seconds
+        for i, bound in enumerate(LAG_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as Prometheus wants them, ``+Inf`` last."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(LAG_BUCKETS, self.buckets, strict=True):
+            running += n
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+@dataclass
+class ExporterState:
+    """All runs the exporter tracks, plus the exporter's own counters."""
+
+    runs: dict[str, RunMetrics] = field(default_factory=dict)
+    expired: dict[str, None] = field(default_factory=dict)
+    """Run ids dropped by ``expire`` (oldest first, at most ``TOMBSTONES``)."""
+    invalid_events: int = 0
+    duplicate_events: int = 0
+    ignored_events: int = 0
+    """Events of runs that had already expired."""
+    expired_runs: int = 0
+    lag: LagHistogram = field(default_factory=LagHistogram)
+    caught_up: bool = False
+    """True once the replay of the stream's backlog is done."""
+
+
+def _run_for(event: Event, state: ExporterState) -> RunMetrics | None:
+    run = state.runs.get(event.run_id)
+    if run is not None:
+        return run
+    if event.run_id in state.expired and not isinstance(event, RunStarted):
+        return None
+    state.expired.pop(event.run_id, None)
+    run = state.runs[event.run_id] = RunMetrics(run_id=event.run_id)
+    return run
+
+
+def handle(event: Event, state: ExporterState) -> ExporterState:
+    """Fold ``event`` into ``state`` (mutated and returned); a second delivery of an event is ignored."""
+    run = _run_for(event, state)
+    if run is None:
+        state.ignored_events += 1
+        return state
+    if event.event_id in run.seen:
+        state.duplicate_events += 1
+        return state
+    run.seen.add(event.event_id)
+    run.events[event.type] += 1
+    run.last_event_time = max(run.last_event_time, event.time.timestamp())
+    if event.source == "trainer":
+        run.attempt = max(run.attempt, event.attempt)
+    _apply(event, run)
+    return state
+
+
+def _apply(event: Event, run: RunMetrics) -> None:
+    if isinstance(event, RunStarted):
+        run.state, run.finished = "running", False
+        run.model, run.adapter = event.model, event.adapter
+        run.step = event.resumed_from_step or 0
+    elif isinstance(event, RunState):
+        if not run.finished:
+            run.state = event.state
+        run.step = event.step
+    elif isinstance(event, RunFinished):
+        run.state, run.finished, run.step = event.status, True, event.step
+    elif isinstance(event, TrainStep):
+        run.step = event.step
+        values = {name: getattr(event, name) for name in _TRAIN_FIELDS}
+        run.train = {name: float(v) for name, v in values.items() if v is not None}
+    elif isinstance(event, Evaluation):
+        values = {name: getattr(event, name) for name in _EVAL_FIELDS}
+        run.eval = {name: float(v) for name, v in values.items() if v is not None}
+        run.eval["step"] = float(event.step)
+    elif isinstance(event, Checkpoint):
+        run.checkpoints.setdefault(event.event_id, "pending")
+        run.checkpoint_bytes = event.size_bytes
+    elif isinstance(event, AuditVerdict):
+        run.checkpoints[event.checkpoint_event_id] = event.verdict
+    elif isinstance(event, AuditFlag):
+        run.audit_flags[(event.rule, event.severity)] += 1
+    elif isinstance(event, CommandResult):
+        run.commands[(event.command, event.status)] += 1
+    elif isinstance(event, Heartbeat):
+        run.step = event.step
+
+
+def count_invalid(state: ExporterState) -> ExporterState:
+    """Count one event that failed validation (the loop logs and acks it)."""
+    state.invalid_events += 1
+    return state
+
+
+def expire(state: ExporterState, now: float, after: float) -> list[str]:
+    """Drop finished runs whose newest event is more than ``after`` seconds before ``now``."""
+    gone = [r.run_id for r in state.runs.values() if r.finished and now - r.last_event_time > after]
+    for run_id in gone:
+        del state.runs[run_id]
+        state.expired[run_id] = None
+    while len(state.expired) > TOMBSTONES:
+        del state.expired[next(iter(state.expired))]
+    state.expired_runs += len(gone)
+    return gone

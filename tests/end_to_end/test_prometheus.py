@@ -1,0 +1,284 @@
+"""A real Prometheus scrapes `trainbus exporter` while a tiny run trains; every dashboard query and alert runs.
+
+Also runs the promtool checks of the alert rules and the scrape config. Prometheus and promtool come
+from Debian's ``prometheus`` package (.ci/apt-packages): skipped locally without them, required in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runtime.bus import BusTarget
+from runtime.natsserver import RunningServer
+from runtime.publisher import NatsPublisher
+from runtime.settings import Settings
+from runtime.sinks import Stamper
+from schemas import AuditFlag, AuditVerdict, CommandResult
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO / "dashboards/grafana/trainbus.json"
+ALERTS = REPO / "dashboards/prometheus/alerts.yml"
+PROVISIONING = REPO / "dashboards/grafana/provisioning"
+
+
+def require(tool: str) -> str:
+    """The tool's path; skipped locally without it, a failure in CI (CI=true)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is required in CI: list prometheus in .ci/apt-packages")
+        pytest.skip(f"{tool} not installed locally (apt-get install prometheus)")
+    return path
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def dashboard_exprs(node: Any) -> list[str]:
+    """Every PromQL ``expr`` of every panel target, rows included."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for target in node.get("targets", []):
+            if target.get("expr"):
+                found.append(target["expr"])
+        for child in node.get("panels", []):
+            found += dashboard_exprs(child)
+    elif isinstance(node, list):
+        for child in node:
+            found += dashboard_exprs(child)
+    return found
+
+
+def alert_exprs() -> dict[str, str]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    return {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- static checks (always run) -------------------------------------------------------------
+
+
+def test_dashboard_has_a_run_picker_and_the_panels_the_issue_names() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert "label_values(trainbus_run_state, run_id)" in variables["run_id"]["definition"]
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for word in (
+        "loss",
+        "learning rate",
+        "gradient norm",
+        "throughput",
+        "memory",
+        "accuracy",
+        "audit",
+        "checkpoint",
+        "command",
+    ):
+        assert word in titles, word
+    exprs = dashboard_exprs(dash)
+    assert exprs and all("trainbus_" in e for e in exprs)
+    per_run = [e for e in exprs if "trainbus_exporter_" not in e]
+    assert all('run_id=~"$run_id"' in e for e in per_run)
+
+
+def test_grafana_provisioning_loads_the_dashboard_and_a_prometheus_data_source() -> None:
+    sources = yaml.safe_load((PROVISIONING / "datasources/prometheus.yml").read_text())["datasources"]
+    assert [s["type"] for s in sources] == ["prometheus"]
+    providers = yaml.safe_load((PROVISIONING / "dashboards/trainbus.yml").read_text())["providers"]
+    assert providers[0]["type"] == "file" and providers[0]["options"]["path"]
+
+
+# ---- promtool ---------------------------------------------------------------------------------
+
+
+def test_promtool_rule_unit_tests_pass_and_cover_every_alert() -> None:
+    promtool = require("promtool")
+    tests = (REPO / "tests/promtool/alerts_test.yml").read_text()
+    assert all(f"alertname: {name}" in tests for name in alert_exprs())
+    out = subprocess.run(
+        [promtool, "test", "rules", "tests/promtool/alerts_test.yml"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_scrape_config_and_its_rules() -> None:
+    promtool = require("promtool")
+    out = subprocess.run(
+        [promtool, "check", "config", "dashboards/prometheus/prometheus.yml"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- a real Prometheus while a run trains --------------------------------------------------
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """``/api/v1/query`` response; an error answer is returned, not raised."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return dict(json.load(response))
+        except urllib.error.HTTPError as exc:
+            return dict(json.load(exc))
+
+    def series(self, expr: str) -> list[dict[str, Any]]:
+        answer = self.query(expr)
+        assert answer["status"] == "success", f"{expr}: {answer.get('error')}"
+        return list(answer["data"]["result"])
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    procs: list[subprocess.Popen[Any]] = []
+    yield procs
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
+    nats_server: RunningServer,
+    target: BusTarget,
+    settings: Settings,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[Any]],
+) -> None:
+    prometheus = require("prometheus")
+    run = f"prom-{time.monotonic_ns()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env["NATS_URL"] = nats_server.url
+
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "exporter.log").open("w"),
+        text=True,
+    )
+    processes.append(exporter)
+    assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
+    metrics = urllib.parse.urlparse(exporter.stdout.readline().split()[-1])
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [{"job_name": "trainbus", "static_configs": [{"targets": [metrics.netloc]}]}],
+            }
+        )
+    )
+    processes.append(
+        subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "prometheus.log").open("w"),
+        )
+    )
+    prom = Prometheus(f"http://127.0.0.1:{port}")
+
+    argv = [sys.executable, "-m", "runtime.cli", "train", "configs/tiny.yaml", "--run-id", run]
+    for override in ("max_steps=60", "eval_steps=20", "save_steps=20", f"output_dir={tmp_path / 'runs'}"):
+        argv += ["--set", f"training.{override}"]
+    train = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=(tmp_path / "train.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    processes.append(train)
+
+    # The audit gate and an operator are not part of this test: publish what they would.
+    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl").start()
+    audit, operator = Stamper(publisher, run, source="audit"), Stamper(publisher, run, source="operator")
+    audit.emit(AuditFlag, rule="loss_spike", severity="warning", step=20, message="spike", judged_event_id=f"{run}.1.5")
+    audit.emit(
+        AuditVerdict, checkpoint_event_id=f"{run}.1.9", checkpoint_step=20, checkpoint_path="c", verdict="approved"
+    )
+    operator.emit(CommandResult, command_id="op-1", command="set", status="rejected", code="out_of_range")
+    publisher.close()
+
+    wait_until(lambda: _ready(prom), timeout=30, what="Prometheus to start")
+    assert train.wait(240) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    wait_until(
+        lambda: prom.series(f'trainbus_run_state{{run_id="{run}",state="completed"}} == 1'),
+        timeout=20,
+        what="Prometheus to scrape the finished run",
+    )
+
+    empty = []
+    for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())):
+        query = expr.replace("$run_id", run).replace("$__rate_interval", "1m").replace("$__interval", "1m")
+        if not prom.series(query):
+            empty.append(query)
+    assert not empty, f"dashboard queries without data for {run}: {empty}"
+    assert {s["metric"]["run_id"] for s in prom.series("group by (run_id) (trainbus_run_state)")} >= {run}
+
+    for name, expr in alert_exprs().items():
+        assert prom.query(expr)["status"] == "success", name
+    rules = wait_until(lambda: _rules(prom), timeout=10, what="the alert rules to be evaluated")
+    assert {r["name"] for r in rules} == set(alert_exprs())
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+
+def _rules(prom: Prometheus) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=10) as response:
+        groups = json.load(response)["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    return rules if rules and all(r["health"] != "unknown" for r in rules) else []
+
+
+def _ready(prom: Prometheus) -> bool:
+    try:
+        with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

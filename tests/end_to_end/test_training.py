@@ -1,0 +1,77 @@
+"""The default tiny run, trained for real on the live bus: it learns, and the stream tells all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from producers.checkpoints import fingerprint
+from tests.end_to_end.conftest import of_type
+
+
+def test_default_run_exits_0_and_says_what_it_published(default_run: dict[str, Any]) -> None:
+    assert default_run["code"] == 0, default_run["output"][-3000:]
+    assert f"run {default_run['run_id']} (attempt 1) completed" in default_run["output"]
+
+
+def test_tiny_default_learns_the_classifier_within_its_steps_and_90_seconds(default_run: dict[str, Any]) -> None:
+    events = default_run["events"]
+    evals = of_type(events, "eval")
+    final = evals[-1]
+    started, finished = of_type(events, "run.started")[0], of_type(events, "run.finished")[0]
+    assert final.step == started.max_steps == 400
+    assert final.accuracy >= 0.9, [e.accuracy for e in evals]
+    assert final.abstain_rate <= 0.15
+    assert (finished.time - started.time).total_seconds() < 90
+
+
+def test_stream_is_complete_and_in_order(default_run: dict[str, Any]) -> None:
+    events = default_run["events"]
+    trainer_events = [e for e in events if e.source == "trainer"]
+    assert [e.seq for e in trainer_events] == list(range(1, len(trainer_events) + 1))
+    assert all(e.event_id == f"default-run.1.{e.seq}" for e in trainer_events)
+    assert trainer_events[0].type == "run.started" and trainer_events[-1].type == "run.finished"
+    assert trainer_events[-1].status == "completed"
+    started = trainer_events[0]
+    assert started.world_size == 1 and started.adapter == "lora" and len(started.config_hash) == 64
+    assert started.config["training"]["max_steps"] == 400 and len(started.data_fingerprint) == 64
+    assert 0 < started.trainable_parameters < started.total_parameters
+
+
+def test_train_steps_carry_the_metrics_at_logging_cadence(default_run: dict[str, Any]) -> None:
+    steps = of_type(default_run["events"], "train.step")
+    assert [s.step for s in steps] == list(range(10, 401, 10))
+    for s in steps:
+        assert s.loss > 0 and s.learning_rate > 0 and s.grad_norm is not None
+        assert s.tokens_per_second > 0 and s.samples_per_second > 0 and s.step_time_seconds > 0
+        assert s.memory_bytes > 10_000_000
+        assert s.hyperparameters is not None and s.hyperparameters.learning_rate == 0.003
+    assert steps[-1].loss < steps[0].loss / 5
+
+
+def test_eval_events_carry_classification_metrics(default_run: dict[str, Any]) -> None:
+    evals = of_type(default_run["events"], "eval")
+    assert [e.step for e in evals] == [100, 200, 300, 400]
+    final = evals[-1]
+    assert final.labels == ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
+    assert set(final.per_label_f1) == set(final.labels)
+    assert len(final.confusion_matrix) == 4 and all(len(row) == 4 for row in final.confusion_matrix)
+    assert final.num_samples == 120 and 0 <= final.ece <= 1 and final.critical_error_cost >= 0
+    assert final.macro_f1 >= 0.85
+
+
+def test_checkpoint_events_match_the_files_on_disk(default_run: dict[str, Any]) -> None:
+    checkpoints = of_type(default_run["events"], "checkpoint")
+    assert [c.step for c in checkpoints] == [100, 200, 300, 400]
+    for c in checkpoints:
+        digest, size = fingerprint(Path(c.path))
+        assert (digest, size) == (c.sha256, c.size_bytes)
+        assert c.metrics["accuracy"] >= 0  # the metrics of the evaluation at that step
+    assert checkpoints[-1].metrics["accuracy"] == of_type(default_run["events"], "eval")[-1].accuracy
+
+
+def test_heartbeats_are_sent_while_training(default_run: dict[str, Any]) -> None:
+    beats = of_type(default_run["events"], "heartbeat")
+    assert len(beats) >= 5
+    assert {b.phase for b in beats} <= {"training", "evaluating", "saving"}
+    assert beats[-1].step > beats[0].step

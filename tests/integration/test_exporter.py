@@ -1,0 +1,279 @@
+"""`trainbus exporter` against a real nats-server: values on /metrics, restart safety, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.bus import BusTarget
+from runtime.natsserver import RunningServer
+from runtime.publisher import NatsPublisher
+from runtime.settings import Settings
+from runtime.sinks import Stamper
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    CommandResult,
+    Evaluation,
+    Event,
+    Heartbeat,
+    RunFinished,
+    RunStarted,
+    TrainStep,
+    event_subject,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+HP = {"learning_rate": 1e-3}
+SHA = "b" * 64
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def require(tool: str) -> str:
+    """The tool's path; skipped locally without it, a failure in CI (CI=true)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is required in CI: list prometheus in .ci/apt-packages")
+        pytest.skip(f"{tool} not installed locally (apt-get install prometheus)")
+    return path
+
+
+@dataclass
+class Exporter:
+    """A `trainbus exporter` subprocess and the URL it said it serves on."""
+
+    proc: subprocess.Popen[str]
+    url: str
+
+    def text(self) -> str:
+        with urllib.request.urlopen(self.url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def samples(self) -> Samples:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(self.text())
+            for s in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples().get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture
+def start_exporter(nats_server: RunningServer, tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
+    """Starts `trainbus exporter --port 0` subprocesses on the session server; all are stopped after."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> Exporter:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+        env["NATS_URL"] = nats_server.url
+        log = (tmp_path / f"exporter-{len(procs)}.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0", *args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "the exporter printed no URL within 30 s"
+        line = proc.stdout.readline()
+        assert line.startswith("trainbus exporter: serving http://127.0.0.1:"), line
+        exporter = Exporter(proc, line.split()[-1])
+        wait_until(lambda: exporter.value("trainbus_exporter_caught_up") == 1, what="the exporter to replay the stream")
+        return exporter
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture
+def publisher(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator[NatsPublisher]:
+    pub = NatsPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl").start()
+    yield pub
+    pub.close()
+
+
+def publish_raw(url: str, subject: str, data: bytes, msg_id: str) -> None:
+    """Publish bytes straight to JetStream (a malformed event, or a resend with a new Nats-Msg-Id)."""
+
+    async def go() -> None:
+        nc = await nats.connect(url)
+        await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def run_started(stamper: Stamper) -> Event:
+    return stamper.emit(
+        RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d", hyperparameters=HP
+    )
+
+
+def test_metrics_show_a_runs_live_events_and_pass_promtool(
+    start_exporter: Callable[..., Exporter], publisher: NatsPublisher, nats_server: RunningServer
+) -> None:
+    run = f"exp-{time.monotonic_ns()}"
+    trainer, audit = Stamper(publisher, run), Stamper(publisher, run, source="audit")
+    run_started(trainer)
+    assert publisher.flush()
+    exporter = start_exporter()
+    invalid_before = exporter.value("trainbus_exporter_invalid_events_total") or 0
+    for step in (10, 20, 30):
+        loss = float("nan") if step == 30 else 1.0 / step
+        trainer.emit(TrainStep, step=step, epoch=step / 100, loss=loss, learning_rate=1e-3, grad_norm=0.5)
+    trainer.emit(Evaluation, step=20, loss=0.3, accuracy=0.92, macro_f1=0.9, abstain_rate=0.1, ece=0.02)
+    first = trainer.emit(Checkpoint, step=20, path="/c/20", sha256=SHA, size_bytes=1000)
+    trainer.emit(Checkpoint, step=30, path="/c/30", sha256=SHA, size_bytes=2000)
+    audit.emit(
+        AuditVerdict,
+        checkpoint_event_id=first.event_id,
+        checkpoint_step=20,
+        checkpoint_path="/c/20",
+        verdict="rejected",
+    )
+    audit.emit(AuditFlag, rule="nan_loss", severity="critical", step=30, message="NaN", judged_event_id="x")
+    trainer.emit(CommandResult, command_id="c1", command="pause", status="applied", step=30)
+    assert publisher.flush()
+    publish_raw(nats_server.url, event_subject(run, "train.step"), b'{"type": "train.step", "loss": "lots"}', "bad-1")
+    trainer.emit(Heartbeat, step=30, phase="training")
+    assert publisher.flush()
+
+    wait_until(lambda: exporter.value("trainbus_events_total", run_id=run, type="heartbeat") == 1, what="the heartbeat")
+    m = exporter.samples()
+
+    def v(name: str, **labels: str) -> float | None:
+        return m.get((name, tuple(sorted({"run_id": run, **labels}.items()))))
+
+    shown_loss = v("trainbus_train_loss")
+    assert shown_loss is not None and math.isnan(shown_loss)
+    assert v("trainbus_global_step") == 30
+    assert v("trainbus_grad_norm") == 0.5
+    assert v("trainbus_eval_accuracy_ratio") == 0.92
+    assert v("trainbus_run_state", state="running") == 1
+    assert [v("trainbus_checkpoints", verdict=x) for x in ("pending", "approved", "rejected")] == [1, 0, 1]
+    assert v("trainbus_audit_flags_total", rule="nan_loss", severity="critical") == 1
+    assert v("trainbus_commands_total", command="pause", result="applied") == 1
+    assert v("trainbus_events_total", type="train.step") == 3
+    assert time.time() - (v("trainbus_last_event_timestamp_seconds") or 0) < 60
+    assert m[("trainbus_exporter_invalid_events_total", ())] == invalid_before + 1
+    assert m[("trainbus_exporter_event_lag_seconds_count", ())] >= 9  # live events, not the replay
+
+    promtool = require("promtool")
+    check = subprocess.run([promtool, "check", "metrics"], input=exporter.text(), capture_output=True, text=True)
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
+
+
+def test_killing_and_restarting_the_exporter_neither_loses_nor_doubles_counts(
+    start_exporter: Callable[..., Exporter], publisher: NatsPublisher, nats_server: RunningServer
+) -> None:
+    run = f"restart-{time.monotonic_ns()}"
+    trainer, audit = Stamper(publisher, run), Stamper(publisher, run, source="audit")
+
+    def steps(first: int) -> Event:
+        for step in range(first, first + 5):
+            last = trainer.emit(TrainStep, step=step, epoch=0.0, loss=1.0, learning_rate=1e-3)
+        audit.emit(AuditFlag, rule="loss_spike", severity="warning", message="m", judged_event_id="x")
+        trainer.emit(CommandResult, command_id=f"c{first}", command="set", status="applied")
+        return last
+
+    run_started(trainer)
+    last = steps(1)
+    assert publisher.flush()
+    before = start_exporter()
+    counted = {"run_id": run, "type": "train.step"}
+    wait_until(lambda: before.value("trainbus_events_total", **counted) == 5, what="the first five steps")
+    dupes_before = before.value("trainbus_exporter_duplicate_events_total") or 0
+    # the same event again under a new message id (an outbox resend after the dedupe window)
+    publish_raw(nats_server.url, event_subject(run, "train.step"), last.model_dump_json().encode(), "resent-1")
+    wait_until(lambda: before.value("trainbus_events_total", run_id=run, type="command.result") == 1, what="phase 1")
+    wait_until(
+        lambda: (before.value("trainbus_exporter_duplicate_events_total") or 0) > dupes_before, what="the resend"
+    )
+    seen = before.samples()
+    assert before.value("trainbus_events_total", **counted) == 5
+
+    before.proc.send_signal(signal.SIGKILL)
+    before.proc.wait(10)
+    steps(6)
+    trainer.emit(RunFinished, status="completed", step=10)
+    assert publisher.flush()
+
+    after = start_exporter()
+    wait_until(lambda: after.value("trainbus_events_total", run_id=run, type="run.finished") == 1, what="phase 2")
+    now = after.samples()
+    counters = {key: value for key, value in seen.items() if key[0].endswith("_total") and ("run_id", run) in key[1]}
+    assert counters, "no counters of the run before the restart"
+    went_back = {key: (value, now.get(key)) for key, value in counters.items() if (now.get(key) or 0) < value}
+    assert not went_back
+    assert after.value("trainbus_events_total", **counted) == 10
+    assert after.value("trainbus_audit_flags_total", run_id=run, rule="loss_spike", severity="warning") == 2
+    assert after.value("trainbus_commands_total", run_id=run, command="set", result="applied") == 2
+    assert (after.value("trainbus_exporter_duplicate_events_total") or 0) >= dupes_before + 1
+    assert after.value("trainbus_run_state", run_id=run, state="completed") == 1
+
+
+def test_finished_runs_drop_out_of_metrics_after_expire_after(
+    start_exporter: Callable[..., Exporter], publisher: NatsPublisher
+) -> None:
+    done, live = f"done-{time.monotonic_ns()}", f"live-{time.monotonic_ns()}"
+    finished = Stamper(publisher, done)
+    run_started(finished)
+    finished.emit(RunFinished, status="completed", step=1)
+    run_started(Stamper(publisher, live))
+    assert publisher.flush()
+    exporter = start_exporter("--expire-after", "1")
+    wait_until(lambda: exporter.value("trainbus_run_state", run_id=live, state="running") == 1, what="the live run")
+    wait_until(lambda: f'run_id="{done}"' not in exporter.text(), timeout=10, what="the finished run to expire")
+    assert exporter.value("trainbus_run_state", run_id=live, state="running") == 1
+    assert (exporter.value("trainbus_exporter_expired_runs_total") or 0) >= 1
+
+
+def test_a_port_in_use_exits_2_with_one_line(nats_server: RunningServer) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+        out = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "exporter", "--port", str(port), "--set", f"bus.url={nats_server.url}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"trainbus exporter: --port {port}: address already in use"
+    assert out.stdout == ""

@@ -1,0 +1,23 @@
+"""`trainbus bench --help` lists the benchmarks registered through the ``trainbus.benchmarks`` group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_help_lists_overhead_and_control() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "bench", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "overhead" in done.stdout
+    assert "control" in done.stdout
