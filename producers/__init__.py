@@ -4,8 +4,20 @@
 
     from producers import TrainbusCallback
     TrainbusCallback.attach(trainer, run_id="my-run")
+
+It is imported lazily, so the ``trainbus`` CLI does not pay for torch unless it trains.
 """
 
-from producers.callback import TrainbusCallback
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["TrainbusCallback"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainbusCallback":
+        from producers.callback import TrainbusCallback
+
+        return TrainbusCallback
+    raise AttributeError(name)

@@ -45,7 +45,7 @@ def train_variant(variant: str, cfg: RunConfig, run_id: str) -> dict[str, Any]:
 
     from producers.callback import TrainbusCallback, open_bus
     from producers.control import ControlChannel
-    from producers.train import build_trainer, prepare
+    from producers.train import build_trainer, prepare, run_callback
 
     prep = prepare(cfg, run_id=run_id)
     sink: EventSink = NullSink()
@@ -54,18 +54,7 @@ def train_variant(variant: str, cfg: RunConfig, run_id: str) -> dict[str, Any]:
     if variant == "trainbus":
         channel = ControlChannel(prep.run_id)
         sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
-        callback = TrainbusCallback(
-            prep.run_id,
-            sink=sink,
-            channel=channel,
-            attempt=prep.attempt,
-            settings=cfg,
-            heartbeat_seconds=cfg.publish.heartbeat_seconds,
-            run_config=cfg.model_dump(mode="json"),
-            model_name=cfg.model.name_or_path,
-            adapter=cfg.adapter.method,
-            data_fingerprint=prep.fingerprint,
-        )
+        callback = run_callback(prep, sink, channel)
         callbacks.append(callback)
     trainer = build_trainer(prep, callbacks)
     if callback is not None:

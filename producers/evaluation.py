@@ -81,6 +81,10 @@ def evaluate_classifier(
         probs = option_probabilities(model, tokenizer, prompts, options, batch_size=batch_size, max_length=max_length)
     finally:
         model.train(was_training)
+    broken = ~np.isfinite(probs).all(axis=1)
+    if broken.any():  # a diverged model: its answers count as abstentions, the metrics show it
+        probs[broken] = 0.0
+        probs[broken, -1] = 1.0
     return classification_metrics(probs, [ex.label for ex in examples], labels)
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -192,13 +193,32 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
     )
 
 
+def run_callback(prep: Prepared, sink: EventSink, channel: ControlChannel | None) -> TrainbusCallback:
+    """The trainbus callback of a prepared run, publishing to ``sink``."""
+    cfg = prep.cfg
+    return TrainbusCallback(
+        prep.run_id,
+        sink=sink,
+        channel=channel,
+        attempt=prep.attempt,
+        settings=cfg,
+        heartbeat_seconds=cfg.publish.heartbeat_seconds,
+        run_config=cfg.model_dump(mode="json"),
+        model_name=cfg.model.name_or_path,
+        adapter=cfg.adapter.method,
+        data_fingerprint=prep.fingerprint,
+    )
+
+
 def _live_overrides(run_dir: Path) -> dict[str, Any]:
     path = run_dir / LIVE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None) -> int:
-    """Train one run end to end; returns the process exit code."""
+def run(
+    cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None, callbacks: Sequence[TrainerCallback] = ()
+) -> int:
+    """Train one run end to end; returns the process exit code. ``callbacks`` run after trainbus's own."""
     init_if_launched()
     prep = prepare(cfg, run_id=run_id, resume=resume)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
@@ -217,18 +237,7 @@ def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None)
                 {"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}, indent=2
             )
         )
-    callback = TrainbusCallback(
-        prep.run_id,
-        sink=sink,
-        channel=channel,
-        attempt=prep.attempt,
-        settings=cfg,
-        heartbeat_seconds=cfg.publish.heartbeat_seconds,
-        run_config=cfg.model_dump(mode="json"),
-        model_name=cfg.model.name_or_path,
-        adapter=cfg.adapter.method,
-        data_fingerprint=prep.fingerprint,
-    )
+    callback = run_callback(prep, sink, channel)
 
     def remember(effective: dict[str, Any]) -> None:
         live.update({k: v for k, v in effective.items() if k != "current_learning_rate"})
@@ -242,7 +251,7 @@ def run(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     status = "failed"
     try:
-        trainer = build_trainer(prep, [callback])
+        trainer = build_trainer(prep, [callback, *callbacks])
         callback.trainer = trainer
         log.info("training", run_dir=str(prep.run_dir), resume_from=str(prep.resume_from) if prep.resume_from else None)
         trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)

@@ -107,6 +107,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo: replaying run {run_id} from the stream (train.step and heartbeat rows folded):")
         counts = asyncio.run(_summarise(target, settings, run_id))
         print("demo: events by type: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        for name, extra in (("runs", []), ("checkpoints", ["--run", run_id])):
+            if name == "runs" or _has_command(name):
+                print(f"demo: trainbus {name} {' '.join(extra)}".rstrip())
+                subprocess.run([sys.executable, "-m", "runtime.cli", name, *extra], env=env, check=False)
         print(
             f"demo: see it again with `trainbus events --run {run_id}` and `trainbus runs` (run `trainbus up` first to keep a bus running)"
         )

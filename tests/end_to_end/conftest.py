@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def trainbus_env(url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
-    env.update({"NATS_URL": url, **extra})
+    # one torch thread per trainer: on 2 cores shared with the bus, the consumers and the tests,
+    # OpenMP threads spinning against other processes make steps many times slower
+    env.update({"NATS_URL": url, "OMP_NUM_THREADS": "1", **extra})
     return env
 
 
@@ -44,19 +46,19 @@ def train_argv(config: str, run_id: str, tmp: Path, *overrides: str, resume: boo
     return argv
 
 
-def ctl(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def ctl(url: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runtime.cli", "ctl", *args],
-        cwd=REPO, env=trainbus_env(url), capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=REPO, env=trainbus_env(url, **env), capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
 
-def events_of(url: str, run_id: str) -> list[Event]:
-    """Every stored event of ``run_id``, in stream order."""
+def events_of(url: str, run_id: str, **auth: str) -> list[Event]:
+    """Every stored event of ``run_id``, in stream order (``user``/``password`` for a secured server)."""
 
     async def read() -> list[Event]:
         nc = NATS()
-        await nc.connect(url)
+        await nc.connect(url, **auth)
         try:
             return [d.event async for d in replay(nc.jetstream(), run_events(run_id)) if d.event is not None]
         except nats.js.errors.NotFoundError:
@@ -67,12 +69,14 @@ def events_of(url: str, run_id: str) -> list[Event]:
     return asyncio.run(read())
 
 
-def wait_events(url: str, run_id: str, until: Callable[[list[Event]], Any], timeout: float = 60) -> list[Event]:
+def wait_events(
+    url: str, run_id: str, until: Callable[[list[Event]], Any], timeout: float = 60, **auth: str
+) -> list[Event]:
     """Poll the stream until ``until(events)`` is truthy; fail with what was seen."""
     deadline = time.monotonic() + timeout
     events: list[Event] = []
     while time.monotonic() < deadline:
-        events = events_of(url, run_id)
+        events = events_of(url, run_id, **auth)
         if until(events):
             return events
         time.sleep(0.2)
@@ -113,19 +117,39 @@ def start_trainer(
 
 @pytest.fixture(scope="session")
 def default_run(nats_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The tiny default config trained once, to the end, on the live bus; many tests read it."""
+    """The tiny default config trained once, to the end, on the live bus with the audit gate
+    watching (the shipped configs/audit.yaml); many tests read what it left in the stream."""
     tmp = tmp_path_factory.mktemp("default-run")
-    trainer = start_trainer(nats_server.url, "configs/tiny.yaml", "default-run", tmp)
+    run_id = "default-run"
+    audit = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "audit", "--run", run_id],
+        cwd=REPO, env=trainbus_env(nats_server.url), stdout=subprocess.PIPE, stderr=(tmp / "audit.log").open("w"), text=True,
+    )  # fmt: skip
     try:
-        code = trainer.wait(timeout=300)
+        assert audit.stdout is not None
+        watching = audit.stdout.readline()
+        assert watching.startswith("trainbus audit: watching"), watching
+        # both cores for the learning check: it is timed (< 90 s of training)
+        trainer = start_trainer(nats_server.url, "configs/tiny.yaml", run_id, tmp, OMP_NUM_THREADS="2")
+        try:
+            code = trainer.wait(timeout=300)
+        finally:
+            if trainer.process.poll() is None:
+                trainer.process.kill()
+        events = wait_events(
+            nats_server.url,
+            run_id,
+            lambda ev: len(of_type(ev, "audit.verdict")) >= len(of_type(ev, "checkpoint")),
+            timeout=60,
+        )
     finally:
-        if trainer.process.poll() is None:
-            trainer.process.kill()
+        audit.terminate()
+        audit.wait(20)
     yield {
-        "run_id": trainer.run_id,
+        "run_id": run_id,
         "code": code,
         "output": trainer.output(),
-        "events": events_of(nats_server.url, trainer.run_id),
-        "run_dir": tmp / "runs" / trainer.run_id,
+        "events": events,
+        "run_dir": tmp / "runs" / run_id,
         "url": nats_server.url,
     }

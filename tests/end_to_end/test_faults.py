@@ -18,7 +18,7 @@ def test_bus_outage_loses_nothing_and_does_not_slow_training(tmp_path: Path) -> 
     run = "outage-run"
     trainer = start_trainer(
         server.url, "configs/tiny.yaml", run, tmp_path,
-        "training.max_steps=260", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
+        "training.max_steps=170", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
         "publish.heartbeat_seconds=0.5", "publish.memory_limit=40", "bus.ack_timeout=1",
     )  # fmt: skip
     try:
@@ -39,7 +39,7 @@ def test_bus_outage_loses_nothing_and_does_not_slow_training(tmp_path: Path) -> 
     assert [e.seq for e in trainer_events] == list(range(1, len(trainer_events) + 1))  # once each, no gaps
     assert len({e.event_id for e in events}) == len(events)
     steps = of_type(trainer_events, "train.step")
-    assert [s.step for s in steps] == list(range(1, 261))
+    assert [s.step for s in steps] == list(range(1, 171))
     during = [s.step_time_seconds for s in steps if down_at + 1 < s.time.timestamp() < up_at]
     before = [s.step_time_seconds for s in steps if s.time.timestamp() < down_at]
     assert len(during) >= 20, "training made little progress while the bus was down"

@@ -183,7 +183,7 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
 ) -> None:
     prometheus = require("prometheus")
     run = f"prom-{time.monotonic_ns()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"OMP_NUM_THREADS": "1"}
     env["NATS_URL"] = nats_server.url
 
     exporter = subprocess.Popen(
@@ -223,8 +223,18 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     )
     prom = Prometheus(f"http://127.0.0.1:{port}")
 
-    argv = [sys.executable, "-m", "runtime.cli", "train", "configs/tiny.yaml", "--run-id", run]
-    for override in ("max_steps=60", "eval_steps=20", "save_steps=20", f"output_dir={tmp_path / 'runs'}"):
+    argv = [
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        "train",
+        "configs/tiny.yaml",
+        "--run-id",
+        run,
+        "--set",
+        "data.max_eval_samples=16",
+    ]
+    for override in ("max_steps=40", "eval_steps=20", "save_steps=20", f"output_dir={tmp_path / 'runs'}"):
         argv += ["--set", f"training.{override}"]
     train = subprocess.Popen(
         argv,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import nats.errors
@@ -37,6 +39,16 @@ async def login(server: RunningServer, user: str, password: str, errors: list[st
     return nc
 
 
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """True as soon as ``check()`` is; the server's -ERR is delivered asynchronously."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def received(listener: NATS, subject: str, publish: NATS, payload: bytes) -> bool:
     """Whether a message ``publish`` sends on ``subject`` reaches ``listener`` (allowed ones take ms)."""
     sub = await listener.subscribe(subject)
@@ -61,7 +73,9 @@ async def test_viewer_cannot_send_control_commands_operator_can(
     operator = await login(secured_server, "operator", role_passwords["operator"])
     command = json.dumps({"type": "pause", "command_id": "c1", "run_id": "r1", "issued_by": "x"}).encode()
     assert not await received(admin, "trainbus.control.r1", viewer, command)
-    assert any("permissions violation" in e.lower() and "trainbus.control.r1" in e for e in errors)
+    assert await eventually(
+        lambda: any("permissions violation" in e.lower() and "trainbus.control.r1" in e for e in errors)
+    )
     assert await received(admin, "trainbus.control.r1", operator, command)
     for conn in (admin, viewer, operator):
         await conn.close()
@@ -76,7 +90,7 @@ async def test_trainer_cannot_publish_audit_events(
     trainer = await login(secured_server, "trainer", role_passwords["trainer"], errors)
     auditor = await login(secured_server, "auditor", role_passwords["auditor"])
     assert not await received(admin, "trainbus.events.r1.audit.flag", trainer, b"{}")
-    assert any("trainbus.events.r1.audit.flag" in e for e in errors)
+    assert await eventually(lambda: any("trainbus.events.r1.audit.flag" in e for e in errors))
     assert await received(admin, "trainbus.events.r1.train.step", trainer, b"{}")
     assert await received(admin, "trainbus.events.r1.audit.flag", auditor, b"{}")
     ack = await trainer.jetstream().publish("trainbus.events.r1.train.step", b"{}", headers={"Nats-Msg-Id": "roles-1"})

@@ -1,0 +1,166 @@
+"""`trainbus audit` (the audit gate service) and `trainbus checkpoints` (checkpoints with their verdicts).
+
+trainbus audit --rules configs/audit.yaml          # every run; `trainbus up` starts it
+trainbus checkpoints --run RUN --approved --json   # what may be promoted
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+import nats.js.errors
+
+from consumers.audit.loop import DURABLE, run_audit
+from consumers.audit.rules import AuditConfig, load_rules
+from runtime.bus import BusTarget, bus_target, connect, connected
+from runtime.commands import add_settings_args, settings_from
+from runtime.errors import NotFound
+from runtime.render import table
+from runtime.settings import Settings
+from runtime.stream import count_stored, replay
+from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, check_run_id, run_events
+from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
+
+DEFAULT_RULES = "configs/audit.yaml"
+
+
+def _run_id(value: str) -> str:
+    try:
+        return check_run_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register_audit(sub: Any) -> None:
+    p = sub.add_parser("audit", help="the audit gate: flag problems, judge every checkpoint, pause runs")
+    p.add_argument("--rules", default=DEFAULT_RULES, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
+    p.add_argument("--run", type=_run_id, help="audit only this run (its own durable consumer)")
+    add_settings_args(p)
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    config = load_rules(args.rules)
+    with bus_target(settings) as target:
+        return asyncio.run(_audit(target, settings, config, args.rules, args.run))
+
+
+async def _audit(target: BusTarget, settings: Settings, config: AuditConfig, rules_path: str, run: str | None) -> int:
+    subject = run_events(run) if run else ALL_EVENTS
+    durable = f"{DURABLE}-{run}" if run else DURABLE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    n = len(config.rules.enabled())
+
+    def ready() -> None:
+        print(f"trainbus audit: watching {subject} with {n} rules from {rules_path}", flush=True)
+
+    nc = await connect(target, settings, name="trainbus-audit")
+    try:
+        audit, consumer = await run_audit(
+            nc, config, settings, stop=stop, subject=subject, durable=durable, on_ready=ready
+        )
+    finally:
+        await nc.close()  # everything published was acked: nothing to drain
+    print(
+        f"trainbus audit: stopped; {audit.replayed} events replayed, {consumer.handled} handled live, "
+        f"{audit.invalid} invalid skipped; published {audit.flags} flags and {audit.verdicts} verdicts",
+        flush=True,
+    )
+    return 0
+
+
+def service() -> list[str]:
+    """The command `trainbus up` and `trainbus demo` run for the audit gate."""
+    return [sys.executable, "-m", "runtime.cli", "audit"]
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def register_checkpoints(sub: Any) -> None:
+    p = sub.add_parser("checkpoints", help="a run's checkpoints with their audit verdicts")
+    p.add_argument("--run", required=True, type=_run_id, help="run id")
+    p.add_argument("--approved", action="store_true", help="only checkpoints the audit gate approved")
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    add_settings_args(p)
+    p.set_defaults(func=cmd_checkpoints)
+
+
+async def checkpoint_rows(target: BusTarget, settings: Settings, run_id: str) -> list[dict[str, Any]]:
+    """Every checkpoint event of ``run_id`` in stream order, joined with its verdict (if any)."""
+    async with connected(target, settings, name="trainbus-checkpoints") as nc:
+        js = nc.jetstream()
+        try:
+            if await count_stored(js, run_events(run_id)) == 0:
+                raise NotFound(f"no events for run {run_id!r}")
+        except nats.js.errors.NotFoundError:
+            raise NotFound("the event stream does not exist yet: nothing has been published") from None
+        verdicts: dict[str, AuditVerdict] = {}
+        async for item in replay(js, event_subject(run_id, "audit.verdict")):
+            if isinstance(item.event, AuditVerdict):
+                verdicts.setdefault(item.event.checkpoint_event_id, item.event)
+        rows = []
+        async for item in replay(js, event_subject(run_id, "checkpoint")):
+            if isinstance(item.event, Checkpoint):
+                rows.append(_row(item.event, verdicts.get(item.event.event_id)))
+        best = await _best_key(js, run_id)
+    for row in rows:
+        row["best"] = best is not None and row["verdict_event_id"] == best
+    return rows
+
+
+def _row(ckpt: Checkpoint, verdict: AuditVerdict | None) -> dict[str, Any]:
+    return {
+        "run_id": ckpt.run_id,
+        "attempt": ckpt.attempt,
+        "step": ckpt.step,
+        "trigger": ckpt.trigger,
+        "path": ckpt.path,
+        "sha256": ckpt.sha256,
+        "checkpoint_event_id": ckpt.event_id,
+        "verdict": verdict.verdict if verdict is not None else "pending",
+        "reasons": list(verdict.reasons) if verdict is not None else [],
+        "metrics": dict(verdict.metrics) if verdict is not None else {},
+        "verdict_event_id": verdict.event_id if verdict is not None else None,
+    }
+
+
+async def _best_key(js: Any, run_id: str) -> str | None:
+    """The verdict id the bucket's ``<run>.best`` pointer names, if the bucket has one."""
+    try:
+        kv = await js.key_value(CHECKPOINTS_BUCKET)
+        entry = await kv.get(f"{run_id}.best")
+    except nats.js.errors.NotFoundError:
+        return None
+    value = json.loads(entry.value or b"{}")
+    return value.get("verdict_event_id")
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    with bus_target(settings) as target:
+        rows = asyncio.run(checkpoint_rows(target, settings, args.run))
+    if args.approved:
+        rows = [r for r in rows if r["verdict"] == "approved"]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    if not rows:
+        print(f"no {'approved ' if args.approved else ''}checkpoints for run {args.run}")
+        return 0
+    for row in rows:
+        row["best"] = "*" if row["best"] else ""
+        row["accuracy"] = row["metrics"].get("accuracy")
+        row["why"] = "; ".join(row["reasons"])[:100]
+    print(table(rows, ["step", "attempt", "trigger", "verdict", "best", "accuracy", "path", "why"]))
+    return 0
