@@ -1,9 +1,10 @@
-"""Shared fixtures: a real nats-server per test session (never a mocked broker)."""
+"""Shared fixtures: a real nats-server per test session, never a stand-in for the broker."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -77,3 +78,13 @@ def secured_server(tmp_path_factory: pytest.TempPathFactory, role_passwords: dic
     del saved
     yield server
     server.stop()
+
+
+def require_tool(tool: str) -> str:
+    """The path of a Debian tool (e.g. promtool): a failure in CI (CI=true), skipped locally."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is required in CI: list its package in .ci/apt-packages")
+        pytest.skip(f"{tool} not installed locally (apt-get install prometheus); CI=true makes this a failure")
+    return path

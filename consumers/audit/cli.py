@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import nats.js.errors
@@ -27,6 +28,14 @@ from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, check_run_id, run_even
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
 DEFAULT_RULES = "configs/audit.yaml"
+"""Relative to the current folder, else the project's own copy (so `trainbus up` works anywhere)."""
+
+
+def default_rules() -> str:
+    """``configs/audit.yaml`` here if there is one, else the one shipped with trainbus."""
+    if Path(DEFAULT_RULES).exists():
+        return DEFAULT_RULES
+    return str(Path(__file__).resolve().parents[2] / DEFAULT_RULES)
 
 
 def _run_id(value: str) -> str:
@@ -38,7 +47,7 @@ def _run_id(value: str) -> str:
 
 def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="the audit gate: flag problems, judge every checkpoint, pause runs")
-    p.add_argument("--rules", default=DEFAULT_RULES, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
+    p.add_argument("--rules", default=None, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
     p.add_argument("--run", type=_run_id, help="audit only this run (its own durable consumer)")
     add_settings_args(p)
     p.set_defaults(func=cmd_audit)
@@ -46,9 +55,10 @@ def register_audit(sub: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    config = load_rules(args.rules)
+    rules = args.rules or default_rules()
+    config = load_rules(rules)
     with bus_target(settings) as target:
-        return asyncio.run(_audit(target, settings, config, args.rules, args.run))
+        return asyncio.run(_audit(target, settings, config, rules, args.run))
 
 
 async def _audit(target: BusTarget, settings: Settings, config: AuditConfig, rules_path: str, run: str | None) -> int:

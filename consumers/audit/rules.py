@@ -290,5 +290,8 @@ def load_rules(path: str | Path) -> AuditConfig:
         raise ConfigError(_rule_error(exc, origin)) from None
     abstain = config.rules.abstain_rate
     if abstain is not None and abstain.max_rate is None:
-        abstain.max_rate = max_abstain_rate(Path(config.labels_file))
+        labels = Path(config.labels_file)
+        if not labels.is_absolute() and not labels.exists():
+            labels = Path(path).resolve().parent.parent / labels  # relative to the project the rules live in
+        abstain.max_rate = max_abstain_rate(labels)
     return config

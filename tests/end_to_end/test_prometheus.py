@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,21 +29,12 @@ from runtime.publisher import NatsPublisher
 from runtime.settings import Settings
 from runtime.sinks import Stamper
 from schemas import AuditFlag, AuditVerdict, CommandResult
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "dashboards/grafana/trainbus.json"
 ALERTS = REPO / "dashboards/prometheus/alerts.yml"
 PROVISIONING = REPO / "dashboards/grafana/provisioning"
-
-
-def require(tool: str) -> str:
-    """The tool's path; skipped locally without it, a failure in CI (CI=true)."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is required in CI: list prometheus in .ci/apt-packages")
-        pytest.skip(f"{tool} not installed locally (apt-get install prometheus)")
-    return path
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -121,7 +111,7 @@ def test_grafana_provisioning_loads_the_dashboard_and_a_prometheus_data_source()
 
 
 def test_promtool_rule_unit_tests_pass_and_cover_every_alert() -> None:
-    promtool = require("promtool")
+    promtool = require_tool("promtool")
     tests = (REPO / "tests/promtool/alerts_test.yml").read_text()
     assert all(f"alertname: {name}" in tests for name in alert_exprs())
     out = subprocess.run(
@@ -131,7 +121,7 @@ def test_promtool_rule_unit_tests_pass_and_cover_every_alert() -> None:
 
 
 def test_promtool_accepts_the_scrape_config_and_its_rules() -> None:
-    promtool = require("promtool")
+    promtool = require_tool("promtool")
     out = subprocess.run(
         [promtool, "check", "config", "dashboards/prometheus/prometheus.yml"], cwd=REPO, capture_output=True, text=True
     )
@@ -181,7 +171,7 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     tmp_path: Path,
     processes: list[subprocess.Popen[Any]],
 ) -> None:
-    prometheus = require("prometheus")
+    prometheus = require_tool("prometheus")
     run = f"prom-{time.monotonic_ns()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"OMP_NUM_THREADS": "1"}
     env["NATS_URL"] = nats_server.url

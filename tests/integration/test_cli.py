@@ -82,7 +82,7 @@ def test_events_follow_prints_live_events(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(1.0)  # the follower subscribes before the run exists
+        # no wait for the follower: it replays from the start, so an event sent first still arrives
         publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "o.jsonl").start()
         Stamper(publisher, run_id).emit(TrainStep, step=1, epoch=0, loss=0.5, learning_rate=1e-3)
         publisher.close()

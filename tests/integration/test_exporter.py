@@ -6,7 +6,6 @@ import asyncio
 import math
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from schemas import (
     TrainStep,
     event_subject,
 )
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 HP = {"learning_rate": 1e-3}
@@ -57,16 +57,6 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
-
-
-def require(tool: str) -> str:
-    """The tool's path; skipped locally without it, a failure in CI (CI=true)."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is required in CI: list prometheus in .ci/apt-packages")
-        pytest.skip(f"{tool} not installed locally (apt-get install prometheus)")
-    return path
 
 
 @dataclass
@@ -194,7 +184,7 @@ def test_metrics_show_a_runs_live_events_and_pass_promtool(
     assert m[("trainbus_exporter_invalid_events_total", ())] == invalid_before + 1
     assert m[("trainbus_exporter_event_lag_seconds_count", ())] >= 9  # live events, not the replay
 
-    promtool = require("promtool")
+    promtool = require_tool("promtool")
     check = subprocess.run([promtool, "check", "metrics"], input=exporter.text(), capture_output=True, text=True)
     assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
 
