@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import socket
+import sys
 import threading
 import time
 import uuid
