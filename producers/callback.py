@@ -70,6 +70,9 @@ def open_bus(
     responders: dict[str, Callable[[bytes], bytes]] = (
         {control_subject(run_id): channel.handle} if channel is not None else {}
     )
+    # The bus thread needs the GIL to answer a command or publish; with Python's default 5 ms
+    # switch interval it can wait that long behind the training thread's Python code.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     target = resolve_target(settings)
     publisher = NatsPublisher(
         target,
