@@ -52,7 +52,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _run_id(value: str) -> str:
+def run_id_arg(value: str) -> str:
+    """argparse ``type=`` for a run id: a bad one is a usage error naming the rule."""
     try:
         return check_run_id(value)
     except ValueError as exc:
@@ -143,7 +144,7 @@ async def _provision(url: str, settings: Settings) -> None:
 
 def register_events(sub: Any) -> None:
     p = sub.add_parser("events", help="replay a run's events from the start (and follow live ones)")
-    p.add_argument("--run", required=True, type=_run_id, help="run id")
+    p.add_argument("--run", required=True, type=run_id_arg, help="run id")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing live events")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     add_settings_args(p)

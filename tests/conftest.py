@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -88,3 +90,15 @@ def require_tool(tool: str) -> str:
             pytest.fail(f"{tool} is required in CI: list its package in .ci/apt-packages")
         pytest.skip(f"{tool} not installed locally (apt-get install prometheus); CI=true makes this a failure")
     return path
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition", every: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)

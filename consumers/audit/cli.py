@@ -19,12 +19,12 @@ import nats.js.errors
 from consumers.audit.loop import DURABLE, run_audit
 from consumers.audit.rules import AuditConfig, load_rules
 from runtime.bus import BusTarget, bus_target, connect, connected
-from runtime.commands import add_settings_args, settings_from
+from runtime.commands import add_settings_args, run_id_arg, settings_from
 from runtime.errors import NotFound
 from runtime.render import table
 from runtime.settings import Settings
 from runtime.stream import count_stored, replay
-from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, check_run_id, run_events
+from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
 DEFAULT_RULES = "configs/audit.yaml"
@@ -38,17 +38,10 @@ def default_rules() -> str:
     return str(Path(__file__).resolve().parents[2] / DEFAULT_RULES)
 
 
-def _run_id(value: str) -> str:
-    try:
-        return check_run_id(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="the audit gate: flag problems, judge every checkpoint, pause runs")
     p.add_argument("--rules", default=None, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
-    p.add_argument("--run", type=_run_id, help="audit only this run (its own durable consumer)")
+    p.add_argument("--run", type=run_id_arg, help="audit only this run (its own durable consumer)")
     add_settings_args(p)
     p.set_defaults(func=cmd_audit)
 
@@ -98,7 +91,7 @@ def service() -> list[str]:
 
 def register_checkpoints(sub: Any) -> None:
     p = sub.add_parser("checkpoints", help="a run's checkpoints with their audit verdicts")
-    p.add_argument("--run", required=True, type=_run_id, help="run id")
+    p.add_argument("--run", required=True, type=run_id_arg, help="run id")
     p.add_argument("--approved", action="store_true", help="only checkpoints the audit gate approved")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     add_settings_args(p)

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +29,12 @@ from runtime.publisher import NatsPublisher
 from runtime.settings import Settings
 from runtime.sinks import Stamper
 from schemas import AuditFlag, AuditVerdict, CommandResult
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "dashboards/grafana/trainbus.json"
 ALERTS = REPO / "dashboards/prometheus/alerts.yml"
 PROVISIONING = REPO / "dashboards/grafana/provisioning"
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def dashboard_exprs(node: Any) -> list[str]:

@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -39,24 +38,12 @@ from schemas import (
     TrainStep,
     event_subject,
 )
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HP = {"learning_rate": 1e-3}
 SHA = "b" * 64
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
