@@ -1,35 +1,36 @@
-"""One variant of `trainbus bench overhead`, in a process of its own so its peak RSS is its own.
+"""One variant of `trainbus bench overhead`: a training process that runs in blocks on command.
 
-``producers.bench_overhead`` runs it; by hand (from the repository root)::
-
-    python -m producers.bench_worker plain configs/tiny.yaml --run-id a1 --result a1.json \\
-        --set training.max_steps=20 --set training.eval_steps=null --set training.save_steps=null
-    NATS_URL=nats://127.0.0.1:4222 python -m producers.bench_worker trainbus configs/tiny.yaml \\
-        --run-id b1 --result b1.json --set training.max_steps=20 ...
+``producers.bench_overhead`` starts one worker per variant and interleaves them: at every block
+boundary (before step 1, then every ``--block`` steps, the last one included) the worker reports on ``--report-fd`` and
+waits for a line on ``--control-fd`` before it trains the next block. Both variants carry the same
+``Pacer`` callback, so the harness costs them the same; the figures are the seconds from "go" to the
+next boundary, step by step.
 
 ``plain`` trains with the bare ``transformers.Trainer`` that ``build_trainer(prep, [])`` returns;
 ``trainbus`` adds a ``TrainbusCallback`` that publishes to the bus (NATS_URL) and answers commands,
-wired as ``trainbus train`` wires it. Both write one JSON object to ``--result``: the steps, the
-seconds spent inside ``trainer.train()``, the process's peak RSS and the events published.
+wired as ``trainbus train`` wires it. Report lines are JSON: ``{"steps": [seconds, ...]}`` after
+a block (empty before the first), and the final figures (steps, step times, the process's peak
+RSS, events published) once training is over.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from producers.bench_overhead import VARIANTS
 from producers.config import RunConfig
 from runtime.errors import TrainbusError
-from runtime.logs import get_logger, setup_logging
+from runtime.logs import setup_logging
 from runtime.settings import load_config
 from runtime.sinks import EventSink, NullSink
-
-VARIANTS = ("plain", "trainbus")
 
 
 def peak_rss_mb() -> float:
@@ -39,10 +40,46 @@ def peak_rss_mb() -> float:
     return kib * scale / 1024
 
 
-def train_variant(variant: str, cfg: RunConfig, run_id: str) -> dict[str, Any]:
-    """Train ``cfg`` once as ``variant``; returns the figures the benchmark prints."""
-    from transformers import TrainerCallback
+class Pacer(TrainerCallback):
+    """Stops at every block boundary until the coordinator says go; times each step.
 
+    A step's time runs from the end of the one before (or from "go") to its own end, so it holds
+    the logging, the data loading and every callback of the step. Added last, so that includes
+    every other callback's work.
+    """
+
+    def __init__(self, block: int, control: IO[str], report: IO[str]) -> None:
+        self.block = block
+        self.control = control
+        self.report = report
+        self.times: list[float] = []
+        self._block: list[float] = []
+        self._last = 0.0
+
+    def _boundary(self) -> None:
+        self.report.write(json.dumps({"steps": self._block}) + "\n")
+        self.report.flush()
+        self._block = []
+        if not self.control.readline():  # the coordinator went away
+            raise SystemExit(3)
+        self._last = time.perf_counter()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._boundary()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self._block.append(now - self._last)
+        self.times.append(now - self._last)
+        self._last = now
+        if state.global_step % self.block == 0:  # also after the last step: the end of the run is not timed
+            self._boundary()
+
+
+def train_variant(variant: str, cfg: RunConfig, run_id: str, pacer: Pacer) -> dict[str, Any]:
+    """Train ``cfg`` once as ``variant``, paced by ``pacer``; returns the figures the benchmark prints."""
     from producers.callback import TrainbusCallback, open_bus
     from producers.control import ControlChannel
     from producers.train import build_trainer, prepare, run_callback
@@ -56,19 +93,16 @@ def train_variant(variant: str, cfg: RunConfig, run_id: str) -> dict[str, Any]:
         sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
         callback = run_callback(prep, sink, channel)
         callbacks.append(callback)
-    trainer = build_trainer(prep, callbacks)
+    trainer = build_trainer(prep, [*callbacks, pacer])
     if callback is not None:
         callback.trainer = trainer
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
-    stats = sink.close(timeout=cfg.publish.close_timeout)  # after the timed loop: the run is over by then
+    trainer.train()
+    stats = sink.close(timeout=cfg.publish.close_timeout)  # after the timed blocks: the run is over by then
     return {
         "variant": variant,
         "run_id": prep.run_id,
         "steps": trainer.state.global_step,
-        "seconds": seconds,
-        "train_runtime": float(output.metrics.get("train_runtime", seconds)),
+        "step_seconds": pacer.times,
         "peak_rss_mb": peak_rss_mb(),
         "published": stats.published,
         "outbox_pending": stats.outbox_pending,
@@ -76,25 +110,27 @@ def train_variant(variant: str, cfg: RunConfig, run_id: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the worker's arguments, train one variant, write its figures as JSON."""
+    """Parse the worker's arguments, train one variant in blocks, report its figures as JSON."""
     p = argparse.ArgumentParser(
         prog="python -m producers.bench_worker", description="one variant of trainbus bench overhead"
     )
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--run-id", required=True)
-    p.add_argument("--result", required=True, type=Path, help="where to write the figures (JSON)")
+    p.add_argument("--block", type=int, required=True, help="steps per block")
+    p.add_argument("--control-fd", type=int, required=True, help="read a line here before each block")
+    p.add_argument("--report-fd", type=int, required=True, help="JSON lines go here")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(RunConfig, args.config, args.overrides)
-        setup_logging(cfg.log.level, cfg.log.format)
-        figures = train_variant(args.variant, cfg, args.run_id)
-    except TrainbusError as exc:
-        print(f"bench worker ({args.variant}): {exc}", file=sys.stderr)
-        return exc.exit_code
-    args.result.write_text(json.dumps(figures))
-    get_logger(run_id=args.run_id).info("bench variant done", **figures)
+    with os.fdopen(args.control_fd, "r") as control, os.fdopen(args.report_fd, "w") as report:
+        try:
+            cfg = load_config(RunConfig, args.config, args.overrides)
+            setup_logging(cfg.log.level, cfg.log.format)
+            figures = train_variant(args.variant, cfg, args.run_id, Pacer(args.block, control, report))
+        except TrainbusError as exc:
+            print(f"bench worker ({args.variant}): {exc}", file=sys.stderr)
+            return exc.exit_code
+        report.write(json.dumps(figures) + "\n")
     return 0
 
 
