@@ -12,9 +12,11 @@ boundary on every rank. Only rank 0 publishes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -90,10 +92,15 @@ def _finite(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
+@functools.lru_cache(maxsize=1)
+def _process(pid: int) -> psutil.Process:
+    return psutil.Process(pid)  # costs a /proc read: one per process, not one per log step
+
+
 def _memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return int(psutil.Process().memory_info().rss)
+    return int(_process(os.getpid()).memory_info().rss)
 
 
 class TrainbusCallback(TrainerCallback):

@@ -66,7 +66,7 @@ class NatsPublisher:
         self._pending: deque[Item] = deque()
         self._outbox: Outbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._sleeping = False
         self._closing = False
         self._deadline = float("inf")
@@ -124,8 +124,19 @@ class NatsPublisher:
     # ---- background thread ---------------------------------------------------------------
 
     def _wake_up(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _doze(self, timeout: float) -> None:
+        """Sleep until ``_wake_up`` or ``timeout``; a bare future and timer, as this runs once per event."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake_up)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def _run(self) -> None:
         try:
@@ -139,7 +150,6 @@ class NatsPublisher:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._outbox = Outbox(self._outbox_path)
         if len(self._outbox):
             self.log.info("outbox from an earlier attempt will be sent first", pending=len(self._outbox))
@@ -196,7 +206,6 @@ class NatsPublisher:
         return [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
 
     async def _pump(self, nc: NATS, js: Any) -> None:
-        assert self._wake is not None
         stop_requested = False
         while True:
             stop_requested |= self._intake()
@@ -206,10 +215,8 @@ class NatsPublisher:
                     return
                 self._sleeping = True
                 if self._queue.empty():
-                    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    await self._doze(1.0)
                 self._sleeping = False
-                self._wake.clear()
                 continue
             acked = await self._send(nc, js, batch)
             self._commit(batch[:acked])
@@ -238,8 +245,11 @@ class NatsPublisher:
         timeout = self.settings.bus.ack_timeout
         if self._closing:
             timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))
-        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(state.done), timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, state.give_up)
+        try:
+            await state.done
+        finally:
+            timer.cancel()
         acked = state.acked_prefix()
         self.stats.duplicates += state.duplicates
         if acked < len(batch):
@@ -311,6 +321,11 @@ class _BatchAcks:
     def expect(self, n: int) -> None:
         self.expected = n
         self._check()
+
+    def give_up(self) -> None:
+        """The ack timeout: stop waiting; whatever is unacked gets re-sent."""
+        if not self.done.done():
+            self.done.set_result(None)
 
     def _check(self) -> None:
         if self.received >= self.expected and not self.done.done():
