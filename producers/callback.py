@@ -83,8 +83,14 @@ def open_bus(
         memory_limit=memory_limit,
         name=f"trainbus-{run_id}",
         responders=responders,
+        owns_server=True,  # an embedded server started for this run stops with it; its store keeps the events
     )
-    publisher.start()
+    try:
+        publisher.start()
+    except BaseException:
+        if target.server is not None:
+            target.server.stop()
+        raise
     return publisher
 
 

@@ -50,8 +50,10 @@ class NatsPublisher:
         credentials: Credentials | None = None,
         provision_stream: bool = True,
         responders: dict[str, Callable[[bytes], bytes]] | None = None,
+        owns_server: bool = False,
     ) -> None:
         self.target = target
+        self.owns_server = owns_server
         self.settings = settings
         self.memory_limit = memory_limit
         self.batch_size = batch_size
@@ -105,7 +107,17 @@ class NatsPublisher:
             return self._settled_cv.wait_for(lambda: self._settled >= target, timeout)
 
     def close(self, timeout: float = 10.0) -> PublisherStats:
-        """Send what is pending for up to ``timeout`` s; the rest stays in the outbox."""
+        """Send what is pending for up to ``timeout`` s; the rest stays in the outbox.
+
+        With ``owns_server`` the embedded server in ``target`` stops too, once the events are in its store.
+        """
+        try:
+            return self._close(timeout)
+        finally:
+            if self.owns_server and self.target.server is not None:
+                self.target.server.stop()
+
+    def _close(self, timeout: float) -> PublisherStats:
         if self._thread is None:
             return self.stats
         self._deadline = time.monotonic() + timeout

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 from nats.aio.client import Client as NATS
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from producers import TrainbusCallback
+from producers.callback import open_bus
 from producers.config import RunConfig
 from producers.train import build_trainer, prepare
+from runtime.bus import connect, resolve_target
 from runtime.natsserver import RunningServer
 from runtime.settings import BusSettings, Settings, load_config
+from runtime.sinks import Stamper
 from runtime.stream import replay
-from schemas import run_events
+from schemas import Heartbeat, run_events
 
 
 class RandomTokens(Dataset[dict[str, torch.Tensor]]):
@@ -99,3 +103,31 @@ def test_the_bus_does_not_change_what_is_trained(nats_server: RunningServer, tmp
     assert plain_weights.keys() == bus_weights.keys()
     for name, value in plain_weights.items():
         assert torch.allclose(value, bus_weights[name], atol=1e-7), name
+
+
+def test_a_run_without_a_bus_stops_the_server_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `trainbus train` with no bus configured starts an embedded nats-server for the run; it must
+    # not outlive the run, and the events must still be in its store for the next command.
+    monkeypatch.delenv("NATS_URL", raising=False)
+    settings = Settings(state_dir=str(tmp_path / ".trainbus"))
+    publisher = open_bus("no-bus-run", settings, tmp_path / "outbox.jsonl", None)
+    server = publisher.target.server
+    assert server is not None and server.process.poll() is None
+    Stamper(publisher, "no-bus-run").emit(Heartbeat, step=0, phase="starting")
+    stats = publisher.close()
+    assert stats.published == 1 and stats.outbox_pending == 0
+    assert server.process.poll() is not None, "the embedded nats-server outlived the run"
+
+    async def stored() -> int:
+        target = resolve_target(settings, announce=False)  # a new embedded server on the same store
+        try:
+            nc = await connect(target, settings, name="test-reader")
+            try:
+                return len([d async for d in replay(nc.jetstream(), run_events("no-bus-run"))])
+            finally:
+                await nc.close()
+        finally:
+            assert target.server is not None
+            target.server.stop()
+
+    assert asyncio.run(stored()) == 1
