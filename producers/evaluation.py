@@ -31,34 +31,57 @@ def option_probabilities(
     batch_size: int = 16,
     max_length: int = 512,
 ) -> np.ndarray:
-    """``(len(prompts), len(options))`` probabilities of each option continuing each prompt."""
+    """``(len(prompts), len(options))`` probabilities of each option continuing each prompt.
+
+    Each prompt runs through the model once (left-padded, with its KV cache); the options then
+    continue that cache together. One pass per option would cost ``len(options)`` times as much.
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     option_ids = [tokenizer(opt, add_special_tokens=False)["input_ids"] for opt in options]
-    rows: list[tuple[list[int], int]] = []  # (ids, number of option tokens at the end)
-    for prompt in prompts:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for ids in option_ids:
-            keep = max_length - len(ids)
-            rows.append((prompt_ids[-keep:] + ids, len(ids)))
-    scores = np.zeros(len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
+    n_opt, opt_width = len(options), max(len(ids) for ids in option_ids)
+    cont = torch.full((n_opt, opt_width), pad, dtype=torch.long)
+    cont_mask = torch.zeros((n_opt, opt_width), dtype=torch.long)
+    for j, ids in enumerate(option_ids):
+        cont[j, : len(ids)] = torch.tensor(ids)
+        cont_mask[j, : len(ids)] = 1
+    keep = max(1, max_length - opt_width)
+    prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"][-keep:] for prompt in prompts]
+    scores = np.zeros((len(prompts), n_opt))
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for i, (ids, n_opt) in enumerate(chunk):
-            end = len(ids)
-            positions = torch.arange(end - n_opt - 1, end - 1, device=device)
-            targets = torch.tensor(ids[end - n_opt :], device=device)
-            scores[start + i] = logprobs[i, positions, targets].sum().item()
-    grid = scores.reshape(len(prompts), len(options))
-    grid = np.exp(grid - grid.max(axis=1, keepdims=True))
+        for i, ids in enumerate(chunk):  # left padding: every prompt ends where its options begin
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            mask[i, width - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+        )
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # the options' first tokens
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_opt)  # row i*n_opt + j: prompt i, option j
+        cont_positions = positions[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(opt_width)
+        following = model(
+            input_ids=cont.repeat(len(chunk), 1).to(device),
+            attention_mask=torch.cat([mask.repeat_interleave(n_opt, 0), cont_mask.repeat(len(chunk), 1)], 1).to(device),
+            position_ids=cont_positions.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits.float()
+        following = torch.log_softmax(following, dim=-1).view(len(chunk), n_opt, opt_width, -1)
+        for i in range(len(chunk)):
+            for j, ids in enumerate(option_ids):
+                score = first[i, ids[0]]
+                if len(ids) > 1:
+                    score = score + following[i, j, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum()
+                scores[start + i, j] = score.item()
+    grid = np.exp(scores - scores.max(axis=1, keepdims=True))
     return grid / grid.sum(axis=1, keepdims=True)
 
 
