@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,45 @@ from runtime.stream import ensure_stream
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "admin")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``make test`` runs files on 2 workers (``--dist loadfile``), in this order: the shared
+    default run first (the longest file), then unit, integration and end-to-end files."""
+
+    def order(item: pytest.Item) -> int:
+        if "default_run" in getattr(item, "fixturenames", ()):
+            return 0
+        return ("unit", "integration", "end_to_end").index(item.path.parent.name) + 1
+
+    items.sort(key=order)
+
+
+@contextmanager
+def cpu_lock(tmp_path_factory: pytest.TempPathFactory, *, exclusive: bool) -> Iterator[None]:
+    """A lock shared by the xdist workers of this session (``flock`` on a file in their common
+    temp folder): timed work holds it exclusively, work that trains holds it shared."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cpu.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _share_the_cpu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Integration and end-to-end files start servers, consumers and trainers: they hold the CPU
+    lock shared. A file marked ``timed`` measures how fast training goes: it holds the lock
+    exclusively, so nothing of the kind runs meanwhile. Unit files (in-process, one torch thread,
+    small models) run alongside anything."""
+    if request.path.parent.name == "unit":
+        yield
+        return
+    with cpu_lock(tmp_path_factory, exclusive=request.node.get_closest_marker("timed") is not None):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from runtime.natsserver import RunningServer
 from runtime.stream import replay
 from schemas import Event, run_events
+from tests.conftest import cpu_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,13 +130,14 @@ def default_run(nats_server: RunningServer, tmp_path_factory: pytest.TempPathFac
         assert audit.stdout is not None
         watching = audit.stdout.readline()
         assert watching.startswith("trainbus audit: watching"), watching
-        # both cores for the learning check: it is timed (< 90 s of training)
-        trainer = start_trainer(nats_server.url, "configs/tiny.yaml", run_id, tmp, OMP_NUM_THREADS="2")
-        try:
-            code = trainer.wait(timeout=300)
-        finally:
-            if trainer.process.poll() is None:
-                trainer.process.kill()
+        # its learning check is timed (< 90 s): only unit tests may run beside it
+        with cpu_lock(tmp_path_factory, exclusive=True):
+            trainer = start_trainer(nats_server.url, "configs/tiny.yaml", run_id, tmp)
+            try:
+                code = trainer.wait(timeout=300)
+            finally:
+                if trainer.process.poll() is None:
+                    trainer.process.kill()
         events = wait_events(
             nats_server.url,
             run_id,

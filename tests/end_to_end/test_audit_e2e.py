@@ -1,10 +1,10 @@
 """A real tiny run trains with the audit gate live: a learning-rate blow-up is flagged, the run paused,
-a checkpoint saved while paused rejected, earlier ones approved; a healthy run has every checkpoint judged."""
+a checkpoint saved while paused rejected, earlier ones approved. (The healthy default run, every
+checkpoint judged, is in test_training.py with the other tests of that run.)"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -174,20 +174,3 @@ async def test_blow_up_is_flagged_paused_and_its_checkpoint_rejected(
         assert verdicts[ckpt.event_id].verdict == expected, (ckpt.step, flag.step, verdicts[ckpt.event_id].reasons)
     assert first.checkpoint_step < flag.step
     assert of(events, RunFinished)[0].status == "stopped"
-
-
-def test_healthy_run_has_every_checkpoint_judged(default_run: dict[str, Any]) -> None:
-    """The default run trained with the gate (shipped rules) watching: one verdict per checkpoint."""
-    events, url, run = default_run["events"], default_run["url"], default_run["run_id"]
-    checkpoints = of(events, Checkpoint)
-    assert [c.step for c in checkpoints] == [100, 200, 300, 400]
-    verdicts = of(events, AuditVerdict)
-    assert sorted(v.checkpoint_event_id for v in verdicts) == sorted(c.event_id for c in checkpoints)
-    assert not [f for f in of(events, AuditFlag) if f.severity == "critical" and f.rule in ("non_finite", "loss_spike")]
-    final = next(v for v in verdicts if v.checkpoint_step == 400)
-    assert final.verdict == "approved", final.reasons
-    out = trainbus("checkpoints", "--run", run, "--json", url=url)
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [(r["step"], r["verdict"]) for r in rows] == [
-        (v.checkpoint_step, v.verdict) for v in sorted(verdicts, key=lambda v: v.checkpoint_step)
-    ]

@@ -6,9 +6,13 @@ import statistics
 import time
 from pathlib import Path
 
+import pytest
+
 from runtime.natsserver import start_server
 from runtime.settings import ServerSettings
 from tests.end_to_end.conftest import of_type, start_trainer, wait_events
+
+pytestmark = pytest.mark.timed  # compares step times before and during the outage
 
 
 def test_bus_outage_loses_nothing_and_does_not_slow_training(tmp_path: Path) -> None:

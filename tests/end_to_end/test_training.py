@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from producers.checkpoints import fingerprint
-from tests.end_to_end.conftest import of_type
+from tests.end_to_end.conftest import REPO, of_type, trainbus_env
 
 
 def test_default_run_exits_0_and_says_what_it_published(default_run: dict[str, Any]) -> None:
@@ -77,3 +80,24 @@ def test_heartbeats_are_sent_while_training(default_run: dict[str, Any]) -> None
     assert len(beats) >= 5
     assert {b.phase for b in beats} <= {"training", "evaluating", "saving"}
     assert beats[-1].step > beats[0].step
+
+
+def test_healthy_run_has_every_checkpoint_judged(default_run: dict[str, Any]) -> None:
+    """The default run trained with the gate (shipped rules) watching: one verdict per checkpoint."""
+    events, url, run = default_run["events"], default_run["url"], default_run["run_id"]
+    checkpoints = of_type(events, "checkpoint")
+    assert [c.step for c in checkpoints] == [100, 200, 300, 400]
+    verdicts = of_type(events, "audit.verdict")
+    assert sorted(v.checkpoint_event_id for v in verdicts) == sorted(c.event_id for c in checkpoints)
+    flags = of_type(events, "audit.flag")
+    assert not [f for f in flags if f.severity == "critical" and f.rule in ("non_finite", "loss_spike")]
+    final = next(v for v in verdicts if v.checkpoint_step == 400)
+    assert final.verdict == "approved", final.reasons
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "checkpoints", "--run", run, "--json"],
+        cwd=REPO, env=trainbus_env(url), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["step"], r["verdict"]) for r in rows] == [
+        (v.checkpoint_step, v.verdict) for v in sorted(verdicts, key=lambda v: v.checkpoint_step)
+    ]
