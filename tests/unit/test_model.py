@@ -6,7 +6,6 @@ Everything runs on CPU with 2-layer models of width 32; nothing touches the hub.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,6 @@ TEXTS = [
     "中文 日本語 한국어 🙂🚀",
     "line one\nline two\r\n\x00 and a null byte",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Width-32 models gain nothing from threads, and on a shared 2-core box the OpenMP spin-waits
-    of a second thread make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(architecture: str = "llama") -> TinyModel:

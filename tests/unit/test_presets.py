@@ -8,7 +8,6 @@ put on a tiny random model of the same architecture and trained a few steps with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,6 @@ HUB_IDS = {
     "glm-4-9b.yaml": ("THUDM/glm-4-9b-chat-hf", "glm4"),
 }
 STEPS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Width-32 models gain nothing from threads, and on a shared 2-core box the OpenMP spin-waits
-    of a second thread make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_preset(name: str) -> RunConfig:
