@@ -67,7 +67,8 @@ class AuditProcess:
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -86,7 +87,7 @@ class AuditProcess:
         """SIGTERM; what it printed after the ready line."""
         self.proc.terminate()
         assert self.proc.wait(15) == 0, self.log.read_text()[-2000:]
-        time.sleep(0.1)
+        self._reader.join(10)  # it ends at the end of stdout: every line is on the queue then
         out = []
         while not self.lines.empty():
             out.append(self.lines.get())

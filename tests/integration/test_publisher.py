@@ -16,6 +16,7 @@ from runtime.settings import BusSettings, ServerSettings, Settings
 from runtime.sinks import Stamper
 from runtime.stream import replay
 from schemas import TrainStep, run_events
+from tests.conftest import wait_until
 
 
 async def stored_seqs(nc: NATS, run_id: str) -> list[int]:
@@ -70,10 +71,7 @@ def test_outage_spills_to_outbox_and_recovers_in_order(tmp_path: Path) -> None:
         stamper.emit(TrainStep, step=1000 + i, epoch=0.0, loss=0.5, learning_rate=1e-3)
         worst = max(worst, time.perf_counter() - t0)
     assert worst < 0.05, f"publish blocked for {worst:.3f}s while the bus was down"
-    deadline = time.monotonic() + 10
-    while publisher.stats.spilled == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert publisher.stats.spilled > 0, "events beyond the memory limit must spill to the outbox"
+    wait_until(lambda: publisher.stats.spilled > 0, timeout=10, what="events beyond the memory limit to spill")
     assert (tmp_path / "outbox.jsonl").stat().st_size > 0
     server = start_server(ServerSettings(port=port), store, lock=False)
     try:
