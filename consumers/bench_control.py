@@ -39,6 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from consumers.control import NoTrainer, build_command, send_command
+from runtime.bench import log_tail, percentile
 from runtime.bus import BusTarget, connect
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import get_logger, setup_logging
@@ -60,16 +61,6 @@ def register(sub: Any) -> None:
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the trainer to start")
     p.add_argument("--seed", type=int, default=0, help="seed of the random send times")
     p.set_defaults(func=bench_control)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return " | ".join(text[-lines:]) or "(no output)"
 
 
 class _TimedRequests:
@@ -144,9 +135,9 @@ async def _wait_started(
     deadline = time.monotonic() + timeout
     while await last_event(js, event_subject(run_id, "run.started")) is None:
         if trainer.poll() is not None:
-            raise TrainbusError(f"the trainer exited with {trainer.returncode}: {_tail(log_path)}")
+            raise TrainbusError(f"the trainer exited with {trainer.returncode}: {log_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise TrainbusError(f"the trainer did not start within {timeout:g}s: {_tail(log_path)}")
+            raise TrainbusError(f"the trainer did not start within {timeout:g}s: {log_tail(log_path)}")
         await asyncio.sleep(0.5)
 
 
@@ -174,7 +165,7 @@ async def measure(
         try:
             warm = [await _send(timed, run_id, i, wait_timeout=args.start_timeout) for i in range(max(2, args.warmup))]
         except NoTrainer as exc:
-            raise TrainbusError(f"{exc}: {_tail(log_path)}") from None
+            raise TrainbusError(f"{exc}: {log_tail(log_path)}") from None
         step = _step_seconds(warm)
         step = step if math.isfinite(step) and step > 0 else 0.05  # NaN: the warmup applied all at one step
         rng = random.Random(args.seed)
@@ -263,7 +254,7 @@ def _report(args: argparse.Namespace, figures: Figures, code: int | None) -> Non
 
     def line(values: list[float]) -> str:
         return (
-            f"p50 {statistics.median(values):>7.2f} ms  p99 {_percentile(values, 0.99):>7.2f} ms  "
+            f"p50 {statistics.median(values):>7.2f} ms  p99 {percentile(values, 0.99):>7.2f} ms  "
             f"max {max(values):>7.2f} ms  (n={len(values)})"
         )
 
@@ -277,7 +268,7 @@ def _report(args: argparse.Namespace, figures: Figures, code: int | None) -> Non
     print(f"applied   request -> command.result        {line(applied)}")
     print(f"          of which trainer emit -> client  {line(delivery)}")
     print(f"          minus the step it waited in      {line(slack)}")
-    p99 = _percentile(slack, 0.99)
+    p99 = percentile(slack, 0.99)
     within = sum(s <= SLACK_MS for s in slack)
     verdict = "met" if p99 <= SLACK_MS else "NOT met"
     print(

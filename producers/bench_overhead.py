@@ -38,6 +38,7 @@ from typing import Any
 
 from producers.config import RunConfig
 from producers.sampledata import write_sample_data
+from runtime.bench import log_tail
 from runtime.bus import BusTarget, connect
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
@@ -90,11 +91,6 @@ async def _provision(url: str, settings: Settings) -> None:
         await nc.close()
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return " | ".join(text[-lines:]) or "(no output)"
-
-
 def _count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -134,7 +130,7 @@ class Worker:
             if not chunk:
                 code = self.proc.poll()
                 why = f"exited with {code}" if ready or code is not None else f"sent nothing for {timeout:.0f} s"
-                raise TrainbusError(f"bench worker {self.variant} {why}: {_tail(self.log_path)}")
+                raise TrainbusError(f"bench worker {self.variant} {why}: {log_tail(self.log_path)}")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         report: dict[str, Any] = json.loads(line)

@@ -23,9 +23,16 @@ from schemas import EVENTS_STREAM, TrainStep, event_subject, parse_event
 from schemas.subjects import run_events
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank: what every benchmark reports as p50/p99."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last ``lines`` of a child process's log on one line, for an error message."""
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:]) or "(no output)"
 
 
 def _throughput(target: BusTarget, settings: Settings, n: int, workdir: Path) -> float:
@@ -134,7 +141,7 @@ def bench_bus(args: argparse.Namespace) -> int:
             for name, values in (("core subscriber", core), ("JetStream consumer", jet)):
                 print(
                     f"latency     publish -> {name:<19} at {args.rate}/s: p50 {statistics.median(values):.2f} ms  "
-                    f"p99 {_percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)})"
+                    f"p99 {percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)})"
                 )
             print("            target: p99 <= 5 ms at 1,000 events/s")
         finally:

@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from runtime.bench import percentile
 from runtime.bus import BusTarget, connect
 from runtime.errors import TrainbusError
 from runtime.natsserver import start_server
@@ -41,11 +42,6 @@ def register(inner: Any) -> None:
     b.add_argument("--seconds", type=float, default=10.0, help="duration of the run")
     b.add_argument("--rules", default="configs/audit.yaml", help="rules file the audit process uses")
     b.set_defaults(func=bench_audit)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _start_audit(url: str, rules: str, workdir: Path) -> subprocess.Popen[str]:
@@ -122,7 +118,7 @@ def bench_audit(args: argparse.Namespace) -> int:
             print(
                 f"latency     train.step publish -> audit.flag received at {args.rate} events/s "
                 f"({args.rate // 2} flags/s): p50 {statistics.median(values):.2f} ms  "
-                f"p99 {_percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)})"
+                f"p99 {percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)})"
             )
             print("            target: p99 <= 20 ms")
         finally:

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from runtime.bench import percentile
 from runtime.bus import BusTarget, connect
 from runtime.natsserver import start_server
 from runtime.publisher import NatsPublisher
@@ -44,11 +45,6 @@ def register(sub: Any) -> None:
     p.add_argument("--rate", type=int, default=100, help="train.step events per second (default 100)")
     p.add_argument("--seconds", type=float, default=5.0, help="how long to publish (default 5)")
     p.set_defaults(func=bench_exporter)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Poller:
@@ -157,7 +153,7 @@ def bench_exporter(args: argparse.Namespace) -> int:
                 raise RuntimeError("no step showed up on /metrics")
             print(
                 f"freshness   publish -> /metrics at {args.rate}/s: p50 {statistics.median(values):.2f} ms  "
-                f"p99 {_percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)} of {total})"
+                f"p99 {percentile(values, 0.99):.2f} ms  max {max(values):.2f} ms  (n={len(values)} of {total})"
             )
             print(
                 f"            one scrape of /metrics: p50 {statistics.median(poller.durations):.2f} ms "
