@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def order(item: pytest.Item) -> int:
         if "default_run" in getattr(item, "fixturenames", ()):
             return 0
-        return ("unit", "integration", "end_to_end").index(item.path.parent.name) + 1
+        return {"unit": 1, "integration": 2}.get(item.path.parent.name, 3)
 
     items.sort(key=order)
 
