@@ -72,6 +72,17 @@ def seconds_arg(value: str) -> float:
     return seconds
 
 
+def add_stall_after_arg(p: argparse.ArgumentParser) -> None:
+    """``--stall-after SECONDS``: when a live run whose trainer went silent is shown as stalled."""
+    p.add_argument(
+        "--stall-after",
+        type=seconds_arg,
+        default=STALL_AFTER_SECONDS,
+        metavar="SECONDS",
+        help=f"show a live run as stalled after this long without a trainer event (default {STALL_AFTER_SECONDS:.0f})",
+    )
+
+
 # ---- up / nats ---------------------------------------------------------------------------
 
 
@@ -206,13 +217,7 @@ async def _known_runs(js: Any) -> list[str]:
 def register_runs(sub: Any) -> None:
     p = sub.add_parser("runs", help="list runs with their latest state")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
-    p.add_argument(
-        "--stall-after",
-        type=seconds_arg,
-        default=STALL_AFTER_SECONDS,
-        metavar="SECONDS",
-        help=f"show a live run as stalled after this long without a trainer event (default {STALL_AFTER_SECONDS:.0f})",
-    )
+    add_stall_after_arg(p)
     add_settings_args(p)
     p.set_defaults(func=cmd_runs)
 

@@ -34,7 +34,7 @@ from consumers.audit.rules import AuditConfig, load_rules
 from consumers.exporter.collector import RunCollector, build_registry
 from consumers.exporter.state import ExporterState, count_invalid, count_newer, expire, handle
 from runtime.bus import BusTarget, bus_target, connect
-from runtime.commands import add_settings_args, seconds_arg, settings_from
+from runtime.commands import add_settings_args, add_stall_after_arg, seconds_arg, settings_from
 from runtime.consume import consume
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
@@ -69,13 +69,7 @@ def register_exporter(sub: Any) -> None:
         metavar="SECONDS",
         help=f"drop a run from /metrics this long after its last event (default {DEFAULT_EXPIRE_AFTER:.0f})",
     )
-    p.add_argument(
-        "--stall-after",
-        type=seconds_arg,
-        default=STALL_AFTER_SECONDS,
-        metavar="SECONDS",
-        help=f"show a live run as stalled after this long without a trainer event (default {STALL_AFTER_SECONDS:.0f})",
-    )
+    add_stall_after_arg(p)
     p.add_argument(
         "--rules", default=None, metavar="YAML", help="the audit gate's rules file (default: configs/audit.yaml)"
     )

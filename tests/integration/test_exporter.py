@@ -50,17 +50,11 @@ def publisher(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator
     pub.close()
 
 
+STARTED = {"config": {}, "config_hash": "h", "model": "tiny", "adapter": "lora", "data_fingerprint": "d"}
+
+
 def run_started(stamper: Stamper, **extra: Any) -> Event:
-    return stamper.emit(
-        RunStarted,
-        config={},
-        config_hash="h",
-        model="tiny",
-        adapter="lora",
-        data_fingerprint="d",
-        hyperparameters=HP,
-        **extra,
-    )
+    return stamper.emit(RunStarted, **STARTED, hyperparameters=HP, **extra)
 
 
 def test_metrics_show_a_runs_live_events_and_pass_promtool(
