@@ -90,6 +90,7 @@ def test_events_and_runs_read_unknown_fields_and_skip_a_newer_schema(nats_server
     assert runs.returncode == 0, runs.stderr
     shown = {r["run_id"]: r for r in map(json.loads, runs.stdout.splitlines())}[run]
     assert (shown["state"], shown["step"], shown["hyperparameters"]["learning_rate"]) == ("running", 2, 1e-3)
+    assert reports(runs.stderr, run) == 1  # its newest heartbeat is of the newer contract
 
 
 def test_the_exporter_reads_unknown_fields_and_counts_newer_events_it_skips(
