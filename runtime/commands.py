@@ -19,11 +19,12 @@ import nats.js.errors
 
 from runtime.bus import bus_target, connect, connected
 from runtime.errors import NotFound, TrainbusError
+from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.natsserver import clear_state, read_state, start_server, write_state
-from runtime.render import event_row, table
+from runtime.render import age, event_row, table
 from runtime.settings import Settings, load_config
-from runtime.stream import ensure_stream, list_runs, replay, run_ids
+from runtime.stream import NewerEvents, ensure_stream, list_runs, replay, run_ids
 from schemas import check_run_id, run_events
 from schemas.export import json_schemas
 
@@ -58,6 +59,28 @@ def run_id_arg(value: str) -> str:
         return check_run_id(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds_arg(value: str) -> float:
+    """argparse ``type=`` for a positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
+def add_stall_after_arg(p: argparse.ArgumentParser) -> None:
+    """``--stall-after SECONDS``: when a live run whose trainer went silent is shown as stalled."""
+    p.add_argument(
+        "--stall-after",
+        type=seconds_arg,
+        default=STALL_AFTER_SECONDS,
+        metavar="SECONDS",
+        help=f"show a live run as stalled after this long without a trainer event (default {STALL_AFTER_SECONDS:.0f})",
+    )
 
 
 # ---- up / nats ---------------------------------------------------------------------------
@@ -160,13 +183,16 @@ def cmd_events(args: argparse.Namespace) -> int:
 async def _events(target: Any, settings: Settings, run_id: str, follow: bool, as_json: bool) -> int:
     async with connected(target, settings, name="trainbus-events") as nc:
         js = nc.jetstream()
+        newer = NewerEvents()
         try:
             if follow:
                 await ensure_stream(js, settings.stream)
             count = 0
             async for item in replay(js, run_events(run_id), follow=follow):
                 count += 1
-                if as_json:
+                if item.newer is not None:
+                    newer.skip(item)
+                elif as_json:
                     print(item.data.decode(), flush=follow)
                 elif item.event is None:
                     print(f"{item.stream_seq:>6}  invalid event on {item.subject}: {item.error}", flush=follow)
@@ -191,6 +217,7 @@ async def _known_runs(js: Any) -> list[str]:
 def register_runs(sub: Any) -> None:
     p = sub.add_parser("runs", help="list runs with their latest state")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
+    add_stall_after_arg(p)
     add_settings_args(p)
     p.set_defaults(func=cmd_runs)
 
@@ -198,7 +225,7 @@ def register_runs(sub: Any) -> None:
 def cmd_runs(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     with bus_target(settings) as target:
-        runs = asyncio.run(_runs(target, settings))
+        runs = asyncio.run(_runs(target, settings, args.stall_after))
     if args.json:
         for run in runs:
             print(json.dumps(run, default=str))
@@ -209,9 +236,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
             hp = run.get("hyperparameters") or {}
             run["lr_peak"] = hp.get("learning_rate")
             run["max_grad_norm"] = hp.get("max_grad_norm")
+            run["last_event"] = age(run["age_seconds"]) if "age_seconds" in run else None
         cols = [
             "run_id",
             "state",
+            "last_event",
             "attempt",
             "step",
             "loss",
@@ -219,16 +248,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
             "lr_peak",
             "max_grad_norm",
             "eval_accuracy",
-            "updated",
         ]
         print(table(runs, cols))
     return 0
 
 
-async def _runs(target: Any, settings: Settings) -> list[dict[str, Any]]:
+async def _runs(target: Any, settings: Settings, stall_after: float) -> list[dict[str, Any]]:
     async with connected(target, settings, name="trainbus-runs") as nc:
         try:
-            return await list_runs(nc)
+            return await list_runs(nc, stall_after=stall_after)
         except nats.js.errors.NotFoundError:
             return []
 

@@ -1,7 +1,9 @@
 """The thin loop every consumer shares: JetStream messages in, a handler called, acks out.
 
 A message that fails validation is counted, logged with its subject and acked, so it can never
-wedge a consumer. Handlers should be idempotent by ``event_id``: delivery is at least once.
+wedge a consumer; an event a newer trainbus wrote (higher ``schema_version``) is counted,
+reported once per run and acked the same way. Unknown fields of an event are ignored (see
+``runtime.stream.decode``). Handlers should be idempotent by ``event_id``: delivery is at least once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import nats.errors
 from nats.js import JetStreamContext, api
 
 from runtime.logs import get_logger
-from runtime.stream import Delivered, decode
+from runtime.stream import Delivered, NewerEvents, decode
 from schemas import ALL_EVENTS, EVENTS_STREAM
 
 Handler = Callable[[Delivered], Awaitable[None]]
@@ -26,6 +28,8 @@ class ConsumerStats:
 
     handled: int = 0
     invalid: int = 0
+    newer: int = 0
+    """Events of a newer schema_version, skipped."""
 
 
 async def consume(
@@ -37,15 +41,19 @@ async def consume(
     filter_subject: str = ALL_EVENTS,
     batch: int = 256,
     on_invalid: Callable[[Delivered], None] | None = None,
+    on_newer: Callable[[Delivered], None] | None = None,
     stats: ConsumerStats | None = None,
+    newer: NewerEvents | None = None,
 ) -> ConsumerStats:
     """Feed every event matching ``filter_subject`` to ``handler`` until ``stop`` is set.
 
     With ``durable`` the consumer resumes where it last acked (its name is the durable name);
-    without, it replays the stream from the start (state rebuilt on every start).
+    without, it replays the stream from the start (state rebuilt on every start). ``newer``
+    carries the runs already reported for newer events over from an earlier read (a replay).
     """
     log = get_logger(consumer=durable or "ephemeral")
     stats = stats or ConsumerStats()
+    newer = newer if newer is not None else NewerEvents(log)
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
@@ -62,7 +70,12 @@ async def consume(
                 continue
             for msg in msgs:
                 item = decode(msg, msg.metadata.sequence.stream)
-                if item.event is None:
+                if item.newer is not None:
+                    stats.newer += 1
+                    newer.skip(item)
+                    if on_newer is not None:
+                        on_newer(item)
+                elif item.event is None:
                     stats.invalid += 1
                     log.warning("invalid event skipped", subject=item.subject, error=item.error)
                     if on_invalid is not None:

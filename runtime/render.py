@@ -31,6 +31,14 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def age(seconds: float) -> str:
+    """How long ago, the way a person reads it: ``4s ago``, ``12m ago``, ``3h ago``, ``2d ago``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
 def summary(event: Event) -> str:
     """``key=value`` pairs of the fields that matter for this event type."""
     parts = []

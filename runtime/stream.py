@@ -1,7 +1,14 @@
-"""The ``TRAINBUS_EVENTS`` stream: idempotent provisioning, replay of a run, the list of runs."""
+"""The ``TRAINBUS_EVENTS`` stream: idempotent provisioning, replay of a run, the list of runs.
+
+Every reader decodes stored messages with ``decode``: unknown fields of an event are ignored,
+an invalid message or an event of a newer ``schema_version`` comes back without an event
+(``NewerEvents`` reports the latter once per run), never as an exception.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +20,21 @@ from nats.js import JetStreamContext, api
 from pydantic import ValidationError
 
 from runtime.errors import BusUnavailable
+from runtime.liveness import STALL_AFTER_SECONDS, shown_state
 from runtime.logs import get_logger
 from runtime.settings import StreamSettings
-from schemas import ALL_EVENTS, EVENTS_STREAM, Event, parse_event
-from schemas.subjects import EVENTS_PREFIX, run_events
+from schemas import (
+    ALL_EVENTS,
+    EVENTS_STREAM,
+    SCHEMA_VERSION,
+    Evaluation,
+    Event,
+    NewerSchema,
+    RunStarted,
+    TrainStep,
+    parse_event,
+)
+from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
 
 NS = 1_000_000_000
 
@@ -84,25 +102,55 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
 
 @dataclass
 class Delivered:
-    """One stored message: its stream sequence, subject and the parsed event (or the error)."""
+    """One stored message: its stream sequence, subject and the parsed event (or why there is none).
+
+    ``event`` is None either for an invalid message (``error`` says why) or for an event a newer
+    trainbus wrote (``newer`` is its ``schema_version``): readers skip both, and never crash.
+    """
 
     stream_seq: int
     subject: str
     event: Event | None
     error: str | None
     data: bytes
+    newer: int | None = None
 
 
 def decode(msg: Msg | api.RawStreamMsg, stream_seq: int) -> Delivered:
-    """Parse a stored message; an invalid one is returned with its error, never raised."""
+    """Parse a stored message as a reader: unknown fields ignored, problems returned, never raised."""
     data = msg.data or b""
     subject = msg.subject or ""
     try:
         return Delivered(stream_seq, subject, parse_event(data), None, data)
+    except NewerSchema as exc:
+        return Delivered(stream_seq, subject, None, None, data, newer=exc.version)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return Delivered(stream_seq, subject, None, f"{where}: {first['msg']}", data)
+
+
+class NewerEvents:
+    """Counts events of a newer ``schema_version`` a reader skipped and says so once per run."""
+
+    def __init__(self, log: Any | None = None) -> None:
+        self.log = log if log is not None else get_logger()
+        self.runs: set[str] = set()
+        self.skipped = 0
+
+    def skip(self, item: Delivered) -> None:
+        """Record that ``item`` (with ``item.newer`` set) was skipped; log the first one of its run."""
+        self.skipped += 1
+        run_id = run_id_of(item.subject) or "?"
+        if run_id not in self.runs:
+            self.runs.add(run_id)
+            self.log.warning(
+                "events written by a newer trainbus are skipped; upgrade trainbus to read them",
+                run_id=run_id,
+                schema_version=item.newer,
+                reads_up_to=SCHEMA_VERSION,
+                subject=item.subject,
+            )
 
 
 async def count_stored(js: JetStreamContext, filter_subject: str) -> int:
@@ -151,42 +199,79 @@ async def run_ids(js: JetStreamContext) -> list[str]:
     return sorted({s.split(".")[2] for s in (info.state.subjects or {})})
 
 
-async def run_summary(js: JetStreamContext, run_id: str) -> dict[str, Any]:
-    """Latest state of one run: from its newest ``run.*`` event and its newest ``train.step``."""
+TRAINER_TYPES = (
+    "run.started",
+    "run.state",
+    "run.finished",
+    "train.step",
+    "eval",
+    "checkpoint",
+    "heartbeat",
+    "command.result",
+)
+"""The event types a trainer publishes: the newest of them tells whether it still lives."""
+
+
+async def run_summary(
+    js: JetStreamContext,
+    run_id: str,
+    *,
+    now: float | None = None,
+    stall_after: float = STALL_AFTER_SECONDS,
+    newer: NewerEvents | None = None,
+) -> dict[str, Any]:
+    """Latest state of one run, from the newest stored event of each type its trainer publishes.
+
+    ``state`` is the one to show (``stalled`` for a live state whose trainer went silent, see
+    ``runtime.liveness``); ``age_seconds`` is how long ago its newest trainer event was sent.
+    """
     base = run_events(run_id)[:-1]
-    found = {
-        name: await last_event(js, base + name)
-        for name in ("run.started", "run.state", "run.finished", "train.step", "eval", "checkpoint")
-    }
-    lifecycle = [d for n, d in found.items() if n.startswith("run.") and d is not None and d.event is not None]
-    latest = max(lifecycle, key=lambda d: d.stream_seq, default=None)
+    newest = await asyncio.gather(*(last_event(js, base + name) for name in TRAINER_TYPES))
+    found: dict[str, Event] = {}
+    latest_seq: dict[str, int] = {}
+    for name, item in zip(TRAINER_TYPES, newest, strict=True):
+        if item is not None and item.newer is not None and newer is not None:
+            newer.skip(item)
+        if item is not None and item.event is not None:
+            found[name], latest_seq[name] = item.event, item.stream_seq
     summary: dict[str, Any] = {"run_id": run_id, "state": "unknown"}
-    if latest is not None and latest.event is not None:
-        ev = latest.event
+    lifecycle = [name for name in found if name.startswith("run.")]
+    if lifecycle:
+        ev = found[max(lifecycle, key=latest_seq.__getitem__)]
         summary["state"] = getattr(ev, "status", None) or getattr(ev, "state", None) or "running"
         summary["attempt"] = ev.attempt
         summary["updated"] = ev.time.isoformat()
-    started = found["run.started"]
-    if started is not None and started.event is not None:
-        summary["model"] = getattr(started.event, "model", "")
-        summary["max_steps"] = getattr(started.event, "max_steps", None)
-        hp = getattr(started.event, "hyperparameters", None)
-        summary["hyperparameters"] = hp.model_dump() if hp is not None else {}
-    step = found["train.step"]
-    if step is not None and step.event is not None:
-        summary["step"] = getattr(step.event, "step", None)
-        summary["loss"] = getattr(step.event, "loss", None)
-        summary["learning_rate"] = getattr(step.event, "learning_rate", None)
-        hp = getattr(step.event, "hyperparameters", None)
-        if hp is not None:
-            summary["hyperparameters"] = hp.model_dump()
-    ev_eval = found["eval"]
-    if ev_eval is not None and ev_eval.event is not None:
-        summary["eval_accuracy"] = getattr(ev_eval.event, "accuracy", None)
+    if found:
+        last = found[max(found, key=latest_seq.__getitem__)]
+        now = time.time() if now is None else now
+        summary["last_event"] = last.time.isoformat()
+        summary["age_seconds"] = round(max(0.0, now - last.time.timestamp()), 3)
+        summary["state"] = shown_state(summary["state"], last.time.timestamp(), now, stall_after)
+    started = found.get("run.started")
+    if isinstance(started, RunStarted):
+        summary["model"] = started.model
+        summary["max_steps"] = started.max_steps
+        summary["hyperparameters"] = started.hyperparameters.model_dump()
+    step = found.get("train.step")
+    if isinstance(step, TrainStep):
+        summary["step"] = step.step
+        summary["loss"] = step.loss
+        summary["learning_rate"] = step.learning_rate
+        if step.hyperparameters is not None:
+            summary["hyperparameters"] = step.hyperparameters.model_dump()
+    evaluation = found.get("eval")
+    if isinstance(evaluation, Evaluation):
+        summary["eval_accuracy"] = evaluation.accuracy
     return summary
 
 
-async def list_runs(nc: NATS) -> list[dict[str, Any]]:
-    """Every run in the stream with its latest state."""
+async def list_runs(
+    nc: NATS, *, now: float | None = None, stall_after: float = STALL_AFTER_SECONDS
+) -> list[dict[str, Any]]:
+    """Every run in the stream with its latest state (see ``run_summary``)."""
     js = nc.jetstream()
-    return [await run_summary(js, run_id) for run_id in await run_ids(js)]
+    newer = NewerEvents()
+    now = time.time() if now is None else now
+    return [
+        await run_summary(js, run_id, now=now, stall_after=stall_after, newer=newer) for run_id in await run_ids(js)
+    ]

@@ -5,9 +5,9 @@ Bounds live here so an out-of-range value is rejected before it reaches the trai
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, Field, StringConstraints, TypeAdapter, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
 from schemas.common import (
     Model,
@@ -24,8 +24,22 @@ Interval = Annotated[int, Field(ge=1, le=10_000_000)]
 SETTABLE = ("learning_rate", "max_grad_norm", "weight_decay", "eval_steps", "save_steps", "logging_steps")
 
 
+def _command_schema(schema: dict[str, Any], cls: type) -> None:
+    """``type`` is the discriminator: the trainer rejects a command without it, so the schema
+    (validation mode, where a default makes a field optional) must say it is required."""
+    schema["required"] = ["type", *[name for name in schema.get("required", []) if name != "type"]]
+
+
+def _set_schema(schema: dict[str, Any], cls: type) -> None:
+    _command_schema(schema, cls)
+    # the model validator of SetHyperparameters in JSON Schema terms: at least one value to set
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in SETTABLE]
+
+
 class CommandBase(Model):
     """Fields every command carries. ``issued_by`` is a record, not a credential."""
+
+    model_config = ConfigDict(json_schema_extra=_command_schema)
 
     command_id: CommandId
     run_id: RunId
@@ -70,6 +84,8 @@ class SetHyperparameters(CommandBase):
 
     ``learning_rate`` is the schedule's peak: later steps get what a run started with it would.
     """
+
+    model_config = ConfigDict(json_schema_extra=_set_schema)
 
     type: Literal["set"] = "set"
     learning_rate: Annotated[PositiveFinite, Field(le=10.0)] | None = None

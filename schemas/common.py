@@ -22,6 +22,9 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = 1
+"""The contract's version, written in every event. It goes up only on a breaking change (a field
+removed, renamed, retyped or given a new meaning); adding a field or an event type keeps it.
+A reader skips events whose version is higher than the one it knows (docs/architecture.md)."""
 RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
 
@@ -64,18 +67,25 @@ def utc_now() -> datetime:
 
 
 class Model(BaseModel):
-    """Base of every message: unknown fields are rejected, NaN survives JSON as a string."""
+    """Base of every message: unknown fields are rejected, NaN survives JSON as a string.
+
+    ``extra="forbid"`` makes writers strict: a typo in a field name fails where the message is
+    built. Readers are tolerant instead (``parse_event`` ignores fields it does not know). In the
+    serialization-mode JSON Schema every field with a default is ``required``: the writer always
+    writes it, so a reader in any language may rely on it.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
         ser_json_inf_nan="strings",
         validate_default=False,
+        json_schema_serialization_defaults_required=True,
     )
 
 
 class Envelope(Model):
-    """Fields every event carries (see DESIGN.md, "The contract")."""
+    """Fields every event carries (see docs/architecture.md, "The contract")."""
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:-]+$")]
     run_id: RunId
@@ -83,7 +93,7 @@ class Envelope(Model):
     seq: Annotated[int, Field(ge=1)]
     source: SourceName = "trainer"
     time: AwareDatetime = Field(default_factory=utc_now)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Annotated[int, Field(ge=1)] = SCHEMA_VERSION
 
 
 JsonDict = dict[str, Any]

@@ -1,16 +1,22 @@
 """Every event the trainer and the consumers publish, and one union that parses any of them.
 
 Each class is a plain pydantic model with a ``type`` discriminator; the subject an event
-travels on is ``trainbus.events.<run_id>.<type>`` (see ``schemas.subjects``).
+travels on is ``trainbus.events.<run_id>.<type>`` (see ``schemas.subjects``). A new event type
+is a class here and one more member of the ``Event`` union.
+
+Strict on write, tolerant on read: building an event refuses unknown fields, ``parse_event``
+ignores them, and refuses (``NewerSchema``) an event of a ``schema_version`` above this code's.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas.common import (
+    SCHEMA_VERSION,
     Envelope,
     JsonDict,
     MetricFloat,
@@ -188,23 +194,42 @@ Event = Annotated[
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-EVENT_TYPES: dict[str, type[Envelope]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (
-        RunStarted,
-        RunState,
-        RunFinished,
-        TrainStep,
-        Evaluation,
-        Checkpoint,
-        CommandResult,
-        AuditFlag,
-        AuditVerdict,
-        Heartbeat,
-    )
-}
+EVENT_CLASSES: tuple[type[Envelope], ...] = get_args(get_args(Event)[0])
+"""The members of ``Event``, in order: adding a class to the union adds it everywhere."""
+EVENT_TYPES: dict[str, type[Envelope]] = {cls.model_fields["type"].default: cls for cls in EVENT_CLASSES}
+
+
+class NewerSchema(ValueError):
+    """The event was written under a ``schema_version`` this code does not know yet."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"schema_version {version} is newer than {SCHEMA_VERSION}, the one this trainbus reads")
+        self.version = version
+
+
+def _declared_version(data: bytes | str) -> int | None:
+    """The ``schema_version`` a JSON object declares, if it is an integer."""
+    try:
+        obj: Any = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    version = obj.get("schema_version") if isinstance(obj, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def parse_event(data: bytes | str) -> Event:
-    """Parse one event from JSON; raises ``pydantic.ValidationError`` on bad input."""
-    return EVENT_ADAPTER.validate_json(data)
+    """Parse one event from JSON as a reader: fields this code does not know are ignored.
+
+    Raises ``NewerSchema`` for an event of a later ``schema_version`` (even one that happens to
+    parse: its fields may mean something else now), ``pydantic.ValidationError`` on bad input.
+    """
+    try:
+        event = EVENT_ADAPTER.validate_json(data, extra="ignore")
+    except ValidationError:
+        version = _declared_version(data)
+        if version is not None and version > SCHEMA_VERSION:
+            raise NewerSchema(version) from None
+        raise
+    if event.schema_version > SCHEMA_VERSION:
+        raise NewerSchema(event.schema_version)
+    return event

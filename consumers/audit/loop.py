@@ -36,7 +36,7 @@ from runtime.consume import ConsumerStats, consume
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import Delivered, ensure_stream, replay
+from runtime.stream import Delivered, NewerEvents, ensure_stream, replay
 from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event, event_subject
 from schemas.common import utc_now
 from schemas.subjects import CHECKPOINTS_BUCKET
@@ -89,6 +89,8 @@ class Auditor:
         self.stats = AuditStats()
         self.lock = asyncio.Lock()
         self.log = get_logger(consumer="audit")
+        self.newer = NewerEvents(self.log)
+        """Runs whose events of a newer schema_version were skipped (said once per run)."""
 
     def feed(self, event: Event) -> list[Output]:
         """Stored audit events are remembered; every other event goes through the engine."""
@@ -106,6 +108,9 @@ class Auditor:
         async for item in replay(self.js, subject):
             self.last_seq = item.stream_seq
             self.stats.replayed += 1
+            if item.newer is not None:
+                self.newer.skip(item)
+                continue
             if item.event is None:
                 self.stats.invalid += 1
                 continue
@@ -268,7 +273,15 @@ async def run_audit(
     ticker = asyncio.create_task(_ticker(auditor, stop))
     stats = ConsumerStats()
     try:
-        await consume(js, auditor.on_delivered, durable=durable, stop=stop, filter_subject=subject, stats=stats)
+        await consume(
+            js,
+            auditor.on_delivered,
+            durable=durable,
+            stop=stop,
+            filter_subject=subject,
+            stats=stats,
+            newer=auditor.newer,
+        )
     finally:
         stop.set()
         await ticker

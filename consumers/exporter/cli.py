@@ -4,9 +4,11 @@
     trainbus exporter --port 0        # a free port; the first stdout line says which
 
 On every start it replays the whole ``TRAINBUS_EVENTS`` stream, then follows live events, so a
-restart rebuilds the same counters; counting is idempotent by event_id. Finished runs drop out
-of ``/metrics`` ``--expire-after`` seconds after their last event. `trainbus up` and
-`make demo` run it as a service (see ``service``).
+restart rebuilds the same counters; counting is idempotent by event_id. A run whose trainer
+went silent shows as ``stalled`` after ``--stall-after`` seconds; any run drops out of
+``/metrics`` ``--expire-after`` seconds after its last event. The audit rules of ``--rules``
+(the audit gate's file) give the ``trainbus_audit_flags_total`` series that exist at 0.
+`trainbus up` and `make demo` run it as a service (see ``service``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, start_http_server
 
+from consumers.audit.cli import default_rules
+from consumers.audit.rules import AuditConfig, load_rules
 from consumers.exporter.collector import RunCollector, build_registry
-from consumers.exporter.state import ExporterState, count_invalid, expire, handle
+from consumers.exporter.state import ExporterState, count_invalid, count_newer, expire, handle
 from runtime.bus import BusTarget, bus_target, connect
-from runtime.commands import add_settings_args, settings_from
+from runtime.commands import add_settings_args, add_stall_after_arg, seconds_arg, settings_from
 from runtime.consume import consume
 from runtime.errors import ConfigError
+from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from runtime.settings import Settings
 from runtime.stream import Delivered, ensure_stream
@@ -49,13 +54,6 @@ def _port(value: str) -> int:
     return port
 
 
-def _seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive number of seconds")
-    return seconds
-
-
 def register_exporter(sub: Any) -> None:
     p = sub.add_parser("exporter", help="serve every run's metrics for Prometheus on /metrics")
     p.add_argument(
@@ -66,10 +64,14 @@ def register_exporter(sub: Any) -> None:
     )
     p.add_argument(
         "--expire-after",
-        type=_seconds,
+        type=seconds_arg,
         default=DEFAULT_EXPIRE_AFTER,
         metavar="SECONDS",
-        help=f"drop a finished run from /metrics this long after its last event (default {DEFAULT_EXPIRE_AFTER:.0f})",
+        help=f"drop a run from /metrics this long after its last event (default {DEFAULT_EXPIRE_AFTER:.0f})",
+    )
+    add_stall_after_arg(p)
+    p.add_argument(
+        "--rules", default=None, metavar="YAML", help="the audit gate's rules file (default: configs/audit.yaml)"
     )
     add_settings_args(p)
     p.set_defaults(func=cmd_exporter)
@@ -83,11 +85,19 @@ def service() -> list[str]:
 class Exporter:
     """The state, the lock shared with the HTTP thread, and the handlers the consumer loop calls."""
 
-    def __init__(self, expire_after: float = DEFAULT_EXPIRE_AFTER) -> None:
+    def __init__(
+        self,
+        expire_after: float = DEFAULT_EXPIRE_AFTER,
+        stall_after: float = STALL_AFTER_SECONDS,
+        rules: AuditConfig | None = None,
+    ) -> None:
         self.state = ExporterState()
         self.lock = threading.Lock()
         self.expire_after = expire_after
-        self.collector = RunCollector(self.state, self.lock, expire_after=expire_after)
+        audit_rules = [(name, rule.severity) for name, rule in rules.rules.enabled().items()] if rules else []
+        self.collector = RunCollector(
+            self.state, self.lock, expire_after=expire_after, stall_after=stall_after, audit_rules=audit_rules
+        )
         self.registry: CollectorRegistry = build_registry(self.collector)
         self.backlog_end = 0
         self.log = get_logger(component="exporter")
@@ -120,12 +130,18 @@ class Exporter:
             if item.stream_seq >= self.backlog_end:
                 self._caught_up(item.stream_seq)
 
+    def on_newer(self, item: Delivered) -> None:
+        with self.lock:
+            count_newer(self.state)
+            if item.stream_seq >= self.backlog_end:
+                self._caught_up(item.stream_seq)
+
     def prune(self, now: float | None = None) -> list[str]:
-        """Expire finished runs now (scrapes do too); returns the run ids dropped."""
+        """Expire runs silent for ``expire_after`` now (scrapes do too); returns the run ids dropped."""
         with self.lock:
             gone = expire(self.state, time.time() if now is None else now, self.expire_after)
         if gone:
-            self.log.info("finished runs expired", runs=gone)
+            self.log.info("runs without events expired", runs=gone)
         return gone
 
 
@@ -167,7 +183,14 @@ async def follow(target: BusTarget, settings: Settings, exporter: Exporter, stop
         while not stop.is_set():
             try:
                 exporter.start_replay(await _backlog_end(js, settings))
-                await consume(js, exporter.on_event, durable=None, stop=stop, on_invalid=exporter.on_invalid)
+                await consume(
+                    js,
+                    exporter.on_event,
+                    durable=None,
+                    stop=stop,
+                    on_invalid=exporter.on_invalid,
+                    on_newer=exporter.on_newer,
+                )
             except (nats.errors.Error, TimeoutError) as exc:
                 # Replaying again is safe: events already counted are recognised by event_id.
                 log.warning("consumer failed; replaying the stream again", error=str(exc) or type(exc).__name__)
@@ -196,7 +219,8 @@ async def _main(target: BusTarget, settings: Settings, exporter: Exporter) -> No
 
 def cmd_exporter(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    exporter = Exporter(expire_after=args.expire_after)
+    rules = load_rules(args.rules or default_rules())
+    exporter = Exporter(expire_after=args.expire_after, stall_after=args.stall_after, rules=rules)
     server = serve_http(exporter.registry, args.host, args.port)
     url = metrics_url(args.host, server.server_port)
     print(f"trainbus exporter: serving {url}", flush=True)

@@ -3,19 +3,32 @@
 Every metric is named ``trainbus_*`` with base units in the name; per-run metrics carry a
 ``run_id`` label, the exporter's own metrics (``trainbus_exporter_*``) do not. Non-finite values
 (a diverged loss) are exported as NaN/+Inf/-Inf, which the exposition format allows.
+
+Label values known in advance exist at 0 from the first scrape that shows a run (Prometheus'
+guidance for labelled metrics: a series that appears only when it first counts breaks rates,
+alerts and panels): every command × result, every audit rule of the rules file with its
+severity, every checkpoint verdict, every run state and every event type.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import get_args
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from consumers.exporter.state import RUN_STATES, ExporterState, RunMetrics, expire
+from runtime.liveness import STALL_AFTER_SECONDS, shown_state
+from schemas import EVENT_TYPES
+from schemas.commands import COMMAND_TYPES
+from schemas.events import CommandStatus
+
+COMMAND_RESULTS = [(command, result) for command in COMMAND_TYPES for result in get_args(CommandStatus)]
+"""Every (command, result) label pair of ``trainbus_commands_total``: all exported, 0 included."""
 
 TRAIN_GAUGES = {
     "loss": ("trainbus_train_loss", "Training loss at the latest logged step."),
@@ -50,8 +63,24 @@ def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMet
     return CounterMetricFamily(name, doc, labels=RUN + (labels or []))
 
 
-def run_families(runs: list[RunMetrics]) -> list[Metric]:
-    """The per-run metric families (``run_id`` label) for ``runs``."""
+def _with_zeros(
+    counts: dict[tuple[str, str], int], known: Sequence[tuple[str, str]]
+) -> list[tuple[tuple[str, str], int]]:
+    """``counts`` plus a 0 for every label pair of ``known`` it lacks, sorted."""
+    return sorted({**dict.fromkeys(known, 0), **counts}.items())
+
+
+def run_families(
+    runs: list[RunMetrics],
+    *,
+    now: float,
+    stall_after: float = STALL_AFTER_SECONDS,
+    audit_rules: Sequence[tuple[str, str]] = (),
+) -> list[Metric]:
+    """The per-run metric families (``run_id`` label) for ``runs`` at Unix time ``now``.
+
+    ``audit_rules`` are the (rule, severity) pairs of the audit gate's rules file.
+    """
     train = {key: _gauge(name, doc) for key, (name, doc) in TRAIN_GAUGES.items()}
     evals = {key: _gauge(name, doc) for key, (name, doc) in EVAL_GAUGES.items()}
     step = _gauge("trainbus_global_step", "Latest global optimizer step the trainer reported.")
@@ -82,18 +111,19 @@ def run_families(runs: list[RunMetrics]) -> list[Metric]:
             step.add_metric([rid], run.step)
         attempt.add_metric([rid], run.attempt)
         info.add_metric([rid, run.model, run.adapter], 1)
+        shown = shown_state(run.state, run.trainer_time or run.last_event_time, now, stall_after)
         for name in RUN_STATES:
-            state.add_metric([rid, name], 1 if run.state == name else 0)
+            state.add_metric([rid, name], 1 if shown == name else 0)
         last.add_metric([rid], run.last_event_time)
         for verdict, n in run.verdict_counts().items():
             ckpt.add_metric([rid, verdict], n)
         if run.checkpoint_bytes is not None:
             ckpt_bytes.add_metric([rid], run.checkpoint_bytes)
-        for (rule, severity), n in sorted(run.audit_flags.items()):
+        for (rule, severity), n in _with_zeros(run.audit_flags, audit_rules):
             flags.add_metric([rid, rule, severity], n)
-        for (command, result), n in sorted(run.commands.items()):
+        for (command, result), n in _with_zeros(run.commands, COMMAND_RESULTS):
             commands.add_metric([rid, command, result], n)
-        for event_type, n in sorted(run.events.items()):
+        for event_type, n in sorted({**dict.fromkeys(EVENT_TYPES, 0), **run.events}.items()):
             events.add_metric([rid, event_type], n)
     scalar = [step, attempt, info, state, last, ckpt, ckpt_bytes, flags, commands, events]
     return [*train.values(), *evals.values(), *scalar]
@@ -114,6 +144,11 @@ def exporter_families(state: ExporterState) -> list[Metric]:
             state.invalid_events,
         ),
         CounterMetricFamily(
+            "trainbus_exporter_newer_schema_events",
+            "Events written by a newer trainbus (schema_version above this exporter's), skipped.",
+            state.newer_events,
+        ),
+        CounterMetricFamily(
             "trainbus_exporter_duplicate_events",
             "Events delivered again and not counted twice.",
             state.duplicate_events,
@@ -123,7 +158,7 @@ def exporter_families(state: ExporterState) -> list[Metric]:
         ),
         CounterMetricFamily(
             "trainbus_exporter_expired_runs",
-            "Finished runs dropped from /metrics after --expire-after.",
+            "Runs dropped from /metrics after --expire-after without an event.",
             state.expired_runs,
         ),
         GaugeMetricFamily("trainbus_exporter_runs", "Runs currently exported.", len(state.runs)),
@@ -139,7 +174,8 @@ def exporter_families(state: ExporterState) -> list[Metric]:
 class RunCollector:
     """Collector over an ``ExporterState`` that the consumer loop updates under ``lock``.
 
-    Each scrape first expires finished runs older than ``expire_after`` seconds, then renders.
+    Each scrape first expires runs silent for ``expire_after`` seconds, then renders; a live run
+    whose trainer has been silent for ``stall_after`` seconds is shown as ``stalled``.
     """
 
     def __init__(
@@ -148,17 +184,25 @@ class RunCollector:
         lock: threading.Lock,
         *,
         expire_after: float,
+        stall_after: float = STALL_AFTER_SECONDS,
+        audit_rules: Sequence[tuple[str, str]] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
         self.lock = lock
         self.expire_after = expire_after
+        self.stall_after = stall_after
+        self.audit_rules = list(audit_rules)
         self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        now = self.clock()
         with self.lock:
-            expire(self.state, self.clock(), self.expire_after)
-            families = run_families(list(self.state.runs.values())) + exporter_families(self.state)
+            expire(self.state, now, self.expire_after)
+            runs = run_families(
+                list(self.state.runs.values()), now=now, stall_after=self.stall_after, audit_rules=self.audit_rules
+            )
+            families = runs + exporter_families(self.state)
         yield from families
 
 

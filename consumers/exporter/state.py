@@ -1,9 +1,10 @@
 """What the Prometheus exporter knows: the latest state of every run, built from its events.
 
 Pure: ``handle(event, state)`` folds one event into ``state`` (in place, and returns it) with no
-I/O and no clock; ``expire`` drops finished runs whose last event is older than a cut-off. The
-exporter rebuilds this state by replaying the stream on every start, so a restart reproduces
-the same counters; counting is idempotent by ``event_id`` because delivery is at least once.
+I/O and no clock; ``expire`` drops runs whose last event is older than a cut-off, finished or
+not (a trainer killed with ``kill -9`` never says it finished). The exporter rebuilds this state
+by replaying the stream on every start, so a restart reproduces the same counters; counting is
+idempotent by ``event_id`` because delivery is at least once, in bounded memory (``SeenIds``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from schemas import (
     TrainStep,
 )
 
-RUN_STATES = ("unknown", "running", "paused", "stopping", "completed", "stopped", "failed")
+RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
 """Every value of ``trainbus_run_state{state=...}``; exactly one is 1 per run."""
 VERDICTS = ("pending", "approved", "rejected")
 """Every value of ``trainbus_checkpoints{verdict=...}``; all are exported, 0 included."""
@@ -33,6 +34,10 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 """Upper bounds (seconds) of the event-lag histogram."""
 TOMBSTONES = 10_000
 """How many expired run ids are remembered so a straggling event does not resurrect them."""
+MAX_AHEAD = 4096
+"""Seqs remembered above a publisher's contiguous watermark; past that, the gap counts as lost."""
+MAX_OTHER_IDS = 10_000
+"""Event ids not of the ``<prefix>.<seq>`` form remembered per run (the newest ones)."""
 
 _TRAIN_FIELDS = (
     "loss",
@@ -45,6 +50,62 @@ _TRAIN_FIELDS = (
     "memory_bytes",
 )
 _EVAL_FIELDS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+
+
+@dataclass
+class SeqWindow:
+    """The seqs of one publisher (one event-id prefix) already counted: every seq up to
+    ``watermark``, plus the few seen above it out of order."""
+
+    watermark: int = 0
+    above: set[int] = field(default_factory=set)
+
+    def add(self, seq: int) -> bool:
+        """Record ``seq``; False when it was already counted."""
+        if seq <= self.watermark or seq in self.above:
+            return False
+        self.above.add(seq)
+        if len(self.above) > MAX_AHEAD:
+            # a gap that never filled (its events aged out of the stream, or were lost): give up on it
+            self.watermark = min(self.above) - 1
+        while self.watermark + 1 in self.above:
+            self.watermark += 1
+            self.above.discard(self.watermark)
+        return True
+
+
+@dataclass
+class SeenIds:
+    """Event ids already counted for one run, in memory that does not grow with the run's length.
+
+    ``runtime.sinks.Stamper`` ids are ``<run>.<attempt>.<seq>`` (``<run>.<source>.<attempt>.<seq>``
+    for other sources) with seq 1, 2, 3, … per publisher, so they are kept as a contiguous
+    watermark per prefix plus the seqs above it; other ids (the audit gate names its events after
+    what they judge) are kept as such, the newest ``MAX_OTHER_IDS`` of them.
+    """
+
+    windows: dict[str, SeqWindow] = field(default_factory=dict)
+    others: dict[str, None] = field(default_factory=dict)
+
+    def add(self, event: Event) -> bool:
+        """Record one event; False when it was already counted."""
+        prefix = (
+            f"{event.run_id}.{event.attempt}"
+            if event.source == "trainer"
+            else f"{event.run_id}.{event.source}.{event.attempt}"
+        )
+        if event.event_id == f"{prefix}.{event.seq}":
+            return self.windows.setdefault(prefix, SeqWindow()).add(event.seq)
+        if event.event_id in self.others:
+            return False
+        self.others[event.event_id] = None
+        if len(self.others) > MAX_OTHER_IDS:
+            del self.others[next(iter(self.others))]
+        return True
+
+    def __len__(self) -> int:
+        """How many ids are held one by one (what the memory grows with)."""
+        return len(self.others) + sum(len(w.above) + 1 for w in self.windows.values())
 
 
 @dataclass
@@ -72,8 +133,10 @@ class RunMetrics:
     """Event type -> events."""
     last_event_time: float = 0.0
     """Unix time (seconds) of the newest event, by the publisher's clock."""
+    trainer_time: float = 0.0
+    """Unix time of the newest event the trainer sent: while it lives it sends heartbeats."""
     finished: bool = False
-    seen: set[str] = field(default_factory=set, repr=False)
+    seen: SeenIds = field(default_factory=SeenIds, repr=False)
     """Event ids already counted."""
 
     def verdict_counts(self) -> dict[str, int]:
@@ -116,9 +179,11 @@ class ExporterState:
     """All runs the exporter tracks, plus the exporter's own counters."""
 
     runs: dict[str, RunMetrics] = field(default_factory=dict)
-    expired: dict[str, None] = field(default_factory=dict)
-    """Run ids dropped by ``expire`` (oldest first, at most ``TOMBSTONES``)."""
+    expired: dict[str, bool] = field(default_factory=dict)
+    """Run ids dropped by ``expire`` -> whether the run had finished (oldest first, at most ``TOMBSTONES``)."""
     invalid_events: int = 0
+    newer_events: int = 0
+    """Events of a newer schema_version, skipped."""
     duplicate_events: int = 0
     ignored_events: int = 0
     """Events of runs that had already expired."""
@@ -132,7 +197,10 @@ def _run_for(event: Event, state: ExporterState) -> RunMetrics | None:
     run = state.runs.get(event.run_id)
     if run is not None:
         return run
-    if event.run_id in state.expired and not isinstance(event, RunStarted):
+    finished = state.expired.get(event.run_id)
+    # a finished run comes back only with a resumed attempt; one that went silent, with any
+    # event of its trainer (it was cut off, not dead); a straggler of either stays ignored
+    if finished is not None and not (isinstance(event, RunStarted) or (not finished and event.source == "trainer")):
         return None
     state.expired.pop(event.run_id, None)
     run = state.runs[event.run_id] = RunMetrics(run_id=event.run_id)
@@ -145,14 +213,14 @@ def handle(event: Event, state: ExporterState) -> ExporterState:
     if run is None:
         state.ignored_events += 1
         return state
-    if event.event_id in run.seen:
+    if not run.seen.add(event):
         state.duplicate_events += 1
         return state
-    run.seen.add(event.event_id)
     run.events[event.type] += 1
     run.last_event_time = max(run.last_event_time, event.time.timestamp())
     if event.source == "trainer":
         run.attempt = max(run.attempt, event.attempt)
+        run.trainer_time = max(run.trainer_time, event.time.timestamp())
     _apply(event, run)
     return state
 
@@ -195,12 +263,17 @@ def count_invalid(state: ExporterState) -> ExporterState:
     return state
 
 
+def count_newer(state: ExporterState) -> ExporterState:
+    """Count one event of a newer schema_version (the loop reports it once per run and acks it)."""
+    state.newer_events += 1
+    return state
+
+
 def expire(state: ExporterState, now: float, after: float) -> list[str]:
-    """Drop finished runs whose newest event is more than ``after`` seconds before ``now``."""
-    gone = [r.run_id for r in state.runs.values() if r.finished and now - r.last_event_time > after]
+    """Drop runs whose newest event is more than ``after`` seconds before ``now``, finished or not."""
+    gone = [r.run_id for r in state.runs.values() if now - r.last_event_time > after]
     for run_id in gone:
-        del state.runs[run_id]
-        state.expired[run_id] = None
+        state.expired[run_id] = state.runs.pop(run_id).finished
     while len(state.expired) > TOMBSTONES:
         del state.expired[next(iter(state.expired))]
     state.expired_runs += len(gone)

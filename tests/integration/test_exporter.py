@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-import nats
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.bus import BusTarget
 from runtime.natsserver import RunningServer
@@ -39,63 +35,12 @@ from schemas import (
     event_subject,
 )
 from tests.conftest import require_tool, wait_until
+from tests.integration.conftest import Exporter, publish_raw
 
 REPO = Path(__file__).resolve().parents[2]
 HP = {"learning_rate": 1e-3}
 SHA = "b" * 64
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@dataclass
-class Exporter:
-    """A `trainbus exporter` subprocess and the URL it said it serves on."""
-
-    proc: subprocess.Popen[str]
-    url: str
-
-    def text(self) -> str:
-        with urllib.request.urlopen(self.url, timeout=5) as response:
-            return str(response.read().decode())
-
-    def samples(self) -> Samples:
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(self.text())
-            for s in family.samples
-        }
-
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.samples().get((name, tuple(sorted(labels.items()))))
-
-
-@pytest.fixture
-def start_exporter(nats_server: RunningServer, tmp_path: Path) -> Iterator[Callable[..., Exporter]]:
-    """Starts `trainbus exporter --port 0` subprocesses on the session server; all are stopped after."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> Exporter:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
-        env["NATS_URL"] = nats_server.url
-        log = (tmp_path / f"exporter-{len(procs)}.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0", *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-        )  # fmt: skip
-        procs.append(proc)
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "the exporter printed no URL within 30 s"
-        line = proc.stdout.readline()
-        assert line.startswith("trainbus exporter: serving http://127.0.0.1:"), line
-        exporter = Exporter(proc, line.split()[-1])
-        wait_until(lambda: exporter.value("trainbus_exporter_caught_up") == 1, what="the exporter to replay the stream")
-        return exporter
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -105,21 +50,11 @@ def publisher(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator
     pub.close()
 
 
-def publish_raw(url: str, subject: str, data: bytes, msg_id: str) -> None:
-    """Publish bytes straight to JetStream (a malformed event, or a resend with a new Nats-Msg-Id)."""
-
-    async def go() -> None:
-        nc = await nats.connect(url)
-        await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-        await nc.close()
-
-    asyncio.run(go())
+STARTED = {"config": {}, "config_hash": "h", "model": "tiny", "adapter": "lora", "data_fingerprint": "d"}
 
 
-def run_started(stamper: Stamper) -> Event:
-    return stamper.emit(
-        RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d", hyperparameters=HP
-    )
+def run_started(stamper: Stamper, **extra: Any) -> Event:
+    return stamper.emit(RunStarted, **STARTED, hyperparameters=HP, **extra)
 
 
 def test_metrics_show_a_runs_live_events_and_pass_promtool(
@@ -225,20 +160,28 @@ def test_killing_and_restarting_the_exporter_neither_loses_nor_doubles_counts(
     assert after.value("trainbus_run_state", run_id=run, state="completed") == 1
 
 
-def test_finished_runs_drop_out_of_metrics_after_expire_after(
+def test_silent_runs_show_stalled_then_leave_metrics_finished_or_not(
     start_exporter: Callable[..., Exporter], publisher: NatsPublisher
 ) -> None:
-    done, live = f"done-{time.monotonic_ns()}", f"live-{time.monotonic_ns()}"
-    finished = Stamper(publisher, done)
-    run_started(finished)
-    finished.emit(RunFinished, status="completed", step=1)
+    tag = time.monotonic_ns()
+    done, dead, quiet, live = (f"{name}-{tag}" for name in ("done", "dead", "quiet", "live"))
+    hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    finished, killed = Stamper(publisher, done), Stamper(publisher, dead)
+    run_started(finished, time=hours_ago)
+    finished.emit(RunFinished, status="completed", step=1, time=hours_ago)
+    run_started(killed, time=hours_ago)  # kill -9: no run.finished, ever
+    killed.emit(Heartbeat, step=3, phase="training", time=hours_ago)
+    run_started(Stamper(publisher, quiet), time=datetime.now(UTC) - timedelta(minutes=20))
     run_started(Stamper(publisher, live))
     assert publisher.flush()
-    exporter = start_exporter("--expire-after", "1")
+    exporter = start_exporter("--expire-after", "3600", "--stall-after", "600")
     wait_until(lambda: exporter.value("trainbus_run_state", run_id=live, state="running") == 1, what="the live run")
-    wait_until(lambda: f'run_id="{done}"' not in exporter.text(), timeout=10, what="the finished run to expire")
-    assert exporter.value("trainbus_run_state", run_id=live, state="running") == 1
-    assert (exporter.value("trainbus_exporter_expired_runs_total") or 0) >= 1
+    text = exporter.text()
+    assert f'run_id="{done}"' not in text and f'run_id="{dead}"' not in text
+    assert exporter.value("trainbus_run_state", run_id=quiet, state="stalled") == 1
+    assert exporter.value("trainbus_run_state", run_id=quiet, state="running") == 0
+    assert exporter.value("trainbus_run_state", run_id=live, state="stalled") == 0
+    assert (exporter.value("trainbus_exporter_expired_runs_total") or 0) >= 2
 
 
 def test_a_port_in_use_exits_2_with_one_line(nats_server: RunningServer) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from consumers.exporter.collector import RunCollector, build_registry
-from consumers.exporter.state import ExporterState, count_invalid, expire, handle
+from consumers.exporter.state import MAX_AHEAD, MAX_OTHER_IDS, ExporterState, count_invalid, expire, handle
 from runtime.sinks import MemorySink, Stamper
 from schemas import (
     AuditFlag,
@@ -34,9 +34,18 @@ NOW = 1_800_000_000.0
 class Scrape:
     """A fresh registry over ``state``; ``value(name, **labels)`` reads one sample."""
 
-    def __init__(self, state: ExporterState, *, now: float | None = None, expire_after: float = 3600.0) -> None:
+    def __init__(
+        self,
+        state: ExporterState,
+        *,
+        now: float | None = None,
+        expire_after: float = 3600.0,
+        audit_rules: list[tuple[str, str]] | None = None,
+    ) -> None:
         clock = time.time if now is None else (lambda: now)
-        self.collector = RunCollector(state, threading.Lock(), expire_after=expire_after, clock=clock)
+        self.collector = RunCollector(
+            state, threading.Lock(), expire_after=expire_after, audit_rules=audit_rules or [], clock=clock
+        )
         self.registry = build_registry(self.collector)
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -226,24 +235,127 @@ def test_invalid_events_are_counted() -> None:
     assert Scrape(state).value("trainbus_exporter_invalid_events_total") == 2
 
 
-def test_finished_runs_expire_after_the_configured_time_and_running_runs_never_do() -> None:
+def test_runs_without_events_expire_finished_or_not_and_runs_that_beat_never_do() -> None:
     t0 = datetime.fromtimestamp(NOW, UTC)
-    done, live = Stamper(MemorySink(), "done"), Stamper(MemorySink(), "live")
+    done, dead, live = Stamper(MemorySink(), "done"), Stamper(MemorySink(), "dead"), Stamper(MemorySink(), "live")
     state = feed(
         ExporterState(),
         started(done, time=t0),
         done.emit(RunFinished, status="completed", step=60, time=t0),
+        started(dead, time=t0),  # killed with kill -9: no run.finished, ever
         started(live, time=t0),
     )
     assert Scrape(state, now=NOW + 59, expire_after=60).value("trainbus_run_state", run_id="done", state="completed")
+    feed(state, live.emit(Heartbeat, step=1, phase="training", time=t0 + timedelta(seconds=50)))
     m = Scrape(state, now=NOW + 61, expire_after=60)
     assert m.value("trainbus_run_state", run_id="done", state="completed") is None
-    assert "done" not in m.text()
+    assert m.value("trainbus_run_state", run_id="dead", state="stalled") is None
+    assert "done" not in m.text() and "dead" not in m.text()
     assert m.value("trainbus_run_state", run_id="live", state="running") == 1
-    assert m.value("trainbus_exporter_expired_runs_total") == 1
+    assert m.value("trainbus_exporter_expired_runs_total") == 2
     assert m.value("trainbus_exporter_runs") == 1
-    # days later the running run is still there
-    assert expire(state, NOW + 86400 * 7, 60) == []
+    # a week later, beating all along, the live run is still there
+    feed(state, live.emit(Heartbeat, step=1, phase="paused", time=t0 + timedelta(days=7)))
+    assert expire(state, NOW + 86400 * 7 + 5, 60) == []
+
+
+def test_a_live_run_whose_trainer_went_silent_is_stalled_until_a_resumed_attempt_replaces_it() -> None:
+    t0 = datetime.fromtimestamp(NOW, UTC)
+    trainer, audit = Stamper(MemorySink(), "r1"), Stamper(MemorySink(), "r1", source="audit")
+    state = feed(ExporterState(), started(trainer, time=t0), trainer.emit(Heartbeat, step=3, phase="training", time=t0))
+    assert Scrape(state, now=NOW + 29).value("trainbus_run_state", run_id="r1", state="running") == 1
+    # the audit gate's flag about the silence is no sign of life
+    feed(state, audit.emit(AuditFlag, rule="run_stalled", severity="warning", message="m", judged_event_id="x",
+                           time=t0 + timedelta(seconds=31)))  # fmt: skip
+    m = Scrape(state, now=NOW + 31)
+    assert m.value("trainbus_run_state", run_id="r1", state="stalled") == 1
+    assert m.value("trainbus_run_state", run_id="r1", state="running") == 0
+    assert Scrape(state, now=NOW + 31, expire_after=3600).value("trainbus_run_state", run_id="r1", state="stalled") == 1
+    resumed = Stamper(MemorySink(), "r1", attempt=2)
+    feed(state, started(resumed, resumed_from_step=3, time=t0 + timedelta(seconds=40)))
+    m = Scrape(state, now=NOW + 41)
+    assert m.value("trainbus_run_state", run_id="r1", state="running") == 1
+    assert m.value("trainbus_run_state", run_id="r1", state="stalled") == 0
+    assert m.value("trainbus_run_attempt", run_id="r1") == 2
+    # a finished run is silent by design: never stalled
+    feed(state, resumed.emit(RunFinished, status="completed", step=9, time=t0 + timedelta(seconds=42)))
+    assert Scrape(state, now=NOW + 600).value("trainbus_run_state", run_id="r1", state="completed") == 1
+
+
+def test_label_values_known_in_advance_exist_at_zero_from_the_first_event() -> None:
+    trainer = Stamper(MemorySink(), "r1")
+    state = feed(ExporterState(), started(trainer))
+    rules = [("loss_spike", "critical"), ("calibration", "warning")]
+    m = Scrape(state, audit_rules=rules)
+    commands = {"pause", "resume", "stop", "save_checkpoint", "evaluate", "set"}
+    for command in commands:
+        for result in ("accepted", "applied", "rejected"):
+            assert m.value("trainbus_commands_total", run_id="r1", command=command, result=result) == 0
+    for rule, severity in rules:
+        assert m.value("trainbus_audit_flags_total", run_id="r1", rule=rule, severity=severity) == 0
+    for verdict in ("pending", "approved", "rejected"):
+        assert m.value("trainbus_checkpoints", run_id="r1", verdict=verdict) == 0
+    for name in ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed"):
+        assert m.value("trainbus_run_state", run_id="r1", state=name) == (1 if name == "running" else 0)
+    assert m.value("trainbus_events_total", run_id="r1", type="heartbeat") == 0
+    assert m.value("trainbus_events_total", run_id="r1", type="run.started") == 1
+    # a counted value replaces its zero; a pair outside the rules file still shows
+    audit = Stamper(MemorySink(), "r1", source="audit")
+    feed(state, audit.emit(AuditFlag, rule="loss_spike", severity="critical", message="m", judged_event_id="x"))
+    feed(state, audit.emit(AuditFlag, rule="custom", severity="info", message="m", judged_event_id="y"))
+    feed(state, trainer.emit(CommandResult, command_id="c1", command="set", status="rejected", code="invalid"))
+    assert m.value("trainbus_audit_flags_total", run_id="r1", rule="loss_spike", severity="critical") == 1
+    assert m.value("trainbus_audit_flags_total", run_id="r1", rule="custom", severity="info") == 1
+    assert m.value("trainbus_commands_total", run_id="r1", command="set", result="rejected") == 1
+    assert m.value("trainbus_commands_total", run_id="r1", command="set", result="accepted") == 0
+
+
+def test_id_memory_of_a_long_run_stays_bounded_and_still_recognises_every_repeat() -> None:
+    trainer = Stamper(MemorySink(), "r1")
+    steps = [trainer.emit(Heartbeat, step=i, phase="training") for i in range(50_000)]
+    state = feed(ExporterState(), *steps)
+    run = state.runs["r1"]
+    assert run.events["heartbeat"] == 50_000
+    assert len(run.seen) <= 2  # one watermark, not 50,000 ids
+    feed(state, steps[0], steps[25_000], steps[-1])
+    assert state.duplicate_events == 3 and run.events["heartbeat"] == 50_000
+
+
+def test_out_of_order_and_lost_events_keep_counting_exactly_in_bounded_memory() -> None:
+    trainer = Stamper(MemorySink(), "r1")
+    events = [trainer.emit(Heartbeat, step=i, phase="training") for i in range(MAX_AHEAD + 100)]
+    state = feed(ExporterState(), events[2], events[1], events[0], events[2])  # out of order, then a repeat
+    run = state.runs["r1"]
+    assert run.events["heartbeat"] == 3 and state.duplicate_events == 1 and len(run.seen) == 1
+    # event 4 never arrives (aged out of the stream): what comes after is counted all the same
+    feed(state, *events[4:])
+    assert run.events["heartbeat"] == 3 + len(events) - 4
+    assert len(run.seen) <= MAX_AHEAD + 1
+    # the audit gate's ids are not <prefix>.<seq>: kept one by one, the newest MAX_OTHER_IDS of them
+    flags = [
+        AuditFlag(event_id=f"r1.audit.r.r1.1.{i}", run_id="r1", seq=i, source="audit", rule="r", severity="info",
+                  message="m", judged_event_id=f"r1.1.{i}")
+        for i in range(1, MAX_OTHER_IDS + 11)
+    ]  # fmt: skip
+    feed(state, flags[0], flags[0], *flags[1:], flags[-1])
+    assert run.events["audit.flag"] == len(flags) and state.duplicate_events == 3
+    assert len(run.seen.others) == MAX_OTHER_IDS
+
+
+def test_a_silent_run_that_expired_comes_back_with_its_trainer_a_finished_one_only_with_a_resume() -> None:
+    t0 = datetime.fromtimestamp(NOW, UTC)
+    cut_off, done = Stamper(MemorySink(), "cut-off"), Stamper(MemorySink(), "done")
+    state = feed(
+        ExporterState(),
+        started(cut_off, time=t0),
+        started(done, time=t0),
+        done.emit(RunFinished, status="completed", step=1, time=t0),
+    )
+    assert sorted(expire(state, NOW + 120, 60)) == ["cut-off", "done"]
+    late = t0 + timedelta(seconds=200)
+    feed(state, cut_off.emit(Heartbeat, step=5, phase="training", time=late))
+    feed(state, done.emit(Heartbeat, step=1, phase="stopping", time=late))
+    assert "cut-off" in state.runs and "done" not in state.runs
 
 
 def test_a_straggler_does_not_resurrect_an_expired_run_but_a_resume_does() -> None:
