@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit integration bench clean install
+.PHONY: demo test lint typecheck unit integration bench clean install coverage
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Line coverage of the product packages over the whole suite, subprocesses included (the
+# [tool.coverage.*] sections of pyproject.toml); `make coverage PYTEST_ARGS=tests/unit` for a part.
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage combine -q
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
@@ -39,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/trainbus bench bus
 
 clean:
-	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.* htmlcov
