@@ -13,6 +13,7 @@ import pytest
 from runtime.errors import BusUnavailable, ConfigError
 from runtime.natsserver import RunningServer, find_binary, start_server
 from runtime.settings import ServerSettings
+from tests.conftest import wait_until
 
 
 def test_a_second_server_on_the_same_store_is_refused_and_says_what_to_do(tmp_path: Path) -> None:
@@ -88,3 +89,39 @@ def test_without_a_nats_server_binary_the_error_says_how_to_get_one(
     assert str(info.value) == f"server.binary: {not_executable} is not an executable file"
     not_executable.chmod(0o755)
     assert find_binary(str(not_executable)) == str(not_executable)
+    (tmp_path / "bin").mkdir()
+    on_path = tmp_path / "bin" / "nats-server"
+    on_path.write_text("")
+    on_path.chmod(0o755)
+    assert find_binary(str(not_executable)) == str(on_path)  # one on PATH comes before the configured one
+
+
+HUNG_SERVER = """\
+import os, sys, time
+ports = sys.argv[sys.argv.index("--ports_file_dir") + 1]
+with open(os.path.join(ports, f"nats-server_{os.getpid()}.ports"), "w") as f:
+    f.write('{"nats": [')  # half an address, never finished
+time.sleep(600)
+"""
+
+
+def test_a_server_that_never_listens_is_given_up_on_and_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hung = tmp_path / "hung-nats-server"
+    hung.write_text(f"#!{sys.executable}\n{HUNG_SERVER}")
+    hung.chmod(0o755)
+    monkeypatch.setattr("runtime.natsserver.find_binary", lambda configured=None: str(hung))
+    with pytest.raises(BusUnavailable) as info:
+        start_server(ServerSettings(), tmp_path / "store", timeout=3)
+    assert str(info.value) == (
+        f"nats-server did not start listening within 3s (log: {tmp_path / 'store' / 'nats-server.log'})"
+    )
+    [ports] = (tmp_path / "store" / "ports").glob("nats-server_*.ports")
+    wait_until(lambda: gone(int(ports.stem.split("_")[1])), what="the hung server to be killed")
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting to be reaped counts: it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
