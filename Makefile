@@ -31,11 +31,12 @@ test: lint typecheck
 
 # Line coverage of the product packages over the whole suite, subprocesses included (the
 # [tool.coverage.*] sections of pyproject.toml); `make coverage PYTEST_ARGS=tests/unit` for a part.
+# The report is printed even when a test fails; the exit status is then the tests'.
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest $(PYTEST_ARGS)
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage combine -q
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report
+	export COVERAGE_FILE=$(CURDIR)/.coverage; \
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/coverage combine -q && $(BIN)/coverage report && exit $$status
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

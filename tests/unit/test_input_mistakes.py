@@ -13,19 +13,10 @@ from producers.data import read_examples
 from producers.labels import load_labels
 from runtime.errors import ConfigError
 from runtime.settings import Settings, load_config
+from tests.unit.test_labels import GOOD as LABELS
 
 REPO = Path(__file__).resolve().parents[2]
-LABELS = """\
-labels:
-  - name: HIGH_RISK
-    harm_weight: 10
-  - name: LOW_RISK
-    harm_weight: 1
-critical_confusions:
-{confusions}
-abstain_threshold: 0.7
-max_abstain_rate: 0.15
-"""
+CONFUSION = "  - {true: LOW_RISK, predicted: HIGH_RISK, weight: 50}"
 
 
 def one_line(info: pytest.ExceptionInfo[ConfigError]) -> str:
@@ -84,7 +75,7 @@ def test_a_dumped_config_keeps_the_bus_host_but_not_its_password() -> None:
             ":7: critical_confusions.0: true and predicted are both 'LOW_RISK'; a correct answer costs 0",
         ),
         (
-            "  - {true: LOW_RISK, predicted: HIGH_RISK, weight: 5}\n  - {true: LOW_RISK, predicted: HIGH_RISK, weight: 9}",
+            f"{CONFUSION}\n  - {{true: LOW_RISK, predicted: HIGH_RISK, weight: 9}}",
             ":8: critical_confusions.1: pair LOW_RISK -> HIGH_RISK is listed twice",
         ),
     ],
@@ -93,7 +84,7 @@ def test_label_file_confusions_that_make_no_sense_name_file_line_and_entry(
     tmp_path: Path, confusions: str, expected: str
 ) -> None:
     path = tmp_path / "labels.yaml"
-    path.write_text(LABELS.format(confusions=confusions))
+    path.write_text(LABELS.replace(CONFUSION, confusions))
     with pytest.raises(ConfigError) as info:
         load_labels(path)
     assert one_line(info) == f"{path}{expected}"
@@ -101,7 +92,7 @@ def test_label_file_confusions_that_make_no_sense_name_file_line_and_entry(
 
 def test_label_file_missing_a_setting_names_it(tmp_path: Path) -> None:
     path = tmp_path / "labels.yaml"
-    path.write_text(LABELS.format(confusions="  []").replace("max_abstain_rate: 0.15\n", ""))
+    path.write_text(LABELS.replace("max_abstain_rate: 0.15\n", ""))
     with pytest.raises(ConfigError) as info:
         load_labels(path)
     assert one_line(info) == f"{path}:1: max_abstain_rate: Field required"

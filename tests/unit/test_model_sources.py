@@ -14,15 +14,9 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from producers.config import AdapterConfig, ModelConfig, TinyModel
-from producers.model import (
-    _bnb_config,
-    apply_adapter,
-    build_byte_tokenizer,
-    build_tiny_model,
-    check_quantization,
-    load_model_and_tokenizer,
-    parameter_counts,
-)
+from producers.model import _bnb_config, apply_adapter, build_tiny_model, check_quantization, parameter_counts
+from producers.model import load_model_and_tokenizer as load
+from producers.tokenizer import build_byte_tokenizer
 from runtime.errors import ConfigError
 
 TINY = TinyModel(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
@@ -44,16 +38,10 @@ def save_base(folder: Path, tokenizer: Any, *, pad: bool = True) -> Path:
     return folder
 
 
-def one_line(info: pytest.ExceptionInfo[ConfigError]) -> str:
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 def test_key_value_heads_that_do_not_divide_the_heads_are_a_config_error(tokenizer: Any) -> None:
     with pytest.raises(ConfigError) as info:
         build_tiny_model(TINY.model_copy(update={"num_key_value_heads": 3}), tokenizer, seed=0)
-    assert one_line(info) == "model.tiny.num_key_value_heads: 3 does not divide model.tiny.num_attention_heads (4)"
+    assert str(info.value) == "model.tiny.num_key_value_heads: 3 does not divide model.tiny.num_attention_heads (4)"
 
 
 def test_quantization_on_cuda_without_bitsandbytes_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +49,7 @@ def test_quantization_on_cuda_without_bitsandbytes_says_what_to_install(monkeypa
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "bitsandbytes" else object())
     with pytest.raises(ConfigError) as info:
         check_quantization(ModelConfig(quantization="4bit"))
-    assert one_line(info) == (
+    assert str(info.value) == (
         "model.quantization: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; "
         "bitsandbytes is not installed (pip install bitsandbytes)"
     )
@@ -79,13 +67,14 @@ def test_qlora_quantizes_to_nf4_with_double_quantization_and_the_configured_comp
 def test_a_folder_that_holds_no_model_is_named_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     with pytest.raises(ConfigError) as info:
-        load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path)), str(tmp_path))
-    assert one_line(info).startswith(f"model.name_or_path: {str(tmp_path)!r} could not be loaded (")
+        load(ModelConfig(name_or_path=str(tmp_path)), str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"model.name_or_path: {str(tmp_path)!r} could not be loaded (") and "\n" not in message
 
 
 def test_a_base_without_a_pad_token_pads_with_its_eos(tokenizer: Any, tmp_path: Path) -> None:
     path = save_base(tmp_path / "base", tokenizer, pad=False)
-    model, loaded = load_model_and_tokenizer(ModelConfig(name_or_path=str(path)), str(path))
+    model, loaded = load(ModelConfig(name_or_path=str(path)), str(path))
     assert loaded.pad_token == loaded.eos_token == "</s>"
     assert model.config.pad_token_id == loaded.eos_token_id
     padded = loaded(["a", "abc"], padding=True)["input_ids"]  # batching works at all
@@ -101,7 +90,7 @@ def test_a_hub_model_in_the_local_cache_loads_offline(
     (repo / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache alone must do
-    model, loaded = load_model_and_tokenizer(ModelConfig(name_or_path="acme/tiny-risk"), "acme/tiny-risk")
+    model, loaded = load(ModelConfig(name_or_path="acme/tiny-risk"), "acme/tiny-risk")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == TINY.hidden_size
     assert loaded("héllo")["input_ids"] == tokenizer("héllo")["input_ids"]
 
@@ -111,9 +100,10 @@ def test_an_unreachable_hub_is_one_line_at_once(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
     with pytest.raises(ConfigError) as info:
-        load_model_and_tokenizer(ModelConfig(name_or_path="acme/not-cached"), "acme/not-cached")
-    message = one_line(info)
+        load(ModelConfig(name_or_path="acme/not-cached"), "acme/not-cached")
+    message = str(info.value)
     assert message.startswith("model.name_or_path: 'acme/not-cached' is not a local directory and could not be")
+    assert "\n" not in message
     assert "(hub unreachable: " in message
 
 
@@ -121,7 +111,7 @@ def test_adalora_without_steps_left_to_budget_names_both_settings(tokenizer: Any
     cfg = AdapterConfig(method="adalora", adalora_tinit=6, adalora_tfinal=4)
     with pytest.raises(ConfigError) as info:
         apply_adapter(build_tiny_model(TINY, tokenizer, seed=0), cfg, total_steps=10)
-    assert one_line(info) == (
+    assert str(info.value) == (
         "adapter.adalora_tinit (6) + adapter.adalora_tfinal (4) leave no budgeting phase in 10 training steps"
     )
 
