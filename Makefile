@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit integration bench clean install
+.PHONY: demo test lint typecheck unit integration bench clean install coverage
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Line coverage of the product packages over the whole suite, subprocesses included (the
+# [tool.coverage.*] sections of pyproject.toml); `make coverage PYTEST_ARGS=tests/unit` for a part.
+# The report is printed even when a test fails; the exit status is then the tests'.
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	export COVERAGE_FILE=$(CURDIR)/.coverage; \
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/coverage combine -q && $(BIN)/coverage report && exit $$status
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
@@ -39,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/trainbus bench bus
 
 clean:
-	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.* htmlcov

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -23,15 +22,9 @@ from nats.aio.client import Client as NATS
 from runtime.errors import BusUnavailable, ConfigError
 from runtime.logs import get_logger
 from runtime.natsserver import RunningServer, read_state, start_server
-from runtime.settings import Settings
+from runtime.settings import Settings, redact_url
 
 EMBEDDED = "embedded"
-_USERINFO = re.compile(r"//[^/@]*@")
-
-
-def redact_url(url: str) -> str:
-    """``nats://user:secret@host`` → ``nats://***@host``: URLs are logged, secrets are not."""
-    return _USERINFO.sub("//***@", url)
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,24 @@ variables (``NATS_URL``, ``NATS_USER`` …) and are never part of a run config.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
 from runtime.errors import ConfigError
 
 ENV_PREFIX = "TRAINBUS_"
 M = TypeVar("M", bound=BaseModel)
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """``nats://user:secret@host`` → ``nats://***@host``: URLs are logged, secrets are not."""
+    return _USERINFO.sub("//***@", url)
 
 
 class Section(BaseModel):
@@ -36,6 +43,11 @@ class BusSettings(Section):
     """Seconds to wait for the first connection before giving up (exit 3)."""
     ack_timeout: float = Field(5.0, gt=0)
     """Seconds to wait for a JetStream publish ack before the publish is retried."""
+
+    @field_serializer("url")
+    def _without_password(self, url: str | None) -> str | None:
+        # a dumped config is published (run.started) and written to the run folder
+        return redact_url(url) if url else url
 
 
 class StreamSettings(Section):

@@ -1,5 +1,6 @@
-"""Launched by torchrun in test_ddp_control: trains the tiny config and records, on every rank,
-the optimizer's learning rate at each step boundary (after trainbus applied commands)."""
+"""Launched by torchrun or accelerate launch in test_lifecycle.py: trains the tiny config and
+records, on every rank, the optimizer's learning rate at each step boundary (after trainbus
+applied commands)."""
 
 from __future__ import annotations
 
