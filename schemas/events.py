@@ -18,6 +18,7 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
+from schemas.predict import PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
 FinishStatus = Literal["completed", "stopped", "failed"]
@@ -184,7 +185,8 @@ Event = Annotated[
     | CommandResult
     | AuditFlag
     | AuditVerdict
-    | Heartbeat,
+    | Heartbeat
+    | PredictorLoaded,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -201,6 +203,7 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
         AuditFlag,
         AuditVerdict,
         Heartbeat,
+        PredictorLoaded,
     )
 }
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from schemas.commands import COMMAND_ADAPTER, COMMAND_TYPES, CommandReply
 from schemas.events import EVENT_ADAPTER, EVENT_TYPES
+from schemas.predict import PredictReply, PredictRequest
 
 
 def _schema(target: type[BaseModel] | TypeAdapter[Any], title: str) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def _schema(target: type[BaseModel] | TypeAdapter[Any], title: str) -> dict[str,
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """File name → JSON Schema, one per event type, one per command type, and the two unions."""
+    """File name → JSON Schema: each event and command type, both unions, the predictor's request and reply."""
     out: dict[str, dict[str, Any]] = {}
     for name, cls in EVENT_TYPES.items():
         out[f"event.{name}.json"] = _schema(cls, name)
@@ -31,4 +32,6 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     out["event.json"] = _schema(EVENT_ADAPTER, "Event")
     out["command.json"] = _schema(COMMAND_ADAPTER, "Command")
     out["command-reply.json"] = _schema(CommandReply, "CommandReply")
+    out["predict-request.json"] = _schema(PredictRequest, "PredictRequest")
+    out["predict-reply.json"] = _schema(PredictReply, "PredictReply")
     return out
