@@ -111,13 +111,15 @@ def label_probabilities(
     abstention instead of breaking the metrics.
     """
     was_training = model.training
-    model.eval()
+    if was_training:  # switching walks every module: a served model in eval mode skips it
+        model.eval()
     try:
         probs = option_probabilities(
             model, tokenizer, prompts, answer_options(labels), batch_size=batch_size, max_length=max_length
         )
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     broken = ~np.isfinite(probs).all(axis=1)
     if broken.any():
         probs[broken] = 0.0

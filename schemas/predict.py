@@ -38,7 +38,11 @@ class PredictRequest(Model):
     def _one_way_to_send(self) -> PredictRequest:
         if (self.text is None) == (self.texts is None):
             raise ValueError("send exactly one of 'text' and 'texts'")
-        items = [("text", self.text)] if self.text is not None else [(f"texts.{i}", t) for i, t in enumerate(self.texts or [])]
+        items = (
+            [("text", self.text)]
+            if self.text is not None
+            else [(f"texts.{i}", t) for i, t in enumerate(self.texts or [])]
+        )
         for where, value in items:
             if not value or not value.strip():
                 raise ValueError(f"{where}: must not be empty")

@@ -24,6 +24,7 @@ from schemas import (
     RunState,
     TrainStep,
 )
+from schemas.predict import PredictorLoaded
 
 RUN_STATES = ("unknown", "running", "paused", "stopping", "completed", "stopped", "failed")
 """Every value of ``trainbus_run_state{state=...}``; exactly one is 1 per run."""
@@ -73,6 +74,8 @@ class RunMetrics:
     last_event_time: float = 0.0
     """Unix time (seconds) of the newest event, by the publisher's clock."""
     finished: bool = False
+    served: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Predictor alias -> (checkpoint step it serves, Unix time it was loaded), from ``predictor.loaded``."""
     seen: set[str] = field(default_factory=set, repr=False)
     """Event ids already counted."""
 
@@ -187,6 +190,8 @@ def _apply(event: Event, run: RunMetrics) -> None:
         run.commands[(event.command, event.status)] += 1
     elif isinstance(event, Heartbeat):
         run.step = event.step
+    elif isinstance(event, PredictorLoaded):
+        run.served[event.alias] = (event.step, event.time.timestamp())
 
 
 def count_invalid(state: ExporterState) -> ExporterState:
