@@ -22,6 +22,18 @@ from producers.labels import LabelSet
 from producers.metrics import classification_metrics
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) of ``rows`` padded on the left, so every row ends
+    at the last column, where what follows it (the options, generated tokens) begins."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        mask[i, width - len(ids) :] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def option_probabilities(
     model: Any,
@@ -51,13 +63,7 @@ def option_probabilities(
     scores = np.zeros((len(prompts), n_opt))
     for start in range(0, len(prompts), batch_size):
         chunk = prompt_ids[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):  # left padding: every prompt ends where its options begin
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = left_padded(chunk, pad)
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),

@@ -27,14 +27,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from consumers.predict.batching import MicroBatcher
 from consumers.predict.checkpoints import best_key, choose
-from consumers.predict.serving import Job, answer_jobs, load_served
 from producers.checkpoints import fingerprint
 from producers.config import RunConfig
-from producers.model import apply_adapter, load_model_and_tokenizer, prepare_base_model
 from runtime.bench import log_tail, percentile
 from runtime.bus import BusTarget, connect
 from runtime.natsserver import start_server
@@ -70,6 +66,10 @@ def register(sub: Any) -> None:
 
 def make_run(root: Path) -> tuple[RunConfig, list[Path]]:
     """The tiny default's base model and two random LoRA adapters saved as checkpoints 1 and 2."""
+    import torch
+
+    from producers.model import apply_adapter, load_model_and_tokenizer, prepare_base_model
+
     shipped = Path(__file__).resolve().parents[2] / "configs/tiny.yaml"
     cfg = load_config(RunConfig, shipped) if shipped.is_file() else RunConfig()
     cfg.data.labels_file = str(Path(__file__).resolve().parents[2] / "configs/labels.yaml")
@@ -214,6 +214,8 @@ def _row(clients: int, path: str, latencies: Latencies, elapsed: float, failures
 
 
 async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess) -> int:
+    from consumers.predict.serving import Job, answer_jobs, load_served
+
     settings = Settings()
     nc = await connect(BusTarget([url], "bench"), settings, name="bench-predict")
     js = nc.jetstream()
@@ -230,7 +232,7 @@ async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess) -> i
     served = await asyncio.to_thread(
         load_served, await choose(js, RUN_ID, best={"checkpoint_event_id": f"{RUN_ID}.1.2"})
     )
-    batcher: MicroBatcher[Job, Any] = MicroBatcher(
+    batcher: MicroBatcher[Any, Any] = MicroBatcher(
         lambda jobs: answer_jobs(served, jobs, 48), max_batch=32, max_wait=0.005, size=lambda j: len(j.texts)
     ).start()
     jobs = [Job((t,), {}, False) for t in TEXTS]
@@ -309,6 +311,8 @@ def _report(rows: list[dict[str, Any]], swap: dict[str, Any]) -> None:
 
 
 def bench_predict(args: argparse.Namespace) -> int:
+    import torch  # here, not at import: every `trainbus` command loads the benchmarks' parsers
+
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="trainbus-bench-predict-") as tmp:
         root = Path(tmp)

@@ -78,24 +78,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config(args, settings)
     if config.run is None:
         raise ConfigError("--run: which run to serve? (or set serve.run in --config)")
-    import torch
+    from consumers.predict.checkpoints import choose
 
-    from consumers.predict.service import Target, serve
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    target = Target(config.run, config.alias or config.run, args.step, args.checkpoint, args.force)
+    target_args = (config.run, config.alias or config.run, args.step, args.checkpoint, args.force)
 
     async def go(where: BusTarget) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        nc = await connect(where, settings, name=f"trainbus-serve-{target.alias}")
+        nc = await connect(where, settings, name=f"trainbus-serve-{target_args[1]}")
         try:
-            predictor = await serve(nc, target, config, stop=stop)
+            chosen = None
+            if args.step is not None or args.checkpoint is not None:  # refused before the model code loads
+                chosen = await choose(
+                    nc.jetstream(), config.run or "", step=args.step, path=args.checkpoint, force=args.force
+                )
+            import torch
+
+            from consumers.predict.service import Target, serve
+
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            predictor = await serve(nc, Target(*target_args), config, stop=stop, chosen=chosen)
         finally:
-            await nc.drain()
+            if not nc.is_closed:
+                await nc.drain()
         s = predictor.batcher.stats
         print(
             f"trainbus serve: stopped; {s.items} texts in {s.batches} batches (largest {s.largest}), "
@@ -245,10 +253,14 @@ def register_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output folder that already holds something (nothing is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--merge {out}: already exists and is not an empty folder")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from consumers.predict.export import check_output
-
     check_output(args.merge)
     from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, verify
 
@@ -272,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             await nc.close()
 
     with bus_target(settings) as where:
-        chosen = asyncio.run(pick(where))
+        chosen = asyncio.run(pick(where))  # refused before the model code loads
     verify(chosen)
     from consumers.predict.export import export_merged
     from consumers.predict.serving import load_served

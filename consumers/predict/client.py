@@ -18,12 +18,29 @@ from nats.aio.client import Client as NATS
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
-from runtime.errors import TrainbusError
+from runtime.errors import ConfigError, TrainbusError
 from schemas.predict import Answer, MetadataValue, PredictReply, PredictRequest
 from schemas.subjects import predict_subject
 
 SERVICE_NAME = "trainbus-predict"
 """The ``nats.micro`` service name every predictor registers (``$SRV.INFO.trainbus-predict``)."""
+
+
+REQUEST_FIELDS = ", ".join(PredictRequest.model_fields)
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming what is wrong with a request (the service's 400 reply, the client's own check)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "json_invalid":
+        text = f"not JSON: {str(err['msg']).removeprefix('Invalid JSON: ')}"
+    elif err["type"] == "extra_forbidden":
+        text = f"{where}: unknown field (fields: {REQUEST_FIELDS})"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        text = f"{where}: {message}" if where else message
+    return " ".join(text.split())
 
 
 class NoService(TrainbusError):
@@ -96,7 +113,10 @@ async def predict(
 ) -> list[Answer]:
     """The predictor's answers to ``texts`` (one request); ``NoService`` when nobody serves ``alias``."""
     subject = predict_subject(alias)
-    request = PredictRequest(texts=list(texts), metadata=metadata or {}, rationale=rationale)
+    try:
+        request = PredictRequest(texts=list(texts), metadata=metadata or {}, rationale=rationale)
+    except ValidationError as exc:  # the service would refuse it: say so without asking
+        raise ConfigError(describe_invalid(exc)) from None
     try:
         msg = await nc.request(subject, request.model_dump_json(exclude_defaults=True).encode(), timeout=timeout)
     except nats.errors.NoRespondersError:

@@ -21,12 +21,6 @@ from runtime.errors import ConfigError
 EXPORT_INFO = "trainbus-export.json"
 
 
-def check_output(out: Path) -> None:
-    """Refuse an output folder that already holds something (nothing is overwritten)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--merge {out}: already exists and is not an empty folder")
-
-
 def export_info(served: Served) -> dict[str, Any]:
     """What a plain-transformers user needs to ask the merged model as trainbus does."""
     chosen = served.chosen
@@ -48,8 +42,7 @@ def export_info(served: Served) -> dict[str, Any]:
 
 
 def export_merged(served: Served, out: Path) -> None:
-    """Write the merged model, its tokenizer and ``trainbus-export.json`` to ``out``."""
-    check_output(out)
+    """Write the merged model, its tokenizer and ``trainbus-export.json`` to ``out`` (new or empty)."""
     if isinstance(served.model, PeftModel):
         raise ConfigError(
             f"run {served.chosen.run_id}: a quantized base cannot be merged and saved for plain transformers"

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from producers.evaluation import left_padded
+
 RATIONALE_PREFIX = ', "rationale": "'
 """What follows the decision in a trained answer, up to where the rationale begins."""
 
@@ -52,13 +54,7 @@ def generate_rationales(model: Any, tokenizer: Any, prefixes: Sequence[str], max
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prefixes]
-    width = max(len(row) for row in ids)
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):  # left padding, as in evaluation: every row ends where it continues
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, positions = left_padded(ids, pad)
     out = model(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -29,7 +28,7 @@ from pydantic import ValidationError
 from consumers.predict.announce import announce
 from consumers.predict.batching import MicroBatcher
 from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, verify
-from consumers.predict.client import SERVICE_NAME
+from consumers.predict.client import SERVICE_NAME, describe_invalid
 from consumers.predict.config import ServeConfig
 from consumers.predict.serving import Job, Served, answer_jobs, load_served, too_long
 from runtime.errors import TrainbusError
@@ -38,7 +37,6 @@ from schemas.predict import Answer, PredictReply, PredictRequest
 from schemas.subjects import predict_subject
 
 QUEUE_GROUP = "trainbus-predict"
-REQUEST_FIELDS = ", ".join(PredictRequest.model_fields)
 
 
 @dataclass(frozen=True)
@@ -50,25 +48,6 @@ class Target:
     step: int | None = None
     checkpoint: str | None = None
     force: bool = False
-
-    @property
-    def pinned(self) -> bool:
-        """A fixed checkpoint (``--step``/``--checkpoint``) instead of following the best pointer."""
-        return self.step is not None or self.checkpoint is not None
-
-
-def describe_invalid(exc: ValidationError) -> str:
-    """One line naming what is wrong with a request."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "json_invalid":
-        text = f"not JSON: {str(err['msg']).removeprefix('Invalid JSON: ')}"
-    elif err["type"] == "extra_forbidden":
-        text = f"{where}: unknown field (fields: {REQUEST_FIELDS})"
-    else:
-        message = str(err["msg"]).removeprefix("Value error, ")
-        text = f"{where}: {message}" if where else message
-    return " ".join(text.split())
 
 
 class Predictor:
@@ -281,23 +260,24 @@ async def _wait_for_bucket(js: JetStreamContext, stop: asyncio.Event) -> Any:
 
 
 async def serve(
-    nc: NATS, target: Target, config: ServeConfig, *, stop: asyncio.Event, on_ready: Callable[[], None] | None = None
+    nc: NATS,
+    target: Target,
+    config: ServeConfig,
+    *,
+    stop: asyncio.Event,
+    chosen: Chosen | None = None,
 ) -> Predictor:
-    """Serve ``target`` until ``stop`` is set; returns the predictor (its stats) after a clean shutdown."""
+    """Serve ``chosen`` (a pinned checkpoint), else follow the run's best one, until ``stop`` is set.
+
+    Returns the predictor (its stats) after a clean shutdown: every request received is answered.
+    """
     predictor = Predictor(nc, target, config)
     predictor.batcher.start()
     try:
-        if target.pinned:
-            chosen = await choose(
-                predictor.js, target.run_id, step=target.step, path=target.checkpoint, force=target.force
-            )
+        if chosen is not None:
             await predictor.load(chosen)
-            if on_ready is not None:
-                on_ready()
             await stop.wait()
         else:
-            if on_ready is not None:
-                on_ready()
             await predictor.follow_best(stop)
     finally:
         await predictor.close()
