@@ -320,6 +320,15 @@ async def test_hot_swap_while_clients_send_fails_no_request(trained: dict[str, A
         await until(lambda: len(steps) >= swapped + 10, what="answers after the swap")
         await point_best(nc, before)
         await until(lambda: steps[-1] == before, what=f"answers from step {before} again")
+        # a pointer to a checkpoint nothing vouches for is not loaded: the service goes on with what it has
+        kv = await nc.jetstream().key_value(CHECKPOINTS_BUCKET)
+        await kv.put(
+            best_key(RUN), json.dumps({**(await best_entry(nc)), "checkpoint_event_id": "no-such-event"}).encode()
+        )
+        await asyncio.to_thread(service.wait_for, "not loading the new best checkpoint")
+        settled = len(steps)
+        await until(lambda: len(steps) >= settled + 10, what="answers after the refused pointer")
+        await point_best(nc, before)  # as it was, for the tests after this one
         stop.set()
         await asyncio.gather(*clients)
         loaded: list[PredictorLoaded] = await stored(nc, RUN, "predictor.loaded")
@@ -327,6 +336,7 @@ async def test_hot_swap_while_clients_send_fails_no_request(trained: dict[str, A
         stop.set()
         await nc.close()
     assert errors == []
+    assert "no checkpoint event no-such-event" in next(x for x in service.lines if "not loading" in x)
     runs = [s for i, s in enumerate(steps) if i == 0 or steps[i - 1] != s]
     assert runs == [before, other, before]  # every answer before a swap from the old model, after it from the new
     swaps = [e for e in loaded if e.trigger == "hot_swap"]

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -17,11 +18,12 @@ from pydantic import ValidationError
 from consumers.exporter.collector import RunCollector, build_registry
 from consumers.exporter.state import ExporterState, handle
 from consumers.predict.batching import MicroBatcher
-from consumers.predict.checkpoints import Chosen
+from consumers.predict.checkpoints import Chosen, Refused, verify
 from consumers.predict.cli import service
 from consumers.predict.client import describe_invalid
 from consumers.predict.rationale import generate_rationales, string_value
 from consumers.predict.serving import Job, Served, answer_jobs, prompts_of, too_long
+from producers.checkpoints import fingerprint
 from producers.config import RunConfig, TinyModel
 from producers.evaluation import answer_options, label_probabilities, prompt_token_limit
 from producers.labels import load_labels
@@ -29,6 +31,8 @@ from producers.metrics import decide
 from producers.model import build_tiny_model
 from producers.tokenizer import build_byte_tokenizer
 from runtime.commands import service_commands
+from runtime.errors import NotFound
+from schemas.export import json_schemas
 from schemas.predict import CheckpointRef, PredictorLoaded, PredictRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,6 +194,32 @@ def test_a_text_longer_than_the_model_reads_is_found(served: Served) -> None:
     where, tokens = too_long(served, Job(("short", "y" * 200), {})) or (-1, 0)
     assert where == 1 and tokens > served.prompt_limit
     assert len(answer_options(served.labels)) == len(served.labels.names) + 1
+
+
+def test_a_checkpoint_whose_files_changed_after_saving_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    sha, _ = fingerprint(folder)
+    chosen = Chosen("r1", 5, folder, sha, "approved", False, RunConfig(), event_id="r1.1.9")
+    verify(chosen)  # as saved: fine
+    (folder / "adapter_model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(Refused, match="differs from its checkpoint event"):
+        verify(chosen)
+    with pytest.raises(NotFound, match="does not exist"):
+        verify(Chosen("r1", 6, tmp_path / "gone", sha, "approved", False, RunConfig()))
+
+
+def test_request_and_reply_json_schemas_are_exported(served: Served) -> None:
+    schemas = json_schemas()
+    jsonschema.validate(
+        {"texts": ["a", "b"], "metadata": {"channel": "chat"}, "rationale": False}, schemas["predict-request.json"]
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"text": "a", "colour": "red"}, schemas["predict-request.json"])
+    reply = answer_jobs(served, [Job(("x",), {}, False)], rationale_tokens=4)[0]
+    jsonschema.validate({"answers": [a.model_dump(mode="json") for a in reply]}, schemas["predict-reply.json"])
+    assert "event.predictor.loaded.json" in schemas
 
 
 # ---- trainbus up, the exporter -----------------------------------------------------------
