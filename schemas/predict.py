@@ -4,7 +4,7 @@ back, and the ``predictor.loaded`` event each (re)load of a served checkpoint pu
 Request: ``{"text": "..."}`` or ``{"texts": ["...", ...]}`` (plus ``metadata`` and
 ``rationale``). Reply: ``{"answers": [...]}``, one answer per text in order. A bad request gets
 no body but the NATS service error headers (``Nats-Service-Error``: one line naming the field,
-``Nats-Service-Error-Code``: ``400`` bad input, ``413`` text too long, ``503`` no model, ``500``).
+``Nats-Service-Error-Code``: ``400`` bad input, ``413`` text too long, ``500`` the model failed).
 """
 
 from __future__ import annotations

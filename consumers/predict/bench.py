@@ -29,6 +29,7 @@ from typing import Any
 
 from consumers.predict.batching import MicroBatcher
 from consumers.predict.checkpoints import best_key, choose
+from consumers.predict.config import ServeConfig
 from producers.checkpoints import fingerprint
 from producers.config import RunConfig
 from runtime.bench import log_tail, percentile
@@ -41,12 +42,6 @@ from schemas.predict import PredictRequest
 from schemas.subjects import CHECKPOINTS_BUCKET, predict_subject
 
 RUN_ID = "bench-predict"
-TEXTS = [
-    "I am going to hurt him tomorrow, I know where he parks.",
-    "Complaint: the coffee machine at the office is broken again, please fix it.",
-    "The new guy keeps sending me creepy messages and it will not stop.",
-    "Lovely weather today, we should go for a walk by the river.",
-]
 Latencies = list[float]
 
 
@@ -168,8 +163,13 @@ async def drive(call: Callable[[int], Awaitable[bool]], clients: int, seconds: f
     return latencies, failures, time.perf_counter() - start
 
 
-def _payloads() -> list[bytes]:
-    return [PredictRequest(text=t, rationale=False).model_dump_json().encode() for t in TEXTS]
+def bench_texts(folder: Path) -> list[str]:
+    """The sample data set's texts, all different: no request repeats one the model just saw."""
+    from producers.sampledata import write_sample_data
+
+    write_sample_data(folder)
+    rows = [json.loads(line) for name in ("validation", "test") for line in (folder / f"{name}.jsonl").open()]
+    return [row["text"] for row in rows]
 
 
 class ServeProcess:
@@ -213,13 +213,13 @@ def _row(clients: int, path: str, latencies: Latencies, elapsed: float, failures
     }
 
 
-async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess) -> int:
+async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess, texts: list[str]) -> int:
     from consumers.predict.serving import Job, answer_jobs, load_served
 
     settings = Settings()
     nc = await connect(BusTarget([url], "bench"), settings, name="bench-predict")
     js = nc.jetstream()
-    payloads = _payloads()
+    payloads = [PredictRequest(text=t, rationale=False).model_dump_json().encode() for t in texts]
     subject = predict_subject(RUN_ID)
 
     async def over_bus(i: int) -> bool:
@@ -232,10 +232,14 @@ async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess) -> i
     served = await asyncio.to_thread(
         load_served, await choose(js, RUN_ID, best={"checkpoint_event_id": f"{RUN_ID}.1.2"})
     )
+    config = ServeConfig()  # what `trainbus serve` runs with
     batcher: MicroBatcher[Any, Any] = MicroBatcher(
-        lambda jobs: answer_jobs(served, jobs, 48), max_batch=32, max_wait=0.005, size=lambda j: len(j.texts)
+        lambda jobs: answer_jobs(served, jobs, config.rationale_tokens),
+        max_batch=config.max_batch,
+        max_wait=config.max_wait_ms / 1000,
+        size=lambda j: len(j.texts),
     ).start()
-    jobs = [Job((t,), {}, False) for t in TEXTS]
+    jobs = [Job((t,), {}, False) for t in texts]
 
     async def in_process(i: int) -> bool:
         await batcher.submit(jobs[i % len(jobs)])
@@ -251,7 +255,9 @@ async def _measure(url: str, args: argparse.Namespace, serve: ServeProcess) -> i
                 lat, failed, elapsed = await drive(call, clients, args.seconds)
                 old = measured[path]
                 measured[path] = (old[0] + lat, old[1] + failed, old[2] + elapsed)
-        rows += [_row(clients, path, *m[:1], m[2], m[1]) for path, m in measured.items()]
+        rows += [
+            _row(clients, path, latencies, elapsed, failed) for path, (latencies, failed, elapsed) in measured.items()
+        ]
     await batcher.close()
     swap = await _hot_swap(js, over_bus, max(int(c) for c in args.clients.split(",")), args.swap_seconds, serve)
     await nc.close()
@@ -333,7 +339,7 @@ def bench_predict(args: argparse.Namespace) -> int:
             print(
                 f"bench predict: tiny model, {args.threads} torch thread(s) per model, {args.rounds} x {args.seconds:g} s turns"
             )
-            return asyncio.run(_measure(server.url, args, serve))
+            return asyncio.run(_measure(server.url, args, serve, bench_texts(root / "data")))
         finally:
             if serve is not None:
                 serve.stop()

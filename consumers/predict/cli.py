@@ -76,31 +76,31 @@ def serve_config(args: argparse.Namespace, settings: PredictSettings) -> ServeCo
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = serve_config(args, settings)
-    if config.run is None:
+    run = config.run
+    if run is None:
         raise ConfigError("--run: which run to serve? (or set serve.run in --config)")
     from consumers.predict.checkpoints import choose
 
-    target_args = (config.run, config.alias or config.run, args.step, args.checkpoint, args.force)
+    alias = config.alias or run
 
     async def go(where: BusTarget) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        nc = await connect(where, settings, name=f"trainbus-serve-{target_args[1]}")
+        nc = await connect(where, settings, name=f"trainbus-serve-{alias}")
         try:
             chosen = None
             if args.step is not None or args.checkpoint is not None:  # refused before the model code loads
-                chosen = await choose(
-                    nc.jetstream(), config.run or "", step=args.step, path=args.checkpoint, force=args.force
-                )
+                chosen = await choose(nc.jetstream(), run, step=args.step, path=args.checkpoint, force=args.force)
             import torch
 
             from consumers.predict.service import Target, serve
 
             if config.threads:
                 torch.set_num_threads(config.threads)
-            predictor = await serve(nc, Target(*target_args), config, stop=stop, chosen=chosen)
+            target = Target(run, alias, args.force)
+            predictor = await serve(nc, target, config, stop=stop, chosen=chosen)
         finally:
             if not nc.is_closed:
                 await nc.drain()

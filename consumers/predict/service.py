@@ -19,7 +19,6 @@ from importlib.metadata import version
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointStats, Service
@@ -41,13 +40,12 @@ QUEUE_GROUP = "trainbus-predict"
 
 @dataclass(frozen=True)
 class Target:
-    """What one ``trainbus serve`` process serves."""
+    """What one ``trainbus serve`` process serves: a run's checkpoints under an alias."""
 
     run_id: str
     alias: str
-    step: int | None = None
-    checkpoint: str | None = None
     force: bool = False
+    """Serve a best pointer's checkpoint even if its verdict is not ``approved`` (never the case today)."""
 
 
 class Predictor:
@@ -77,8 +75,7 @@ class Predictor:
     async def on_request(self, request: Request) -> None:
         """Validate, then hand the job to the batcher and return; a task sends the answer."""
         served = self.served
-        if served is None:
-            raise ServiceError("503", "no checkpoint is loaded yet")
+        assert served is not None  # the endpoint is added once the first checkpoint is loaded
         try:
             req = PredictRequest.model_validate_json(request.data)
         except ValidationError as exc:
@@ -176,7 +173,7 @@ class Predictor:
 
     async def follow_best(self, stop: asyncio.Event) -> None:
         """Serve the run's best checkpoint, and each new one the audit gate names, until ``stop``."""
-        bucket = await _wait_for_bucket(self.js, stop)
+        bucket = await self._wait_for_bucket(stop)
         if bucket is None:
             return
         watcher = await bucket.watch(best_key(self.target.run_id))
@@ -226,6 +223,17 @@ class Predictor:
             self.log.error("not loading the new best checkpoint", error=reason)
             print(f"trainbus serve: not loading the new best checkpoint: {reason}", flush=True)
 
+    async def _wait_for_bucket(self, stop: asyncio.Event) -> Any:
+        """The audit gate's bucket once it exists (a fresh bus has none until the gate starts)."""
+        while not stop.is_set():
+            bucket = await open_bucket(self.js)
+            if bucket is not None:
+                return bucket
+            self._say_once("waiting for the audit gate's checkpoint bucket (start `trainbus audit`)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+        return None
+
     def _say_once(self, message: str) -> None:
         if message not in self.said:
             self.said.add(message)
@@ -243,20 +251,6 @@ class Predictor:
         while self.inflight:
             await asyncio.gather(*list(self.inflight), return_exceptions=True)
         await self.batcher.close()
-
-
-async def _wait_for_bucket(js: JetStreamContext, stop: asyncio.Event) -> Any:
-    said = False
-    while not stop.is_set():
-        bucket = await open_bucket(js)
-        if bucket is not None:
-            return bucket
-        if not said:
-            print("trainbus serve: waiting for the audit gate's checkpoint bucket (start `trainbus audit`)", flush=True)
-            said = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 2.0)
-    return None
 
 
 async def serve(
