@@ -37,6 +37,7 @@ from producers.evaluation import classifier_prompt, label_probabilities
 from producers.labels import load_labels
 from producers.metrics import classification_metrics
 from producers.model import load_model_and_tokenizer
+from runtime.errors import NotFound
 from runtime.natsserver import RunningServer
 from runtime.settings import StreamSettings
 from runtime.stream import ensure_stream, replay
@@ -476,6 +477,13 @@ async def test_a_rejected_or_unjudged_checkpoint_is_refused_unless_forced(
             await choose(js, REJECTED, step=3)
         forced = await choose(js, REJECTED, step=2, force=True)
         assert (forced.verdict, forced.forced) == ("rejected", True)
+        with pytest.raises(Refused, match="is rejected"):  # --checkpoint PATH finds the same event
+            await choose(js, REJECTED, path=str(run_dir / "checkpoint-2"))
+        loose = shutil.copytree(run_dir / "checkpoint-2", tmp_path / "elsewhere" / "checkpoint-7")
+        with pytest.raises(NotFound, match=r"no checkpoint .*checkpoint-7 in the stream"):
+            await choose(js, REJECTED, path=str(loose))
+        unvouched = await choose(js, REJECTED, path=str(loose), force=True)  # --force: served as is
+        assert (unvouched.step, unvouched.verdict, unvouched.sha256) == (7, "pending", fingerprint(loose)[0])
     finally:
         await nc.close()
     for argv in (["serve", "--run", REJECTED, "--step", "2"], ["export", "--run", REJECTED, "--step", "2", "--merge", str(tmp_path / "out")]):  # fmt: skip
