@@ -533,7 +533,7 @@ def test_roles_predictor_serves_viewer_and_operator_call_trainer_cannot(
             assert json.loads(asked.stdout)["checkpoint"]["run_id"] == RUN
         listed = cli(url, "predict", "--list", **creds["viewer"])
         assert listed.returncode == 0 and "secure" in listed.stdout
-        denied = cli(url, "predict", "--alias", "secure", "--timeout", "5", TEXTS[0], **creds["trainer"])
+        denied = cli(url, "predict", "--alias", "secure", "--timeout", "2", TEXTS[0], **creds["trainer"])
         assert denied.returncode == 3 and "denied" in denied.stderr
         asyncio.run(_predictor_may_not_steer_or_fake_events(secured_server, role_passwords["predictor"]))
     finally:
