@@ -77,7 +77,12 @@ class PredictReply(Model):
 
 
 class PredictorLoaded(Envelope):
-    """A predictor now serves this checkpoint under ``alias`` (at start and on every hot swap)."""
+    """A predictor now serves this checkpoint under ``alias`` (at start and on every hot swap).
+
+    ``source`` is ``predictor``; ``attempt`` is the checkpoint's; ``seq`` counts the run's
+    ``predictor.loaded`` events from 1 without gaps, whichever replica published them;
+    ``event_id`` is ``<run_id>.predictor.<instance>.<n>``, this instance's n-th load.
+    """
 
     type: Literal["predictor.loaded"] = "predictor.loaded"
     alias: Alias
