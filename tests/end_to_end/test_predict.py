@@ -352,10 +352,13 @@ async def test_two_replicas_both_answer(trained: dict[str, Any], service: Proces
         before = await _requests_by_instance(nc, replicas=2)
         await asyncio.gather(*(predict(nc, ALIAS, [TEXTS[i % 3]], rationale=False) for i in range(40)))
         after = await _requests_by_instance(nc, replicas=2)
+        loaded: list[PredictorLoaded] = await stored(nc, RUN, "predictor.loaded")
     finally:
         await nc.close()
         assert second.stop() == 0
     assert len(after) == 2
+    assert [e.seq for e in loaded] == list(range(1, len(loaded) + 1))  # one numbering, whichever replica announced
+    assert {e.instance for e in loaded} == set(after)
     served_each = {instance: after[instance] - before.get(instance, 0) for instance in after}
     assert sum(served_each.values()) == 40
     assert all(n > 0 for n in served_each.values()), served_each  # the queue group spread the load
