@@ -100,8 +100,12 @@ def register_nats(sub: Any) -> None:
 
 
 def service_commands() -> dict[str, list[str]]:
-    """Consumers that `trainbus up` runs, from the ``trainbus.services`` entry-point group."""
-    return {ep.name: list(ep.load()()) for ep in sorted(entry_points(group="trainbus.services"), key=lambda e: e.name)}
+    """Consumers that `trainbus up` runs, from the ``trainbus.services`` entry-point group.
+
+    A service whose function returns no command is off (the predictor, until its config names a run).
+    """
+    found = {ep.name: list(ep.load()()) for ep in sorted(entry_points(group="trainbus.services"), key=lambda e: e.name)}
+    return {name: argv for name, argv in found.items() if argv}
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -28,6 +28,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "audit.flag": ("rule", "severity", "step", "message"),
     "audit.verdict": ("checkpoint_step", "verdict", "reasons"),
     "heartbeat": ("step", "phase"),
+    "predictor.loaded": ("alias", "step", "verdict", "trigger", "instance"),
 }
 
 

@@ -24,6 +24,7 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
+from schemas.predict import PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
 FinishStatus = Literal["completed", "stopped", "failed"]
@@ -190,7 +191,8 @@ Event = Annotated[
     | CommandResult
     | AuditFlag
     | AuditVerdict
-    | Heartbeat,
+    | Heartbeat
+    | PredictorLoaded,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
