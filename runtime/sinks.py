@@ -23,8 +23,14 @@ class PublisherStats:
     spilled: int = 0
     outbox_pending: int = 0
     invalid: int = 0
+    dead_lettered: int = 0
+    """Events the bus refuses for good, set aside in the dead-letter file beside the outbox."""
+    trimmed: int = 0
+    """Events published with their largest parts trimmed to fit the server's max_payload."""
+    failure: str | None = None
+    """Why the sink's background thread died, if it did."""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
