@@ -182,9 +182,7 @@ def test_no_stream_and_not_allowed_to_create_it_sets_events_aside(server: Runnin
     assert all(EVENTS_STREAM in a["reason"] for a in dead_letters(outbox))
 
 
-def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(
-    server: RunningServer, tmp_path: Path
-) -> None:
+def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(server: RunningServer, tmp_path: Path) -> None:
     """The stream's own max_msg_size refuses message i while i+1 is stored: i must not land after i+1."""
 
     async def small_messages(nc: NATS) -> None:
@@ -306,7 +304,7 @@ def test_a_sender_that_dies_says_so_and_keeps_every_later_event(
     def bug(*args: Any) -> None:
         raise RuntimeError("a bug in the sender")
 
-    monkeypatch.setattr(publisher, "_commit", bug)  # the next acked batch kills the thread
+    monkeypatch.setattr(publisher._sender, "_commit", bug)  # the next acked batch kills the thread
     steps(stamper, 1)
     wait_until(lambda: publisher.failure is not None, timeout=30, what="the sender to fail")
     steps(stamper, 5)
