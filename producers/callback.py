@@ -66,9 +66,16 @@ _EVAL_FIELDS = (
 
 
 def open_bus(
-    run_id: str, settings: Settings, outbox_path: Path, channel: ControlChannel | None, memory_limit: int = 10_000
+    run_id: str,
+    settings: Settings,
+    outbox_path: Path,
+    channel: ControlChannel | None,
+    memory_limit: int = 10_000,
+    *,
+    offline_ok: bool = False,
 ) -> NatsPublisher:
-    """Connect the run's publisher (and its control responder); ``BusUnavailable`` if unreachable."""
+    """Connect the run's publisher (and its control responder); ``BusUnavailable`` if unreachable,
+    unless ``offline_ok``: then it starts offline and connects in the background."""
     responders: dict[str, Callable[[bytes], bytes]] = (
         {control_subject(run_id): channel.handle} if channel is not None else {}
     )
@@ -83,6 +90,7 @@ def open_bus(
         memory_limit=memory_limit,
         name=f"trainbus-{run_id}",
         responders=responders,
+        offline_ok=offline_ok,
         owns_server=True,  # an embedded server started for this run stops with it; its store keeps the events
     )
     try:

@@ -115,7 +115,10 @@ class Sender:
         )  # fmt: skip
         try:
             if self.provision_stream:
-                await ensure_stream(nc.jetstream(timeout=self.settings.bus.ack_timeout), self.settings.stream)
+                try:
+                    await ensure_stream(nc.jetstream(timeout=self.settings.bus.ack_timeout), self.settings.stream)
+                except BusUnavailable as exc:
+                    raise BusUnavailable(f"the bus at {self.target.display} ({self.target.origin}): {exc}") from None
             for subject, handler in self.responders.items():
                 await nc.subscribe(subject, cb=_responder(handler, self.log))
             if self.responders:
