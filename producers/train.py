@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from producers.callback import TrainbusCallback, open_bus
+from producers.callback import TrainbusCallback
 from producers.checkpoints import latest_checkpoint
 from producers.config import RunConfig
 from producers.control import ControlChannel
@@ -35,6 +35,7 @@ from producers.model import (
     load_model_and_tokenizer,
     prepare_base_model,
 )
+from producers.publishing import open_bus
 from producers.sampledata import write_sample_data
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.logs import get_logger
