@@ -3,7 +3,6 @@ accepted command gets an outcome, and a bus that is down never stops the trainin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -13,36 +12,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors
 import pytest
-from nats.aio.client import Client as NATS
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from producers import TrainbusCallback
 from runtime.logs import setup_logging
 from runtime.natsserver import RunningServer, start_server
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.stream import replay
-from schemas import run_events
 from tests.conftest import wait_until
+from tests.end_to_end.conftest import events_of as stored
 from tests.integration.user_script import FailAt, RandomTokens
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests/integration/user_script.py"
 
 
-def stored(url: str, run_id: str) -> list[Any]:
-    async def read() -> list[Any]:
-        nc = NATS()
-        await nc.connect(url)
-        try:
-            return [d.event async for d in replay(nc.jetstream(), run_events(run_id)) if d.event is not None]
-        except nats.js.errors.NotFoundError:
-            return []  # no stream yet: nothing was published
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
+def attached(tmp_path: Path, max_steps: int, run_id: str, **settings: Any) -> Trainer:
+    """A tiny Trainer with trainbus attached, as a user would add it."""
+    trainer = tiny_trainer(tmp_path, max_steps)
+    TrainbusCallback.attach(trainer, run_id=run_id, settings=Settings(bus=BusSettings(**settings)))
+    return trainer
 
 
 def tiny_trainer(tmp_path: Path, max_steps: int) -> Trainer:
@@ -77,8 +66,7 @@ def user_script(mode: str, run_id: str, url: str, tmp_path: Path) -> subprocess.
 def test_a_crash_inside_train_with_attach_publishes_run_finished_failed(
     nats_server: RunningServer, tmp_path: Path
 ) -> None:
-    trainer = tiny_trainer(tmp_path, max_steps=20)
-    TrainbusCallback.attach(trainer, run_id="attach-crash", settings=Settings(bus=BusSettings(url=nats_server.url)))
+    trainer = attached(tmp_path, 20, "attach-crash", url=nats_server.url)
     trainer.add_callback(FailAt(4))
     with pytest.raises(RuntimeError, match="failed at step 4"):
         trainer.train()
@@ -147,8 +135,7 @@ class OperatorAtTheLastStep(TrainerCallback):
 def test_a_command_accepted_after_the_last_step_is_answered_and_ctl_says_so(
     nats_server: RunningServer, tmp_path: Path
 ) -> None:
-    trainer = tiny_trainer(tmp_path, max_steps=3)
-    TrainbusCallback.attach(trainer, run_id="late-cmd", settings=Settings(bus=BusSettings(url=nats_server.url)))
+    trainer = attached(tmp_path, 3, "late-cmd", url=nats_server.url)
     operator = OperatorAtTheLastStep(nats_server.url, "late-cmd", last=3)
     trainer.add_callback(operator)
     trainer.train()
@@ -192,8 +179,7 @@ def test_the_callback_trains_offline_and_sends_everything_once_the_bus_is_up(
     port = free_port()
     monkeypatch.setenv("NATS_URL", f"nats://127.0.0.1:{port}")  # nothing listens there yet
     setup_logging("info", "json")
-    trainer = tiny_trainer(tmp_path, max_steps=6)
-    TrainbusCallback.attach(trainer, run_id="offline-cb", settings=Settings(bus=BusSettings(connect_timeout=1)))
+    trainer = attached(tmp_path, 6, "offline-cb", connect_timeout=1)
     bus = BusComesUp(port, tmp_path / "nats", "offline-cb")
     trainer.add_callback(bus)
     try:

@@ -28,9 +28,10 @@ from runtime.outbox import Outbox, dead_letter_path
 from runtime.publisher import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
 from runtime.sinks import Stamper
-from runtime.stream import replay, stream_config
-from schemas import EVENTS_STREAM, AuditFlag, Evaluation, RunStarted, TrainStep, event_subject, run_events
+from runtime.stream import stream_config
+from schemas import EVENTS_STREAM, AuditFlag, Evaluation, RunStarted, TrainStep, event_subject
 from tests.conftest import wait_until
+from tests.end_to_end.conftest import events_of as stored
 
 HP = {"learning_rate": 1e-3}
 
@@ -73,11 +74,9 @@ def on_bus(url: str, work: Callable[[NATS], Awaitable[Any]], **auth: str) -> Any
     return asyncio.run(go())
 
 
-def stored(url: str, run_id: str, **auth: str) -> list[Any]:
-    async def read(nc: NATS) -> list[Any]:
-        return [d.event async for d in replay(nc.jetstream(), run_events(run_id)) if d.event is not None]
-
-    return on_bus(url, read, **auth)  # type: ignore[no-any-return]
+def start_publisher(url: str, outbox: Path, **options: Any) -> NatsPublisher:
+    bus = options.pop("bus", {})
+    return NatsPublisher(BusTarget([url], "test"), settings_for(url, **bus), outbox_path=outbox, **options).start()
 
 
 def steps(stamper: Stamper, n: int) -> None:
@@ -103,7 +102,7 @@ def test_an_event_over_max_payload_is_set_aside_and_later_events_flow(
     server: RunningServer, tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox).start()
+    publisher = start_publisher(server.url, outbox)
     stamper = Stamper(publisher, "poison")
     huge_config = {f"key{i}": "x" * 100 for i in range(2000)}  # ~230 KB: 3.5 times the server's max_payload
     stamper.emit(RunStarted, config=huge_config, config_hash="h", model="m", adapter="lora", data_fingerprint="d", hyperparameters=HP)  # fmt: skip
@@ -137,7 +136,7 @@ def test_a_poison_event_in_the_outbox_of_an_earlier_attempt_does_not_block_the_r
     box = Outbox(outbox)
     box.append([(event_subject("restart", e.type), e.event_id, e.model_dump_json().encode()) for e in (small[0], big, *small[1:])])  # fmt: skip
     box.close()
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox).start()
+    publisher = start_publisher(server.url, outbox)
     try:
         wait_until(lambda: len(stored(server.url, "restart")) == 3, timeout=60, what="the outbox to drain")
     finally:
@@ -151,10 +150,7 @@ def test_an_event_the_user_may_not_publish_is_set_aside(
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
     trainer = Credentials(user="trainer", password=role_passwords["trainer"])
-    publisher = NatsPublisher(
-        BusTarget([secured_server.url], "test"), settings_for(secured_server.url, ack_timeout=5.0),
-        outbox_path=outbox, credentials=trainer,
-    ).start()  # fmt: skip
+    publisher = start_publisher(secured_server.url, outbox, credentials=trainer, bus={"ack_timeout": 5.0})
     stamper = Stamper(publisher, "denied")
     steps(stamper, 2)
     stamper.emit(AuditFlag, rule="r", severity="info", step=1, message="a trainer may not publish audit events", judged_event_id="x")  # fmt: skip
@@ -170,9 +166,7 @@ def test_an_event_the_user_may_not_publish_is_set_aside(
 
 def test_no_stream_and_not_allowed_to_create_it_sets_events_aside(server: RunningServer, tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    publisher = NatsPublisher(
-        BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox, provision_stream=False
-    ).start()
+    publisher = start_publisher(server.url, outbox, provision_stream=False)
     steps(Stamper(publisher, "nostream"), 3)
     try:
         assert publisher.flush(60)
@@ -192,7 +186,7 @@ def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(server:
 
     on_bus(server.url, small_messages)
     outbox = tmp_path / "outbox.jsonl"
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox).start()
+    publisher = start_publisher(server.url, outbox)
     stamper = Stamper(publisher, "order")
     steps(stamper, 2)
     stamper.emit(Evaluation, step=2, loss=0.5, labels=[f"L{i}" for i in range(1000)])  # ~10 KB: over the stream's limit
@@ -212,9 +206,7 @@ def test_a_deleted_stream_is_recreated_without_a_busy_loop(
     server: RunningServer, tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
 ) -> None:
     name = "pub-deleted-stream"
-    publisher = NatsPublisher(
-        BusTarget([server.url], "test"), settings_for(server.url), outbox_path=tmp_path / "outbox.jsonl", name=name
-    ).start()
+    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", name=name)
     stamper = Stamper(publisher, "deleted")
     steps(stamper, 5)
     assert publisher.flush(30)
@@ -251,9 +243,7 @@ def test_a_refusing_stream_is_retried_with_backoff_logged_once(
 
     on_bus(server.url, lambda nc: limit(nc, 5))
     name = "pub-refused"
-    publisher = NatsPublisher(
-        BusTarget([server.url], "test"), settings_for(server.url), outbox_path=tmp_path / "outbox.jsonl", name=name
-    ).start()
+    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", name=name)
     stamper = Stamper(publisher, "refused")
     steps(stamper, 20)
     wait_until(lambda: len(stored(server.url, "refused")) == 5, timeout=30, what="the stream to fill up")
@@ -280,7 +270,7 @@ def test_an_outbox_with_a_torn_last_line_does_not_kill_the_publisher(server: Run
     outbox = tmp_path / "outbox.jsonl"
     first = TrainStep(event_id="torn.1.1", run_id="torn", seq=1, step=1, epoch=0, loss=1, learning_rate=1e-3)
     outbox.write_bytes(f"{event_subject('torn', 'train.step')}\ttorn.1.1\t{first.model_dump_json()}\n".encode() + b"trainbus.ev")  # fmt: skip
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox).start()
+    publisher = start_publisher(server.url, outbox)
     stamper = Stamper(publisher, "torn")
     stamper.seq = 1
     steps(stamper, 10)
@@ -296,7 +286,7 @@ def test_a_sender_that_dies_says_so_and_keeps_every_later_event(
     server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Callable[[], list[dict[str, Any]]]
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings_for(server.url), outbox_path=outbox).start()
+    publisher = start_publisher(server.url, outbox)
     stamper = Stamper(publisher, "dies")
     steps(stamper, 3)
     assert publisher.flush(30)
@@ -332,10 +322,7 @@ def test_offline_start_sends_the_outbox_once_the_bus_appears(
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     outbox = tmp_path / "outbox.jsonl"
-    publisher = NatsPublisher(
-        BusTarget([url], "test"), settings_for(url, connect_timeout=1.0), outbox_path=outbox,
-        memory_limit=10, offline_ok=True,
-    ).start()  # fmt: skip
+    publisher = start_publisher(url, outbox, memory_limit=10, offline_ok=True, bus={"connect_timeout": 1.0})
     stamper = Stamper(publisher, "offline")
     steps(stamper, 30)
     wait_until(lambda: outbox.exists() and len(outbox.read_text().splitlines()) >= 20, what="events to spill")
