@@ -36,7 +36,7 @@ from runtime.consume import ConsumerStats, consume
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import NO_JETSTREAM, Delivered, ensure_stream, replay
+from runtime.stream import Delivered, ensure_stream, replay
 from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event, event_subject
 from schemas.common import utc_now
 from schemas.subjects import CHECKPOINTS_BUCKET
@@ -213,10 +213,8 @@ class Auditor:
 async def _ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     try:
         await js.stream_info(EVENTS_STREAM)
-    except nats.js.errors.NotFoundError:
-        await ensure_stream(js, settings.stream)
-    except nats.js.errors.ServiceUnavailableError:
-        raise BusUnavailable(NO_JETSTREAM) from None
+    except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+        await ensure_stream(js, settings.stream)  # creates it, or says in one line that JetStream is off
     except (TimeoutError, nats.errors.TimeoutError):
         raise BusUnavailable(f"no answer from JetStream about {EVENTS_STREAM}: may this user use JetStream?") from None
 
