@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from producers import hyperparams
 from producers.checkpoints import fingerprint
 from producers.control import ControlChannel, internal_stop
-from producers.distributed import share_commands, world
+from producers.distributed import release_command_group, share_commands, world
 from producers.exits import ExitGuard, wrap_train
 from producers.publishing import open_bus
 from runtime.settings import Settings
@@ -196,6 +196,7 @@ class TrainbusCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        release_command_group()  # every rank ends here together; no gloo side group may outlive the run
         if self.stop_command is not None:
             self.finish(
                 "stopped",

@@ -4,7 +4,7 @@ The per-step cost is one broadcast of a single int (how many commands, usually 0
 that is non-zero does the command list itself travel, so every rank applies the same commands at
 the same step. Commands travel on a group that serves CPU tensors: on GPUs the default group is
 NCCL, which serves only CUDA tensors, so a gloo side group is created once for them (which also
-keeps the per-step check from forcing a CUDA synchronisation).
+keeps the per-step check from forcing a CUDA synchronisation); it is released when the run ends.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from runtime.logs import get_logger
 from schemas import COMMAND_ADAPTER, Command
 
 
@@ -74,6 +76,23 @@ def command_group() -> Any:
         _side["for"] = default
         _side["group"] = None if serves_cpu(str(dist.get_backend())) else dist.new_group(backend="gloo")
     return _side["group"]
+
+
+def release_command_group(wait: float = 60.0) -> None:
+    """Destroy the side group (every rank, when its run ends), once all ranks are done with it.
+
+    A gloo group still alive when the interpreter exits can abort the process
+    ("terminate called without an active exception"), which a launcher reports as a failure.
+    """
+    group = _side.pop("group", None)
+    _side.pop("for", None)
+    if group is None or not dist.is_initialized():
+        return
+    try:  # gloo-only, and it gives up instead of hanging when a rank never comes
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=wait))
+    except RuntimeError as exc:
+        get_logger().warning("not every rank reached the end of the run", error=str(exc).splitlines()[0])
+    dist.destroy_process_group(group)
 
 
 def share_commands(commands: list[Command]) -> list[Command]:

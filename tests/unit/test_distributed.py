@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from producers.distributed import share_commands
+from producers.distributed import release_command_group, share_commands
 from schemas import Pause, SetHyperparameters
 
 
@@ -30,6 +30,7 @@ def _rank(rank: int, store: str, out: str, backend: str) -> None:
         )
         got = [share_commands(mine if step == 3 else []) for step in range(5)]  # four quiet steps, one with commands
         Path(out, f"rank{rank}.json").write_text(json.dumps([[c.command_id for c in step] for step in got]))
+        release_command_group()  # as the callback does when the run ends: no gloo group left at exit
     finally:
         dist.destroy_process_group()
 
