@@ -44,18 +44,23 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
     running.stop()
 
 
+class Logs:
+    """The JSON log lines written so far (structlog writes them to stderr)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+        self.seen: list[dict[str, Any]] = []
+
+    def __call__(self) -> list[dict[str, Any]]:
+        err = self.capsys.readouterr().err
+        self.seen += [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        return self.seen
+
+
 @pytest.fixture
-def logs(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str, Any]]]:
-    """The JSON log lines written so far."""
+def logs(capsys: pytest.CaptureFixture[str]) -> Logs:
     setup_logging("info", "json")
-
-    def read() -> list[dict[str, Any]]:
-        err = capsys.readouterr().err
-        read.seen += [json.loads(line) for line in err.splitlines() if line.startswith("{")]  # type: ignore[attr-defined]
-        return read.seen  # type: ignore[attr-defined,no-any-return]
-
-    read.seen = []  # type: ignore[attr-defined]
-    return read
+    return Logs(capsys)
 
 
 def settings_for(url: str, **bus: Any) -> Settings:
@@ -99,7 +104,7 @@ def dead_letters(outbox: Path) -> list[dict[str, Any]]:
 
 
 def test_an_event_over_max_payload_is_set_aside_and_later_events_flow(
-    server: RunningServer, tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
+    server: RunningServer, tmp_path: Path, logs: Logs
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
     publisher = start_publisher(server.url, outbox)
@@ -202,9 +207,7 @@ def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(server:
 # ---- 3. a refusing bus -----------------------------------------------------------------
 
 
-def test_a_deleted_stream_is_recreated_without_a_busy_loop(
-    server: RunningServer, tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
-) -> None:
+def test_a_deleted_stream_is_recreated_without_a_busy_loop(server: RunningServer, tmp_path: Path, logs: Logs) -> None:
     name = "pub-deleted-stream"
     publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", name=name)
     stamper = Stamper(publisher, "deleted")
@@ -231,7 +234,7 @@ def test_a_deleted_stream_is_recreated_without_a_busy_loop(
 
 
 def test_a_refusing_stream_is_retried_with_backoff_logged_once(
-    server: RunningServer, tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
+    server: RunningServer, tmp_path: Path, logs: Logs
 ) -> None:
     """A stream at its message limit (discard new) refuses every publish until an operator acts."""
 
@@ -283,7 +286,7 @@ def test_an_outbox_with_a_torn_last_line_does_not_kill_the_publisher(server: Run
 
 
 def test_a_sender_that_dies_says_so_and_keeps_every_later_event(
-    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Callable[[], list[dict[str, Any]]]
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
     publisher = start_publisher(server.url, outbox)
@@ -316,9 +319,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_offline_start_sends_the_outbox_once_the_bus_appears(
-    tmp_path: Path, logs: Callable[[], list[dict[str, Any]]]
-) -> None:
+def test_offline_start_sends_the_outbox_once_the_bus_appears(tmp_path: Path, logs: Logs) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     outbox = tmp_path / "outbox.jsonl"

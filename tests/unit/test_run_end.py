@@ -10,6 +10,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from producers.callback import TrainbusCallback
 from producers.control import ControlChannel
 from runtime.sinks import MemorySink
+from tests.conftest import wait_until
 
 
 def command(kind: str, command_id: str, run_id: str = "r") -> bytes:
@@ -47,8 +48,7 @@ def test_no_heartbeat_follows_run_finished(tmp_path: Path) -> None:
         sink = MemorySink()
         cb = callback(sink, heartbeat_seconds=0.0001)
         cb.on_train_begin(args, TrainerState(), TrainerControl())
-        while not sink.of_type("heartbeat"):
-            pass
+        wait_until(lambda s=sink: s.of_type("heartbeat"), what="a heartbeat")
         cb.finish("completed", 0)
         assert cb._heartbeat is not None
         cb._heartbeat.join(5)  # whatever it was doing when finish() was called is done now
