@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,3 +224,18 @@ async def connected(target: BusTarget, settings: Settings, *, name: str) -> Asyn
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A request/reply subscription callback: answer at once with ``handler``'s bytes."""
+
+    async def respond(msg: Any) -> None:
+        try:
+            answer = handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the bus thread
+            log.error("request handler failed", subject=msg.subject, error=repr(exc))
+            return
+        if msg.reply:
+            await msg.respond(answer)
+
+    return respond

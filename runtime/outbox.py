@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from runtime.logs import get_logger
+from schemas import Event
+from schemas.subjects import event_subject
 
 Record = tuple[str, str, bytes]
+
+
+def record_of(event: Event) -> Record:
+    """The outbox/bus form of ``event``: subject, msg id, JSON."""
+    return event_subject(event.run_id, event.type), event.event_id, event.model_dump_json().encode()
 
 
 def encode(records: list[Record]) -> bytes:

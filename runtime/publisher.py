@@ -28,8 +28,8 @@ from pathlib import Path
 from runtime.bus import BusTarget, Credentials
 from runtime.handoff import Handoff
 from runtime.logs import get_logger
-from runtime.outbox import Outbox
-from runtime.sender import Sender, record_of
+from runtime.outbox import Outbox, record_of
+from runtime.sender import Sender
 from runtime.settings import Settings
 from runtime.sinks import PublisherStats
 from schemas import Event

@@ -15,7 +15,7 @@ import contextlib
 import queue
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,18 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget, Credentials, connect
+from runtime.bus import BusTarget, Credentials, connect, responder
 from runtime.delivery import Acks, Backoff, BatchAcks, denied_subject
 from runtime.errors import BusUnavailable
 from runtime.handoff import Handoff
-from runtime.outbox import Outbox, Record
+from runtime.outbox import Outbox, Record, record_of
 from runtime.oversize import fit, room
 from runtime.settings import Settings
 from runtime.sinks import PublisherStats
 from runtime.stream import ensure_stream
-from schemas import EVENTS_STREAM, Event
-from schemas.subjects import event_subject
+from schemas import EVENTS_STREAM
 
 Item = tuple[Record, int | None]  # the record, and its outbox end offset when it came from there
-
-
-def record_of(event: Event) -> Record:
-    """The outbox/bus form of ``event``: subject, msg id, JSON."""
-    return event_subject(event.run_id, event.type), event.event_id, event.model_dump_json().encode()
 
 
 class Sender:
@@ -120,7 +114,7 @@ class Sender:
                 except BusUnavailable as exc:
                     raise BusUnavailable(f"the bus at {self.target.display} ({self.target.origin}): {exc}") from None
             for subject, handler in self.responders.items():
-                await nc.subscribe(subject, cb=_responder(handler, self.log))
+                await nc.subscribe(subject, cb=responder(handler, self.log))
             if self.responders:
                 await nc.flush()
         except BaseException:
@@ -130,7 +124,8 @@ class Sender:
         return nc
 
     async def _connect(self) -> NATS | None:
-        """The first connection; with ``offline_ok``, retried in the background until it works or close()."""
+        """The first connection; with ``offline_ok``, retried in the background until it works, or
+        close() is called and one last try fails (then everything stays in the outbox)."""
         backoff = Backoff(first=0.5, cap=10.0)
         offline_since: float | None = None
         while True:
@@ -146,9 +141,9 @@ class Sender:
                         error=str(exc), outbox=str(self.outbox_path),
                     )  # fmt: skip
                     self.on_ready()
-                await self._idle(backoff.next())
                 if self.handoff.closing:
-                    return None
+                    return None  # the last try, made when close() was called, failed too
+                await self._idle(backoff.next(), stop_on_close=True)
                 continue
             if offline_since is not None:
                 self.log.info(
@@ -167,13 +162,15 @@ class Sender:
 
     # ---- memory and outbox -----------------------------------------------------------------
 
-    async def _idle(self, seconds: float) -> None:
-        """Take in events for ``seconds`` (no longer than the close deadline)."""
+    async def _idle(self, seconds: float, *, stop_on_close: bool = False) -> None:
+        """Take in events for ``seconds`` (no longer than the close deadline, or until close())."""
         h = self.handoff
         until = time.monotonic() + seconds
         while True:
             if self._intake():
                 h.closing = True
+            if stop_on_close and h.closing:
+                return
             left = min(until, h.deadline) - time.monotonic()
             if left <= 0:
                 return
@@ -389,18 +386,3 @@ class Sender:
             if self.handoff.closing and time.monotonic() >= self.handoff.deadline:
                 return
             await asyncio.sleep(0.05)
-
-
-def _responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
-    """A request/reply subscription callback: answer at once with ``handler``'s bytes."""
-
-    async def respond(msg: Any) -> None:
-        try:
-            answer = handler(msg.data)
-        except Exception as exc:  # a handler bug must not kill the bus thread
-            log.error("request handler failed", subject=msg.subject, error=repr(exc))
-            return
-        if msg.reply:
-            await msg.respond(answer)
-
-    return respond
