@@ -2,7 +2,8 @@
 
 A command is a request on ``trainbus.control.<run_id>``; the trainer answers at once
 (``accepted``/``rejected``). With ``wait`` the client also waits for the ``command.result``
-event with status ``applied``. No answer means no trainer is listening for that run.
+event with status ``applied`` (or ``rejected``: the run ended before applying it, exit 2). No
+answer means no trainer is listening for that run.
 """
 
 from __future__ import annotations
@@ -118,12 +119,12 @@ async def send_command(
             except (TimeoutError, nats.errors.TimeoutError):
                 break
             event = parse_event(event_msg.data)
-            if (
-                isinstance(event, CommandResult)
-                and event.command_id == command.command_id
-                and event.status == "applied"
-            ):
+            if not isinstance(event, CommandResult) or event.command_id != command.command_id:
+                continue
+            if event.status == "applied":
                 return reply, event
+            if event.status == "rejected":  # accepted, then the run ended before applying it
+                raise Rejected(f"{command.type} was accepted but not applied ({event.code}): {event.message}")
         raise TrainbusError(f"{command.type} was accepted but not applied within {wait_timeout:g}s")
     finally:
         if results is not None:

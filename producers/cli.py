@@ -23,6 +23,11 @@ def register_train(sub: Any) -> None:
     )
     p.add_argument("--run-id", help="choose the run id (default: <run_name>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID from its last checkpoint (attempt + 1)")
+    p.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="train even when the bus is unreachable: events wait in the run's outbox and are sent once it connects",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -32,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     setup_logging(cfg.log.level, cfg.log.format)
+    if args.offline_ok:
+        cfg.publish.offline_ok = True
     if args.run_id and args.resume:
         raise ConfigError("--run-id and --resume are exclusive (--resume keeps the run's id)")
     from producers.train import run

@@ -115,6 +115,8 @@ class PublishConfig(Section):
     close_timeout: float = Field(10.0, gt=0)
     enabled: bool = True
     """False: train offline with a null sink."""
+    offline_ok: bool = False
+    """True: an unreachable bus does not stop the run; events wait in the outbox until it connects (``--offline-ok``)."""
 
 
 class RunConfig(Settings):

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from producers.callback import TrainbusCallback, open_bus
+from producers.callback import TrainbusCallback
 from producers.checkpoints import latest_checkpoint
 from producers.config import RunConfig
 from producers.control import ControlChannel
@@ -35,10 +35,12 @@ from producers.model import (
     load_model_and_tokenizer,
     prepare_base_model,
 )
+from producers.publishing import open_bus
 from producers.sampledata import write_sample_data
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.logs import get_logger
-from runtime.sinks import EventSink, NullSink
+from runtime.outbox import dead_letter_path
+from runtime.sinks import EventSink, NullSink, PublisherStats
 from schemas import check_run_id
 
 RUN_FILE = "trainbus-run.json"
@@ -230,7 +232,10 @@ def run(
     channel = ControlChannel(prep.run_id) if rank == 0 else None
     sink: EventSink = NullSink()
     if rank == 0 and cfg.publish.enabled:
-        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
+        sink = open_bus(
+            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit,
+            offline_ok=cfg.publish.offline_ok,
+        )  # fmt: skip
     if rank == 0:
         (prep.run_dir / RUN_FILE).write_text(
             json.dumps(
@@ -269,13 +274,18 @@ def run(
             signal.signal(s, handler)
         stats = sink.close(timeout=cfg.publish.close_timeout)
         if rank == 0:
-            note = (
-                f"; {stats.outbox_pending} events still in {prep.run_dir / 'outbox.jsonl'}"
-                if stats.outbox_pending
-                else ""
-            )
-            print(
-                f"trainbus: run {prep.run_id} (attempt {prep.attempt}) {status}: {stats.published} events published{note}",
-                flush=True,
-            )
+            print(summary_line(prep, status, stats), flush=True)
     return 0
+
+
+def summary_line(prep: Prepared, status: str, stats: PublisherStats) -> str:
+    """The run's last line: how it ended and where every event is (the bus, the outbox, set aside)."""
+    outbox = prep.run_dir / "outbox.jsonl"
+    line = f"trainbus: run {prep.run_id} (attempt {prep.attempt}) {status}: {stats.published} events published"
+    if stats.failure:
+        line += f"; the publisher failed ({stats.failure})"
+    if stats.outbox_pending:
+        line += f"; {stats.outbox_pending} events still in {outbox}"
+    if stats.dead_lettered or stats.trimmed:
+        line += f"; {stats.dead_lettered} refused by the bus, {stats.trimmed} trimmed (originals in {dead_letter_path(outbox)})"
+    return line

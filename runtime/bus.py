@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,3 +217,18 @@ async def connected(target: BusTarget, settings: Settings, *, name: str) -> Asyn
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A request/reply subscription callback: answer at once with ``handler``'s bytes."""
+
+    async def respond(msg: Any) -> None:
+        try:
+            answer = handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the bus thread
+            log.error("request handler failed", subject=msg.subject, error=repr(exc))
+            return
+        if msg.reply:
+            await msg.respond(answer)
+
+    return respond

@@ -37,6 +37,10 @@ from schemas import (
 from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
 
 NS = 1_000_000_000
+NO_JETSTREAM = (
+    "JetStream is not enabled on this NATS server: start nats-server with -js (or a jetstream {} block), "
+    "or use `trainbus up`"
+)
 
 
 def stream_config(limits: StreamSettings) -> api.StreamConfig:
@@ -80,6 +84,8 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         await js.add_stream(config=want)
         log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes)
         return "created"
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable(NO_JETSTREAM) from None
     except (TimeoutError, nats.errors.TimeoutError):
         raise BusUnavailable(
             f"no answer from JetStream for stream {EVENTS_STREAM}: is JetStream enabled and may this user use it?"

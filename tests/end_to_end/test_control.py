@@ -110,6 +110,7 @@ def test_same_command_id_is_applied_once(nats_server: RunningServer, live: Train
     )
     results = [r for r in of_type(events, "command.result") if r.command_id == "dup-1"]
     assert [r.status for r in results].count("applied") == 1
+    assert [r.status for r in results].count("accepted") == 1  # the repeat is answered, not recorded twice
 
 
 def test_wrong_or_absent_run(nats_server: RunningServer, live: Trainer) -> None:
