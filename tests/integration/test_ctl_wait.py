@@ -79,7 +79,9 @@ def unreadable_then_eval(command: dict[str, Any], stamper: Stamper) -> list[Any]
     return [
         b"{not json",
         json.dumps({"type": "command.result", "command_id": command["command_id"], "status": "applied"}).encode(),
-        json.dumps({**newer, "command_id": command["command_id"], "command": "evaluate", "status": "rejected"}).encode(),
+        json.dumps(
+            {**newer, "command_id": command["command_id"], "command": "evaluate", "status": "rejected"}
+        ).encode(),
         _applied(command, stamper),
         stamper.emit(Evaluation, step=40, loss=0.52, accuracy=0.91, macro_f1=0.88, trigger="command"),
     ]

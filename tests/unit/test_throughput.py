@@ -46,7 +46,9 @@ class Run:
         self.sink = MemorySink()
         self.channel = ControlChannel(RUN)
         self.callback = TrainbusCallback(RUN, sink=self.sink, channel=self.channel, heartbeat_seconds=3600)
-        self.args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, report_to=[], use_cpu=True)
+        self.args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=BATCH, report_to=[], use_cpu=True
+        )
         self.state = TrainerState(max_steps=100)
         self.control = TrainerControl()
         self.callback.on_train_begin(self.args, self.state, self.control)
