@@ -66,7 +66,9 @@ def choices_arg(known: tuple[str, ...], what: str) -> Callable[[str], list[str]]
         items = [v.strip() for v in value.split(",") if v.strip()]
         unknown = [v for v in items if v not in known]
         if unknown or not items:
-            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or value!r}: not a {what} ({', '.join(known)})")
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(unknown) or repr(value)}: unknown {what} (known: {', '.join(known)})"
+            )
         return items
 
     return parse
@@ -227,15 +229,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     with bus_target(settings) as target:
         runs = [run for run in asyncio.run(_runs(target, settings, args.stall_after)) if run_filter(args)(run)]
+    if args.json:
+        for run in runs:
+            print(json.dumps(run, default=str))
+        return 0
     for run in runs:
         hp = run.get("hyperparameters") or {}
         run["lr_peak"] = hp.get("learning_rate")
         run["max_grad_norm"] = hp.get("max_grad_norm")
         run["tags"] = ",".join(f"{k}={v}" for k, v in (run.get("tags") or {}).items())
-    if args.json:
-        for run in runs:
-            print(json.dumps(run, default=str))
-    elif args.csv:
+    if args.csv:
         write_csv([flat(run) for run in runs], [*RUN_COLUMNS, "tags"])
     elif not runs:
         filtered = args.states or args.name or args.since
@@ -296,7 +299,7 @@ async def _purge_keys(js: Any, run_id: str) -> int:
     """Purge ``<run>.*`` from the checkpoints bucket (watchers, e.g. the predictor, see it go)."""
     try:
         kv = await js.key_value(CHECKPOINTS_BUCKET)
-        keys = await kv.keys(filters=[f"{run_id}.>"])
+        keys = [key for key in await kv.keys() if key.startswith(f"{run_id}.")]  # keys(filters=) matches substrings
     except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):
         return 0
     for key in keys:

@@ -107,7 +107,7 @@ async def test_trainer_cannot_publish_audit_events(
 async def test_wrong_password_fails_with_a_clear_error(
     secured_server: RunningServer, role_passwords: dict[str, str]
 ) -> None:
-    with pytest.raises(BusUnavailable, match="^authorization refused by the bus at .* for user 'operator': wrong"):
+    with pytest.raises(BusUnavailable, match=r"^authorization refused by the bus at .* for user 'operator': wrong"):
         await login(secured_server, "operator", "wrong")
 
 
