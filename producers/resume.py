@@ -25,7 +25,7 @@ from runtime.bus import bus_target, connected
 from runtime.errors import BusUnavailable, ConfigError, NotFound
 from runtime.settings import SHARED_SECTIONS, Problem, layers, validate_layers
 from runtime.stream import replay
-from schemas import AuditVerdict, check_run_id, event_subject
+from schemas import AuditVerdict, Checkpoint, check_run_id, event_subject
 
 RUN_FILE = "trainbus-run.json"
 """Written in the run folder at every attempt: run id, attempt and the run's config."""
@@ -65,14 +65,20 @@ class Resume:
 async def _verdicts(cfg: RunConfig, run_id: str) -> dict[int, AuditVerdict]:
     with bus_target(cfg, announce=False) as target:
         async with connected(target, cfg, name="trainbus-resume") as nc:
-            found: dict[int, AuditVerdict] = {}
+            js = nc.jetstream()
+            newest: dict[int, str] = {}  # step -> event id of the newest checkpoint saved there
+            judged: dict[str, AuditVerdict] = {}
             try:
-                async for item in replay(nc.jetstream(), event_subject(run_id, "audit.verdict")):
+                async for item in replay(js, event_subject(run_id, "checkpoint")):
+                    if isinstance(item.event, Checkpoint):
+                        newest[item.event.step] = item.event.event_id
+                async for item in replay(js, event_subject(run_id, "audit.verdict")):
                     if isinstance(item.event, AuditVerdict):
-                        found[item.event.checkpoint_step] = item.event  # the newest verdict of a step wins
+                        judged[item.event.checkpoint_event_id] = item.event
             except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
                 pass  # no stream: nothing was judged
-            return found
+            # a later attempt that saved at the same step replaced the folder: an older verdict is not about it
+            return {step: judged[event_id] for step, event_id in newest.items() if event_id in judged}
 
 
 def read_verdicts(cfg: RunConfig, run_id: str) -> dict[int, AuditVerdict] | None:
@@ -114,6 +120,15 @@ def choose_checkpoint(
         step = max(folders)
     verdict = verdicts.get(step) if verdicts is not None else None
     return Resume(folders[step], step, verdict, verdicts is not None)
+
+
+def check_room(run_id: str, resume: Resume, max_steps: int) -> None:
+    """Refuse to resume from a checkpoint at or past ``training.max_steps``: there is nothing left to train."""
+    if resume.step >= max_steps:
+        raise ConfigError(
+            f"--resume {run_id}: checkpoint-{resume.step} is already at training.max_steps ({max_steps}); "
+            f"--set training.max_steps=N (more than {resume.step}) to train on"
+        )
 
 
 def announce(resume: Resume, log: Any) -> None:

@@ -41,7 +41,7 @@ from producers.model import (
 )
 from producers.progress import Progress
 from producers.publishing import open_bus
-from producers.resume import RUN_FILE, Resume, announce, choose_checkpoint, read_verdicts
+from producers.resume import RUN_FILE, Resume, announce, check_room, choose_checkpoint, read_verdicts
 from producers.sampledata import write_sample_data
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.logs import console_output, get_logger, status
@@ -126,6 +126,7 @@ def prepare(
             raise NotFound(f"--resume {run_id}: no run folder {run_dir} (looked for {previous})")
         attempt = int(json.loads(previous.read_text()).get("attempt", 1)) + 1
         resume_from = _resume_point(cfg, run_id, run_dir, from_step, from_approved)
+        check_room(run_id, resume_from, cfg.training.max_steps)
     else:
         try:
             run_id = check_run_id(agree(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}") or "")
