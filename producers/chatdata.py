@@ -14,13 +14,13 @@ the model learns to write (``producers.chat``).
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from producers.data import RowError, json_type
+from producers.sampledata import write_splits
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -101,14 +101,6 @@ def _sample(rng: random.Random) -> dict[str, Any]:
 
 def write_chat_sample(out_dir: Path, seed: int = 0, n_train: int = 400, n_eval: int = 40) -> dict[str, Path]:
     """Write train/validation/test conversation JSONL files under ``out_dir``; same seed, same bytes."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    paths: dict[str, Path] = {}
-    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(_sample(rng)) + "\n" for _ in range(n)), encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-        paths[split] = path
-    return paths
+    counts = {"train": n_train, "validation": n_eval, "test": n_eval}
+    return write_splits(out_dir, {split: [_sample(rng) for _ in range(n)] for split, n in counts.items()})
