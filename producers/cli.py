@@ -71,15 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_libraries(cfg)
     if args.offline_ok:
         cfg.publish.offline_ok = True
+    from producers.resume import ResumeFrom
     from producers.train import run
 
-    return run(
-        cfg,
-        run_id=args.run_id,
-        resume=args.resume,
-        from_step=args.from_checkpoint,
-        from_approved=args.from_approved,
-    )
+    resume = ResumeFrom(args.resume, args.from_checkpoint, args.from_approved) if args.resume else None
+    return run(cfg, run_id=args.run_id, resume=resume)
 
 
 def quiet_libraries(cfg: Any) -> None:

@@ -53,6 +53,15 @@ def restore_config(
 
 
 @dataclass(frozen=True)
+class ResumeFrom:
+    """What ``--resume`` asked for: the run, and ``--from-checkpoint STEP`` or ``--from-approved``."""
+
+    run_id: str
+    step: int | None = None
+    approved: bool = False
+
+
+@dataclass(frozen=True)
 class Resume:
     """Where a resumed run continues: the checkpoint folder and what the audit gate said of it."""
 

@@ -41,7 +41,7 @@ from producers.model import (
 )
 from producers.progress import Progress
 from producers.publishing import open_bus
-from producers.resume import RUN_FILE, Resume, announce, check_room, choose_checkpoint, read_verdicts
+from producers.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_verdicts
 from producers.sampledata import write_sample_data
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.logs import console_output, get_logger, status
@@ -90,14 +90,7 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"training.output_dir: cannot write checkpoints to {folder}: {exc.strerror}") from None
 
 
-def prepare(
-    cfg: RunConfig,
-    *,
-    run_id: str | None = None,
-    resume: str | None = None,
-    from_step: int | None = None,
-    from_approved: bool = False,
-) -> Prepared:
+def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | None = None) -> Prepared:
     """Validate config, labels, data and output folder; decide run id, attempt and checkpoint."""
     log = get_logger()
     check_quantization(cfg.model)
@@ -119,13 +112,13 @@ def prepare(
     output = Path(cfg.training.output_dir)
     attempt, resume_from = 1, None
     if resume:
-        run_id = check_run_id(resume)
+        run_id = check_run_id(resume.run_id)
         run_dir = output / run_id
         previous = run_dir / RUN_FILE
         if not previous.exists():
             raise NotFound(f"--resume {run_id}: no run folder {run_dir} (looked for {previous})")
         attempt = int(json.loads(previous.read_text()).get("attempt", 1)) + 1
-        resume_from = _resume_point(cfg, run_id, run_dir, from_step, from_approved)
+        resume_from = _resume_point(cfg, run_id, run_dir, resume)
         check_room(run_id, resume_from, cfg.training.max_steps)
     else:
         try:
@@ -139,13 +132,13 @@ def prepare(
     return Prepared(cfg, run_id, attempt, run_dir, labels, train, validation, data_fingerprint(files), resume_from)
 
 
-def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, from_step: int | None, from_approved: bool) -> Resume:
+def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom) -> Resume:
     """Rank 0 chooses the checkpoint (reading the audit verdicts from the bus); every rank takes its step."""
     rank = world()[0]
     chosen = None
     if rank == 0:
         verdicts = read_verdicts(cfg, run_id)
-        chosen = choose_checkpoint(run_id, run_dir, verdicts, from_step=from_step, from_approved=from_approved)
+        chosen = choose_checkpoint(run_id, run_dir, verdicts, from_step=asked.step, from_approved=asked.approved)
         announce(chosen, get_logger(run_id=run_id))
     step = int(agree(str(chosen.step) if chosen is not None else None) or 0)
     return chosen if chosen is not None else choose_checkpoint(run_id, run_dir, None, from_step=step)
@@ -222,14 +215,12 @@ def run(
     cfg: RunConfig,
     *,
     run_id: str | None = None,
-    resume: str | None = None,
-    from_step: int | None = None,
-    from_approved: bool = False,
+    resume: ResumeFrom | None = None,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> int:
     """Train one run end to end; returns the process exit code. ``callbacks`` run after trainbus's own."""
     init_if_launched()
-    prep = prepare(cfg, run_id=run_id, resume=resume, from_step=from_step, from_approved=from_approved)
+    prep = prepare(cfg, run_id=run_id, resume=resume)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
     live = _live_overrides(prep.run_dir) if resume else {}
     for name in ("learning_rate", "max_grad_norm", "weight_decay", "logging_steps", "eval_steps", "save_steps"):

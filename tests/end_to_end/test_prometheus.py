@@ -169,42 +169,7 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"OMP_NUM_THREADS": "1"}
     env["NATS_URL"] = nats_server.url
 
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=(tmp_path / "exporter.log").open("w"),
-        text=True,
-    )
-    processes.append(exporter)
-    assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
-    metrics = urllib.parse.urlparse(exporter.stdout.readline().split()[-1])
-
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(ALERTS)],
-                "scrape_configs": [{"job_name": "trainbus", "static_configs": [{"targets": [metrics.netloc]}]}],
-            }
-        )
-    )
-    processes.append(
-        subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "prometheus.log").open("w"),
-        )
-    )
-    prom = Prometheus(f"http://127.0.0.1:{port}")
+    prom = _start_prometheus(prometheus, _start_exporter(env, tmp_path, processes), tmp_path, processes)
 
     argv = [
         sys.executable,
@@ -306,14 +271,9 @@ def test_a_fresh_prometheus_pages_about_no_finished_run_only_the_live_problem(
     try:
         _finished_runs(server.url, datetime.now(UTC))
         env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"NATS_URL": server.url}
-        exporter = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0"], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=(tmp_path / "exporter.log").open("w"), text=True,
-        )  # fmt: skip
-        processes.append(exporter)
-        assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
-        prom = _start_prometheus(prometheus, urllib.parse.urlparse(exporter.stdout.readline().split()[-1]).netloc,
-                                 tmp_path, processes)  # fmt: skip
+        # the live run sends no heartbeat: it must not turn stalled however slowly this machine goes
+        exporter = _start_exporter(env, tmp_path, processes, "--stall-after", "3600")
+        prom = _start_prometheus(prometheus, exporter, tmp_path, processes)
         wait_until(lambda: _ready(prom), timeout=30, what="Prometheus to start")
         # what used to page is there: rejected checkpoints, critical flags, a NaN loss of a failed run
         wait_until(lambda: prom.series('trainbus_checkpoints{run_id="short-a",verdict="rejected"} == 2'), timeout=30,
@@ -327,6 +287,17 @@ def test_a_fresh_prometheus_pages_about_no_finished_run_only_the_live_problem(
         assert alerts == [("TrainbusNonFiniteLoss", "live-nan")]
     finally:
         server.stop()
+
+
+def _start_exporter(env: dict[str, str], tmp_path: Path, processes: list[subprocess.Popen[Any]], *args: str) -> str:
+    """`trainbus exporter --port 0 ARGS`; returns the host:port it serves on."""
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=(tmp_path / "exporter.log").open("w"), text=True,
+    )  # fmt: skip
+    processes.append(exporter)
+    assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
+    return urllib.parse.urlparse(exporter.stdout.readline().split()[-1]).netloc
 
 
 def _start_prometheus(binary: str, target: str, tmp_path: Path, processes: list[subprocess.Popen[Any]]) -> Prometheus:
