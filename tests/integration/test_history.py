@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 
 from runtime.bus import BusTarget
@@ -125,7 +126,10 @@ def test_runs_rm_purges_the_runs_subjects_and_bucket_entries(
 ) -> None:
     async def bucket() -> None:
         conn = await nats.connect(bus)
-        kv = await conn.jetstream().create_key_value(bucket="TRAINBUS_CHECKPOINTS")
+        try:  # the session's audit gate may have made it already, with its own settings
+            kv = await conn.jetstream().key_value("TRAINBUS_CHECKPOINTS")
+        except nats.js.errors.NotFoundError:
+            kv = await conn.jetstream().create_key_value(bucket="TRAINBUS_CHECKPOINTS")
         await kv.put(f"{run_id}.10", b"{}")
         await kv.put(f"{run_id}.best", b"{}")
         await kv.put("other-run.10", b"{}")
