@@ -198,6 +198,9 @@ class TrainingConfig(Section):
         # every mistake of the section at once: the declared fields' and the passed-through ones'
         errors: list[InitErrorDetails] = []
         config = None
+        if isinstance(data, dict) and isinstance(data.get("extra"), dict):
+            # configs (and run.started events) written before any field could be set here kept them under `extra`
+            data = {**{k: v for k, v in data.items() if k != "extra"}, **data["extra"]}
         try:
             config = handler(data)
         except ValidationError as exc:

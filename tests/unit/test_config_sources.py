@@ -127,3 +127,9 @@ def test_chat_task_defaults_to_its_own_sample_files() -> None:
     assert cfg.data.train_file == "runs/sample-chat/train.jsonl"
     assert cfg.data.validation_file == "runs/sample-chat/validation.jsonl"
     assert load(None, "data.task=chat", "data.validation_file=null").data.validation_file is None
+
+
+def test_a_run_config_written_before_kept_its_extra_arguments_under_extra() -> None:
+    old = {"training": {"max_steps": 5, "extra": {"eval_strategy": "no"}}}  # as an older run.started carries it
+    cfg = RunConfig.model_validate(old)
+    assert cfg.training.arguments() == {"eval_strategy": "no"} and cfg.training.max_steps == 5
