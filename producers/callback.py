@@ -63,6 +63,8 @@ _EVAL_FIELDS = (
     "labels",
     "confusion_matrix",
     "num_samples",
+    "num_abstained",
+    "perplexity",
 )
 
 
@@ -122,6 +124,9 @@ class TrainbusCallback(TrainerCallback):
         self._deferred: list[Command] = []
         self._t0 = time.monotonic()
         self._last_log = (time.monotonic(), 0, 0)
+        self._not_training = 0.0  # seconds since the last log spent paused, evaluating or saving
+        self._mark = time.monotonic()  # the end of the last thing that was not training
+        self._in_pause = False
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._step = 0
@@ -185,6 +190,7 @@ class TrainbusCallback(TrainerCallback):
         )
         self.phase = "training"
         self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)
+        self._mark, self._not_training = self._last_log[0], 0.0
         if self.is_publisher and self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat, name="trainbus-heartbeat", daemon=True)
             self._heartbeat.start()
@@ -242,7 +248,9 @@ class TrainbusCallback(TrainerCallback):
         now = time.monotonic()
         then, last_step, last_tokens = self._last_log
         steps = max(1, state.global_step - last_step)
-        dt = max(now - then, 1e-9)
+        # rates count training time only: a pause, an evaluation or a save in between is not throughput
+        dt = max(now - then - self._not_training, 1e-9)
+        self._not_training, self._mark = 0.0, now
         tokens = state.num_input_tokens_seen or 0
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
         self._last_log = (now, state.global_step, tokens)
@@ -266,6 +274,7 @@ class TrainbusCallback(TrainerCallback):
         self.phase = "evaluating"
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._off_training()
         metrics: dict[str, Any] = kwargs.get("metrics") or {}
         found = {name: metrics[f"eval_{name}"] for name in _EVAL_FIELDS if f"eval_{name}" in metrics}
         self.latest_eval = {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
@@ -281,6 +290,7 @@ class TrainbusCallback(TrainerCallback):
         self.phase = "paused" if self.paused else "training"
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._off_training()
         if not self.is_publisher:
             return
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
@@ -326,11 +336,23 @@ class TrainbusCallback(TrainerCallback):
         self._step = state.global_step
         if self.channel is not None:
             self.channel.step = state.global_step
+        paused_at, self._in_pause = time.monotonic(), True  # a save or eval applied here is pause time
         for command in self._take():
             self._apply(command, args, state, control, kwargs)
         while self.paused and self.stop_command is None:
             for command in self._take(timeout=0.2):
                 self._apply(command, args, state, control, kwargs)
+        self._in_pause = False
+        self._mark = time.monotonic()
+        self._not_training += self._mark - paused_at
+
+    def _off_training(self) -> None:
+        """An evaluation or a save just ended: the time since the last mark was not training
+        (unless it happened while paused, which the pause already counts)."""
+        if not self._in_pause:
+            now = time.monotonic()
+            self._not_training += now - self._mark
+            self._mark = now
 
     def _applied(self, command: Command, step: int, applied: dict[str, Any] | None = None) -> None:
         self.emit(

@@ -83,6 +83,8 @@ SAMPLE_EVENTS: dict[str, dict[str, Any]] = {
         "verdict": "approved",
         "instance": "abc",
     },
+    "run.tag": {"tags": {"team": "risk", "dataset": "v2"}, "source": "user", "issued_by": "ana"},
+    "run.note": {"text": "lr 3e-3 diverged at step 40; retrying with 1e-3", "source": "user"},
 }
 
 
