@@ -1,0 +1,37 @@
+"""The Streamlit app's entry script: page setup, the bus banner and the navigation.
+
+    trainbus dashboard            # serves this app on http://127.0.0.1:8501
+
+A page is one module under ``pages/`` with a ``render()`` function, plus one line in ``pages()``.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboards.app import connection
+
+
+def pages() -> list[st.Page]:
+    """The navigation, in menu order: one line per page."""
+    return [
+        st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True),
+        st.Page("pages/run.py", title="Run", icon=":material/monitoring:"),
+        st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+        st.Page("pages/checkpoints.py", title="Checkpoints & audit", icon=":material/verified:"),
+    ]
+
+
+@st.fragment(run_every=connection.LIVE_SECONDS)
+def _banner() -> None:
+    connection.guarded(lambda: connection.banner(connection.reader().overview()))
+
+
+def main() -> None:
+    st.set_page_config(page_title="trainbus", page_icon=":material/model_training:", layout="wide")
+    _banner()
+    st.navigation(pages()).run()
+
+
+if __name__ == "__main__":
+    main()
