@@ -106,6 +106,15 @@ def _set_form(reader: BusReader, run_id: str) -> None:
             send(reader, "set", run_id, settings=chosen)
 
 
+def _ask(key: str, value: bool) -> None:
+    st.session_state[key] = value
+
+
+def _confirm_stop(reader: BusReader, run_id: str, key: str, save: bool) -> None:
+    st.session_state[key] = False
+    send(reader, "stop", run_id, save=save)
+
+
 @connection.live(None)
 def panel(reader: BusReader, run_id: str) -> None:
     """The buttons and the set form; a click reruns only this fragment."""
@@ -121,18 +130,21 @@ def panel(reader: BusReader, run_id: str) -> None:
             send(reader, "save", run_id)
         if buttons[3].button("Evaluate", icon=":material/fact_check:", width="stretch"):
             send(reader, "eval", run_id)
-        if buttons[4].button("Stop", icon=":material/stop:", width="stretch", type="primary"):
-            st.session_state[confirm] = True
+        # callbacks run before the rerun a click causes, so the prompt appears and goes at once
+        buttons[4].button(
+            "Stop", icon=":material/stop:", width="stretch", type="primary", on_click=_ask, args=(confirm, True)
+        )
         if st.session_state.get(confirm):
             st.warning(f"Stop run **{run_id}**? The trainer ends it at the next step boundary.")
             save = st.checkbox("save a checkpoint first", value=True, key=f"stop-save-{run_id}")
             yes, no = st.columns(2)
-            if yes.button("Confirm stop", type="primary", width="stretch"):
-                st.session_state[confirm] = False
-                send(reader, "stop", run_id, save=save)
-                st.rerun(scope="fragment")
-            if no.button("Cancel", width="stretch"):
-                st.session_state[confirm] = False
-                st.rerun(scope="fragment")
+            yes.button(
+                "Confirm stop",
+                type="primary",
+                width="stretch",
+                on_click=_confirm_stop,
+                args=(reader, run_id, confirm, save),
+            )
+            no.button("Cancel", width="stretch", on_click=_ask, args=(confirm, False))
         with st.expander("Set hyper-parameters", icon=":material/tune:"):
             _set_form(reader, run_id)

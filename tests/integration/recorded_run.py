@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget
+from runtime.bus import BusTarget, Credentials
 from runtime.publisher import NatsPublisher
 from runtime.settings import Settings
 from runtime.sinks import Stamper
@@ -65,9 +65,11 @@ def record_run(
     *,
     learning_rate: float = 2e-3,
     finish: bool = True,
+    credentials: Credentials | None = None,
 ) -> Recorded:
     """Publish one whole run (see the module docstring) and wait until JetStream has it all."""
-    publisher = NatsPublisher(target, settings, outbox_path=tmp / f"{run_id}.outbox.jsonl").start()
+    outbox = tmp / f"{run_id}.outbox.jsonl"
+    publisher = NatsPublisher(target, settings, outbox_path=outbox, credentials=credentials).start()
     trainer = Stamper(publisher, run_id)
     audit = Stamper(publisher, run_id, source="audit")
     hp = {"learning_rate": learning_rate, "max_grad_norm": 1.0, "eval_steps": 30, "save_steps": 30, "logging_steps": 1}
