@@ -105,3 +105,13 @@ def live(seconds: float | None) -> Callable[[F], F]:
         return st.fragment(safe, run_every=seconds)  # type: ignore[return-value]
 
     return wrap
+
+
+@live(LIVE_SECONDS)
+def wait_for_run(reader: BusReader, run_id: str | None, message: str) -> None:
+    """Shown while a page has nothing to draw yet: reloads it as soon as the run (any run when
+    ``run_id`` is None) appears on the bus, so a page opened before a run starts comes alive."""
+    found = reader.run(run_id) is not None if run_id else bool(reader.overview().runs)
+    if found:
+        st.rerun(scope="app")
+    st.info(message)

@@ -2,7 +2,9 @@
 
     trainbus dashboard            # serves this app on http://127.0.0.1:8501
 
-A page is one module under ``pages/`` with a ``render()`` function, plus one line in ``pages()``.
+A page is one module under ``views/`` with a ``render()`` function, plus one line in ``pages()``.
+(Not ``pages/``: Streamlit would also serve a folder of that name as pages of its own, bypassing
+this script when a link opens a page directly.)
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dashboards.app import connection
 def pages() -> list[st.Page]:
     """The navigation, in menu order: one line per page."""
     return [
-        st.Page("pages/runs.py", title="Runs", icon=":material/list:", default=True),
-        st.Page("pages/run.py", title="Run", icon=":material/monitoring:"),
-        st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
-        st.Page("pages/checkpoints.py", title="Checkpoints & audit", icon=":material/verified:"),
+        st.Page("views/runs.py", title="Runs", icon=":material/list:", default=True),
+        st.Page("views/run.py", title="Run", icon=":material/monitoring:"),
+        st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
+        st.Page("views/checkpoints.py", title="Checkpoints & audit", icon=":material/verified:"),
     ]
 
 

@@ -75,7 +75,7 @@ def reader(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> BusReader:
 
 
 def page(path: str | None = None, **query: str) -> AppTest:
-    """A fresh browser session opened on ``path`` (e.g. ``pages/run.py``) with ``?query``."""
+    """A fresh browser session opened on ``path`` (e.g. ``views/run.py``) with ``?query``."""
     at = AppTest.from_file(MAIN, default_timeout=60)
     if path is not None:
         at.switch_page(path)
@@ -134,7 +134,7 @@ def test_selecting_a_row_opens_the_run_page(reader: BusReader) -> None:
 
 
 def test_run_page_charts_every_step_with_markers_from_the_replay(reader: BusReader, bus: Bus) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["step"] == "60" and metrics["attempt"] == "1" and metrics["learning rate"] == "0.001"
     shown = charts(at)
@@ -147,14 +147,14 @@ def test_run_page_charts_every_step_with_markers_from_the_replay(reader: BusRead
 
 
 def test_a_long_run_is_thinned_for_display_and_keeps_its_spike(reader: BusReader) -> None:
-    at = page("pages/run.py", run="long")
+    at = page("views/run.py", run="long")
     loss, _ = charts(at)["train loss"]
     assert len(loss) <= DISPLAY_POINTS and loss["step"].max() == LONG_STEPS
     assert loss["value"].max() == 20.0  # the spike at one step in 5,000 is still drawn
 
 
 def test_evaluation_tab_confusion_matrix_and_per_label_f1(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     at.session_state["tab"] = "Evaluation"
     at.run()
     shown = charts(at)
@@ -171,7 +171,7 @@ def test_evaluation_tab_confusion_matrix_and_per_label_f1(reader: BusReader) -> 
 
 
 def test_config_tab_shows_live_hyperparameters(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     at.session_state["tab"] = "Config"
     at.run()
     live = dict(at.dataframe[0].value.values.tolist())
@@ -180,7 +180,7 @@ def test_config_tab_shows_live_hyperparameters(reader: BusReader) -> None:
 
 
 def test_commands_tab_shows_the_history_from_the_stream(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     at.session_state["tab"] = "Commands"
     at.run()
     history = at.dataframe[0].value[["who", "what", "result"]].values.tolist()
@@ -190,7 +190,7 @@ def test_commands_tab_shows_the_history_from_the_stream(reader: BusReader) -> No
 
 
 def test_compare_page_overlays_runs_and_shows_config_differences(reader: BusReader) -> None:
-    at = page("pages/compare.py")
+    at = page("views/compare.py")
     at.multiselect(key="compare-runs").set_value(["recorded", "other"]).run()
     loss, _ = charts(at)["train loss"]
     assert loss.groupby("run").size().to_dict() == {"recorded": 60, "other": 45}
@@ -202,7 +202,7 @@ def test_compare_page_overlays_runs_and_shows_config_differences(reader: BusRead
 
 
 def test_checkpoints_page_verdicts_reasons_and_flags(reader: BusReader, bus: Bus) -> None:
-    at = page("pages/checkpoints.py", run="recorded")
+    at = page("views/checkpoints.py", run="recorded")
     checkpoints = at.dataframe[0].value.set_index("step")
     assert checkpoints.loc[bus.recorded.approved_step, "verdict"] == "approved"
     rejected = checkpoints.loc[bus.recorded.rejected_step]
@@ -223,7 +223,7 @@ def test_an_invalid_event_is_counted_and_skipped(reader: BusReader) -> None:
 
 
 def test_one_bus_connection_serves_every_session_and_rerun(reader: BusReader, bus: Bus) -> None:
-    sessions = [page("pages/run.py", run="recorded"), page(), page("pages/compare.py")]
+    sessions = [page("views/run.py", run="recorded"), page(), page("views/compare.py")]
     for at in sessions:
         at.run()
         at.run()
@@ -233,7 +233,7 @@ def test_one_bus_connection_serves_every_session_and_rerun(reader: BusReader, bu
 
 
 def test_without_a_trainer_the_panel_says_nobody_listens_and_shows_no_success(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     button(at, "Pause").click().run()
     sent = at.session_state[SENT]
     wait_until(lambda: sent[-1].future.done(), what="the pause to be answered")
@@ -243,7 +243,7 @@ def test_without_a_trainer_the_panel_says_nobody_listens_and_shows_no_success(re
 
 
 def test_stop_asks_for_confirmation_first(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     button(at, "Stop").click().run()
     assert any("Stop run **recorded**?" in w for w in texts(at.warning))
     assert SENT not in at.session_state
@@ -255,7 +255,7 @@ def test_stop_asks_for_confirmation_first(reader: BusReader) -> None:
 
 
 def test_set_needs_a_value(reader: BusReader) -> None:
-    at = page("pages/run.py", run="recorded")
+    at = page("views/run.py", run="recorded")
     button(at, "Set").click().run()
     assert any("Enter at least one value" in w for w in texts(at.warning)) and SENT not in at.session_state
 
@@ -301,7 +301,7 @@ def test_a_viewer_is_told_the_server_denied_the_command_and_sees_no_success(
     shared = connection._shared_reader(url, "viewer")
     try:
         wait_until(lambda: shared.run("guarded") is not None, what="the viewer's dashboard to read the run")
-        at = page("pages/run.py", run="guarded")
+        at = page("views/run.py", run="guarded")
         button(at, "Pause").click().run()
         sent = at.session_state[SENT]
         wait_until(lambda: sent[-1].future.done(), what="the server's answer")
@@ -315,3 +315,13 @@ def test_a_viewer_is_told_the_server_denied_the_command_and_sees_no_success(
         assert not at.success and not any("accepted" in i for i in texts(at.info))
     finally:
         shared.close()
+
+
+def test_a_run_page_opened_before_its_run_starts_comes_alive(reader: BusReader, bus: Bus, tmp_path: Path) -> None:
+    at = page("views/run.py", run="late")
+    assert any("Waiting for run **late**" in i for i in texts(at.info)), texts(at.info)
+    settings = Settings(state_dir=str(tmp_path / ".trainbus"), bus=BusSettings(url=bus.server.url))
+    record_run(BusTarget([bus.server.url], "test"), settings, tmp_path, "late")
+    wait_until(lambda: reader.run("late") is not None, what="the late run")
+    at.run()
+    assert {m.label: m.value for m in at.metric}["step"] == "60"

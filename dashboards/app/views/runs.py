@@ -10,7 +10,7 @@ from dashboards.app import connection
 from dashboards.app.reader import BusReader
 from dashboards.app.tables import STATES, filter_runs, runs_table
 
-RUN_PAGE = "pages/run.py"
+RUN_PAGE = "views/run.py"
 
 COLUMNS = {
     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),

@@ -40,7 +40,7 @@ def render() -> None:
     runs = sorted(reader.overview().runs, key=lambda r: r.first_event_time, reverse=True)
     ids = [r.run_id for r in runs]
     if not ids:
-        st.info("No runs yet.")
+        connection.wait_for_run(reader, None, "No runs yet: checkpoints and audit flags appear here as runs make them.")
         return
     wanted = st.query_params.get("run")
     run_filter, verdict_filter, severity_filter = st.columns(3)

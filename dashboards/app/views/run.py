@@ -144,24 +144,16 @@ def commands(reader: BusReader, run_id: str) -> None:
         st.dataframe(table, hide_index=True, width="stretch", key="command-history")
 
 
-@connection.live(connection.LIVE_SECONDS)
-def waiting_for(reader: BusReader, run_id: str) -> None:
-    """A run named in the URL that the reader has not seen yet: reload once it appears."""
-    if reader.run(run_id) is not None:
-        st.rerun(scope="app")
-    st.info(f"Waiting for run **{run_id}** to appear on the bus…")
-
-
 def choose_run(reader: BusReader) -> str | None:
     """The run in ``?run=``, else the newest; a select box switches (and updates the URL)."""
     runs = sorted(reader.overview().runs, key=lambda r: r.first_event_time, reverse=True)
     ids = [r.run_id for r in runs]
     wanted = st.query_params.get("run")
     if wanted and wanted not in ids:
-        waiting_for(reader, wanted)
+        connection.wait_for_run(reader, wanted, f"Waiting for run **{wanted}** to appear on the bus…")
         return None
     if not ids:
-        st.info("No runs yet. Start one with `trainbus train configs/tiny.yaml`.")
+        connection.wait_for_run(reader, None, "No runs yet. Start one with `trainbus train configs/tiny.yaml`.")
         return None
     current = wanted or ids[0]
     picked = st.selectbox("Run", ids, index=ids.index(current))

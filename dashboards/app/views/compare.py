@@ -49,8 +49,12 @@ def render() -> None:
     reader = connection.reader()
     runs = sorted(reader.overview().runs, key=lambda r: r.first_event_time, reverse=True)
     ids = [r.run_id for r in runs]
-    if len(ids) < 1:
-        st.info("No runs yet. Start two with `trainbus train configs/tiny.yaml --set training.learning_rate=…`.")
+    if not ids:
+        connection.wait_for_run(
+            reader,
+            None,
+            "No runs yet. Start two with `trainbus train configs/tiny.yaml --set training.learning_rate=…`.",
+        )
         return
     chosen = st.multiselect("Runs", ids, default=ids[:2], key="compare-runs")
     if not chosen:

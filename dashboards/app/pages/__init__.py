@@ -1,1 +1,0 @@
-"""The dashboard's pages, one module each (see ``dashboards.app.main.pages``)."""
