@@ -5,17 +5,21 @@
 
 It finds the bus like every trainbus command (``NATS_URL``, the server `trainbus up` started
 in this folder, else an embedded one for its lifetime) and runs Streamlit in this process,
-headless and with usage statistics off. The first line it prints names the URL. `trainbus up`
-and `make demo` run it as a service (see ``service``).
+headless and with usage statistics off. The first line it prints names the URL, once the
+server answers there. `trainbus up` and `make demo` run it as a service (see ``service``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import socket
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +108,7 @@ def streamlit_args(host: str, port: int) -> list[str]:
         "client.toolbarMode": "viewer",
         "logger.hideWelcomeMessage": "true",
         "global.developmentMode": "false",
+        "logger.level": "warning",
         # A full gc.collect() after every run costs ~70 ms here, and the live parts rerun several
         # times a second; Python's own collector still runs (`trainbus bench dashboard` watches RSS).
         "runner.postScriptGC": "false",
@@ -112,13 +117,25 @@ def streamlit_args(host: str, port: int) -> list[str]:
     return ["run", str(APP), *flags]
 
 
+def _announce(url: str, bus: str, timeout: float = 300.0) -> None:
+    """Print the URL once the server answers (the first line, which `trainbus demo` waits for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as reply:
+            if reply.status == 200:
+                print(f"trainbus dashboard: serving {url} (bus {bus})", flush=True)
+                return
+        time.sleep(0.1)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     port = choose_port(args.host, args.port)
     with bus_target(settings) as target:
         # the app (this process) reads the bus from NATS_URL, like every other trainbus process
         os.environ["NATS_URL"] = ",".join(target.servers)
-        print(f"trainbus dashboard: serving {url_of(args.host, port)} (bus {target.display})", flush=True)
+        url = url_of(args.host, port)
+        threading.Thread(target=_announce, args=(url, target.display), daemon=True).start()
         from streamlit.web import cli as streamlit_cli
 
         streamlit_cli.main.main(args=streamlit_args(args.host, port), prog_name="streamlit", standalone_mode=False)

@@ -42,6 +42,8 @@ MARKER_COLOURS = {
     "non-finite": "#9467bd",
 }
 _SCALE = {"memory_bytes": 1 / (1 << 20)}
+_SI_AXIS = {"tokens_per_second", "samples_per_second", "memory_bytes"}
+"""Charts whose axis reads better as 12k than as 1.2e+4 (rates are never milli-anything)."""
 HEIGHT = 200
 
 
@@ -84,7 +86,7 @@ def _marker_layer(markers: Iterable[Marker]) -> dict[str, Any] | None:
 
 
 def line_spec(
-    title: str, *, by: str | None = None, points: bool = False, markers: Iterable[Marker] = ()
+    title: str, *, by: str | None = None, points: bool = False, markers: Iterable[Marker] = (), axis_format: str = "~g"
 ) -> dict[str, Any]:
     """A line chart of ``value`` over ``step`` (one line per ``by`` value), with marker rules."""
     encoding: dict[str, Any] = {
@@ -94,7 +96,7 @@ def line_spec(
             "type": "quantitative",
             "title": None,
             "scale": {"zero": False},
-            "axis": {"format": "~g"},
+            "axis": {"format": axis_format},
         },
         "tooltip": [
             {"field": "step", "type": "quantitative"},
@@ -127,7 +129,8 @@ def train_chart(snapshot: RunSnapshot, name: str) -> Chart:
     data = pd.DataFrame({"step": x, "value": y * scale if scale != 1.0 else y})
     bad = [Marker(step, "non-finite", f"{TRAIN_CHARTS[name]} not finite") for step in snapshot.non_finite[name]]
     title = TRAIN_CHARTS[name]
-    return Chart(title, data, line_spec(title, markers=_markers(snapshot, bad)))
+    axis = "~s" if name in _SI_AXIS else "~g"
+    return Chart(title, data, line_spec(title, markers=_markers(snapshot, bad), axis_format=axis))
 
 
 def eval_frame(evals: Sequence[EvalPoint], name: str) -> pd.DataFrame:
@@ -195,7 +198,7 @@ def compare_train_chart(snapshots: Sequence[RunSnapshot], name: str) -> Chart:
         frames.append(pd.DataFrame({"run": snap.run_id, "step": x, "value": y * scale}))
     data = _concat(frames)
     title = TRAIN_CHARTS[name]
-    return Chart(title, data, line_spec(title, by="run"))
+    return Chart(title, data, line_spec(title, by="run", axis_format="~s" if name in _SI_AXIS else "~g"))
 
 
 def compare_eval_chart(snapshots: Sequence[RunSnapshot], name: str) -> Chart:

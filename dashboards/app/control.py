@@ -21,6 +21,12 @@ from dashboards.app.reader import BusReader, Outcome
 from dashboards.app.state import RunSnapshot
 from runtime.errors import ConfigError
 
+ICONS = {
+    "info": ":material/hourglass_top:",
+    "success": ":material/check:",
+    "warning": ":material/warning:",
+    "error": ":material/block:",
+}
 SENT = "trainbus-sent-commands"
 """Session-state key: the commands this browser session sent (newest last)."""
 KEEP = 4
@@ -80,12 +86,15 @@ def describe(sent: Sent, snap: RunSnapshot) -> tuple[str, str]:
 
 
 def show_outcomes(snap: RunSnapshot) -> None:
-    """What became of the commands this session sent to the run (newest first)."""
-    for sent in reversed(st.session_state.get(SENT, [])):
-        if sent.run_id != snap.run_id:
-            continue
+    """What became of the commands this session sent to the run: the newest as a message, the
+    ones before it as a line each."""
+    mine = [sent for sent in reversed(st.session_state.get(SENT, [])) if sent.run_id == snap.run_id]
+    for i, sent in enumerate(mine):
         kind, text = describe(sent, snap)
-        {"info": st.info, "success": st.success, "warning": st.warning, "error": st.error}[kind](text)
+        if i == 0:
+            {"info": st.info, "success": st.success, "warning": st.warning, "error": st.error}[kind](text)
+        else:
+            st.caption(f"{ICONS[kind]} {text}")
 
 
 def _set_form(reader: BusReader, run_id: str) -> None:
