@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from runtime.bus import bus_target
+from runtime.bus import Credentials, bus_target
 from runtime.commands import add_settings_args, settings_from
 from runtime.errors import ConfigError
 
@@ -130,6 +130,7 @@ def _announce(url: str, bus: str, timeout: float = 300.0) -> None:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    Credentials.from_env()  # a bad NATS_CREDS/NATS_NKEY is one line and exit 2 here, not an error page later
     port = choose_port(args.host, args.port)
     with bus_target(settings) as target:
         # the app (this process) reads the bus from NATS_URL, like every other trainbus process

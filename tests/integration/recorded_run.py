@@ -9,6 +9,7 @@ is flagged, and completes. ``publish_invalid`` puts a message on the stream that
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from schemas import (
     RunState,
     TrainStep,
 )
+from schemas.subjects import CHECKPOINTS_BUCKET
 
 LABELS = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
 SPIKE_STEP = 37
@@ -45,6 +47,7 @@ class Recorded:
     steps: int
     eval_steps: tuple[int, ...]
     approved_step: int
+    approved_verdict_id: str
     rejected_step: int
     rejected_reasons: tuple[str, ...]
     flag_rule: str
@@ -130,7 +133,7 @@ def record_run(
         AuditVerdict, checkpoint_event_id=rejected.event_id, checkpoint_step=rejected.step,
         checkpoint_path=rejected.path, verdict="rejected", reasons=list(reasons), metrics={"accuracy": 0.5},
     )  # fmt: skip
-    audit.emit(
+    approval = audit.emit(
         AuditVerdict, checkpoint_event_id=approved.event_id, checkpoint_step=approved.step,
         checkpoint_path=approved.path, verdict="approved", metrics={"accuracy": 0.9},
     )  # fmt: skip
@@ -143,6 +146,7 @@ def record_run(
         steps=steps,
         eval_steps=tuple(evals),
         approved_step=approved.step,
+        approved_verdict_id=approval.event_id,
         rejected_step=rejected.step,
         rejected_reasons=reasons,
         flag_rule="loss_spike",
@@ -159,6 +163,21 @@ def publish_invalid(url: str, subject: str, payload: bytes = b'{"type": "train.s
         await nc.connect(url)
         try:
             await nc.jetstream().publish(subject, payload)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def point_best(url: str, run_id: str, verdict_event_id: str) -> None:
+    """What the audit gate does for an approved best checkpoint: ``<run>.best`` in the bucket."""
+
+    async def go() -> None:
+        nc = NATS()
+        await nc.connect(url)
+        try:
+            kv = await nc.jetstream().create_key_value(bucket=CHECKPOINTS_BUCKET)
+            await kv.put(f"{run_id}.best", json.dumps({"verdict_event_id": verdict_event_id}).encode())
         finally:
             await nc.close()
 

@@ -26,7 +26,7 @@ from runtime.bus import BusTarget, Credentials
 from runtime.natsserver import RunningServer, start_server
 from runtime.settings import BusSettings, ServerSettings, Settings
 from tests.conftest import REPO, wait_until
-from tests.integration.recorded_run import LABELS, SPIKE_STEP, Recorded, publish_invalid, record_run
+from tests.integration.recorded_run import LABELS, SPIKE_STEP, Recorded, point_best, publish_invalid, record_run
 
 MAIN = str(REPO / "dashboards/app/main.py")
 LONG_STEPS = 5_000
@@ -59,6 +59,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         long = record_run(target, settings, tmp, "long", steps=LONG_STEPS)
         other = record_run(target, settings, tmp, "other", steps=45, learning_rate=5e-4)
         publish_invalid(server.url, "trainbus.events.recorded.train.step")
+        point_best(server.url, "recorded", recorded.approved_verdict_id)
         yield Bus(server, _monitoring_url(server), recorded, long, other)
     finally:
         connection._shared_reader.clear()  # stops the readers (on_release) before their server goes
@@ -201,12 +202,15 @@ def test_compare_page_overlays_runs_and_shows_config_differences(reader: BusRead
     assert diff.loc["training.learning_rate"].tolist() == ["0.002", "0.0005"]
 
 
-def test_checkpoints_page_verdicts_reasons_and_flags(reader: BusReader, bus: Bus) -> None:
+def test_checkpoints_page_verdicts_reasons_best_and_flags(reader: BusReader, bus: Bus) -> None:
+    wait_until(lambda: (s := reader.run("recorded")) is not None and s.best_verdict, what="the best pointer")
     at = page("views/checkpoints.py", run="recorded")
     checkpoints = at.dataframe[0].value.set_index("step")
-    assert checkpoints.loc[bus.recorded.approved_step, "verdict"] == "approved"
+    approved = checkpoints.loc[bus.recorded.approved_step]
+    assert (approved["verdict"], approved["best"]) == ("approved", "★")
     rejected = checkpoints.loc[bus.recorded.rejected_step]
     assert rejected["verdict"] == "rejected" and rejected["reasons"] == "; ".join(bus.recorded.rejected_reasons)
+    assert rejected["best"] == ""
     assert rejected["sha256"] == "ab" * 32 and rejected["path"].endswith("checkpoint-30")
     flags = at.dataframe[1].value
     assert flags[["run", "rule", "severity", "step"]].values.tolist() == [
