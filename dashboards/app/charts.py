@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboards.app.state import EvalPoint, Marker, RunSnapshot
+from dashboards.app.snapshot import RunSnapshot
+from dashboards.app.state import EvalPoint, Marker
 
 TRAIN_CHARTS: dict[str, str] = {
     "loss": "train loss",

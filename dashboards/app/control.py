@@ -18,7 +18,7 @@ import streamlit as st
 from consumers.control import build_command, default_issuer
 from dashboards.app import connection
 from dashboards.app.reader import BusReader, Outcome
-from dashboards.app.state import RunSnapshot
+from dashboards.app.snapshot import RunSnapshot
 from runtime.errors import ConfigError
 
 ICONS = {

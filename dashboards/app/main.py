@@ -26,7 +26,7 @@ def pages() -> list[st.Page]:
 
 @st.fragment(run_every=connection.LIVE_SECONDS)
 def _banner() -> None:
-    connection.guarded(lambda: connection.banner(connection.reader().overview()))
+    connection.guarded(lambda: connection.banner(connection.reader().overview(runs=False)))
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from consumers.control import NoTrainer, send_command
-from dashboards.app.state import DashboardState, RunSnapshot, RunSummary, count_invalid, handle, snapshot_run, summarise
+from dashboards.app.snapshot import RunSnapshot, RunSummary, snapshot_run, summarise
+from dashboards.app.state import DashboardState, count_invalid, handle
 from runtime.bus import BusTarget, Credentials, connect
 from runtime.errors import TrainbusError
 from runtime.logs import get_logger
@@ -145,12 +146,12 @@ class BusReader:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def overview(self) -> Overview:
-        """The bus status and one summary per run (first seen first)."""
+    def overview(self, *, runs: bool = True) -> Overview:
+        """The bus status and (unless ``runs`` is False) one summary per run, first seen first."""
         with self._lock:
             return Overview(
                 bus=self._bus,
-                runs=tuple(summarise(run) for run in self._state.runs.values()),
+                runs=tuple(summarise(run) for run in self._state.runs.values()) if runs else (),
                 invalid_events=self._state.invalid_events,
                 invalid_recent=tuple(self._state.invalid_recent),
             )
@@ -191,6 +192,11 @@ class BusReader:
         try:
             self._loop.run_until_complete(self._main(self._stop))
         finally:
+            # nats-py leaves its ordered-consumer helpers running after close: end them quietly
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     def _set_bus(self, connected: bool, detail: str = "", **extra: Any) -> None:
@@ -283,14 +289,15 @@ class BusReader:
         )
 
     async def _on_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        meta = msg.metadata
+        seq = meta.sequence.stream
         item = decode(msg, seq)  # parsing stays outside the lock
         with self._lock:
             if item.event is None:
                 count_invalid(self._state, item.subject, item.error, seq)
             else:
                 handle(item.event, self._state, seq)
-            if not self._bus.caught_up and seq >= self._backlog_end:
+            if not self._bus.caught_up and (seq >= self._backlog_end or meta.num_pending == 0):
                 seconds = time.monotonic() - self._replay_started
                 self._bus = BusStatus(
                     **{

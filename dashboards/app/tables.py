@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from dashboards.app.state import EVAL_METRICS, CommandRow, EvalPoint, RunSnapshot, RunSummary
+from dashboards.app.snapshot import RunSnapshot, RunSummary
+from dashboards.app.state import EVAL_METRICS, CommandRow, EvalPoint
 from runtime.liveness import shown_state
 
 STATES = ("running", "paused", "stalled", "stopping", "completed", "stopped", "failed", "unknown")

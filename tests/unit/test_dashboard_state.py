@@ -10,13 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dashboards.app.series import DISPLAY_POINTS, RAW_CAP, Series, for_display
-from dashboards.app.state import (
-    DashboardState,
-    count_invalid,
-    handle,
-    snapshot_run,
-    summarise,
-)
+from dashboards.app.snapshot import snapshot_run, summarise
+from dashboards.app.state import DashboardState, count_invalid, handle
 from schemas import (
     AuditFlag,
     AuditVerdict,

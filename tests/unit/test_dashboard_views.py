@@ -10,7 +10,8 @@ from dashboards.app.charts import (
     eval_chart,
     train_chart,
 )
-from dashboards.app.state import DashboardState, snapshot_run
+from dashboards.app.snapshot import snapshot_run
+from dashboards.app.state import DashboardState
 from dashboards.app.tables import (
     age,
     checkpoints_table,

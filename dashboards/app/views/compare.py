@@ -7,7 +7,7 @@ import streamlit as st
 from dashboards.app import connection
 from dashboards.app.charts import EVAL_CHARTS, compare_eval_chart, compare_train_chart
 from dashboards.app.reader import BusReader
-from dashboards.app.state import RunSnapshot
+from dashboards.app.snapshot import RunSnapshot
 from dashboards.app.tables import config_diff
 
 OVERLAID_TRAIN = ("loss", "learning_rate")

@@ -14,7 +14,7 @@ import streamlit as st
 from dashboards.app import connection, control
 from dashboards.app.charts import EVAL_CHARTS, TRAIN_CHARTS, Chart, confusion_chart, eval_chart, train_chart
 from dashboards.app.reader import BusReader
-from dashboards.app.state import RunSnapshot
+from dashboards.app.snapshot import RunSnapshot
 from dashboards.app.tables import (
     STATE_ICONS,
     age,
