@@ -31,7 +31,8 @@ def live(nats_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -
     trainer = start_trainer(
         nats_server.url, "configs/tiny.yaml", RUN, tmp,
         "training.max_steps=100000", "training.logging_steps=1", "training.warmup_steps=0",
-        "training.eval_steps=20", "training.save_steps=null", "publish.heartbeat_seconds=1",
+        "training.eval_steps=10", "training.save_steps=null", "publish.heartbeat_seconds=1",
+        "data.max_eval_samples=16",
     )  # fmt: skip
     try:
         wait_events(nats_server.url, RUN, lambda ev: of_type(ev, "eval"), timeout=300)
