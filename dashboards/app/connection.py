@@ -76,6 +76,12 @@ def banner(overview: Overview) -> None:
         st.info(
             f"Replaying the event stream from {bus.url}: {bus.replayed:,} events so far…", icon=":material/history:"
         )
+    if overview.newer_events:
+        st.info(
+            f"{overview.newer_events} event{'s' if overview.newer_events != 1 else ''} written by a newer trainbus "
+            "skipped: upgrade trainbus to read them.",
+            icon=":material/upgrade:",
+        )
     if overview.invalid_events:
         last = overview.invalid_recent[-1] if overview.invalid_recent else ""
         st.warning(

@@ -31,14 +31,14 @@ from nats.js import JetStreamContext, api
 
 from consumers.control import NoTrainer, send_command
 from dashboards.app.snapshot import RunSnapshot, RunSummary, snapshot_run, summarise
-from dashboards.app.state import DashboardState, count_invalid, handle
+from dashboards.app.state import DashboardState, count_invalid, count_newer, handle
 from runtime.bus import BusTarget, Credentials, connect
 from runtime.errors import TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
 from runtime.stream import decode
 from schemas import ALL_EVENTS, EVENTS_STREAM, Command, control_subject
-from schemas.subjects import CHECKPOINTS_BUCKET
+from schemas.subjects import CHECKPOINTS_BUCKET, run_id_of
 
 RETRY_SECONDS = 1.0
 """Pause between attempts to reach a lost bus or a missing stream."""
@@ -72,6 +72,8 @@ class Overview:
     runs: tuple[RunSummary, ...]
     invalid_events: int
     invalid_recent: tuple[str, ...]
+    newer_events: int = 0
+    """Events skipped because a newer trainbus wrote them (upgrade to read them)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class BusReader:
                 runs=tuple(summarise(run) for run in self._state.runs.values()) if runs else (),
                 invalid_events=self._state.invalid_events,
                 invalid_recent=tuple(self._state.invalid_recent),
+                newer_events=self._state.newer_events,
             )
 
     def run(self, run_id: str) -> RunSnapshot | None:
@@ -292,8 +295,17 @@ class BusReader:
         meta = msg.metadata
         seq = meta.sequence.stream
         item = decode(msg, seq)  # parsing stays outside the lock
+        # runtime.stream marks an event of a higher schema_version as ``newer`` (skipped, not invalid)
+        newer = getattr(item, "newer", None)
         with self._lock:
-            if item.event is None:
+            if newer is not None:
+                if count_newer(self._state, run_id_of(item.subject) or "?", seq):
+                    self.log.warning(
+                        "events written by a newer trainbus are skipped; upgrade trainbus to read them",
+                        subject=item.subject,
+                        schema_version=newer,
+                    )
+            elif item.event is None:
                 count_invalid(self._state, item.subject, item.error, seq)
             else:
                 handle(item.event, self._state, seq)

@@ -168,6 +168,9 @@ class DashboardState:
     invalid_events: int = 0
     invalid_recent: deque[str] = field(default_factory=lambda: deque(maxlen=INVALID_SHOWN))
     """Subject and error of the last few invalid events."""
+    newer_events: int = 0
+    """Events a newer trainbus wrote (a higher ``schema_version``): skipped, not invalid."""
+    newer_runs: set[str] = field(default_factory=set)
     last_stream_seq: int = 0
     events: int = 0
 
@@ -205,6 +208,19 @@ def count_invalid(state: DashboardState, subject: str, error: str | None, stream
     state.invalid_events += 1
     state.invalid_recent.append(f"{subject}: {error or 'invalid'}")
     return state
+
+
+def count_newer(state: DashboardState, run_id: str, stream_seq: int = 0) -> bool:
+    """Count one event skipped because a newer trainbus wrote it; True the first time for its run
+    (the reader logs it once per run)."""
+    if stream_seq:
+        if stream_seq <= state.last_stream_seq:
+            return False
+        state.last_stream_seq = stream_seq
+    state.newer_events += 1
+    first = run_id not in state.newer_runs
+    state.newer_runs.add(run_id)
+    return first
 
 
 def _apply(event: Event, run: RunView) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dashboards.app.series import DISPLAY_POINTS, RAW_CAP, Series, for_display
 from dashboards.app.snapshot import snapshot_run, summarise
-from dashboards.app.state import DashboardState, count_invalid, handle
+from dashboards.app.state import DashboardState, count_invalid, count_newer, handle
 from schemas import (
     AuditFlag,
     AuditVerdict,
@@ -198,6 +198,15 @@ def test_redelivered_stream_sequences_count_once_and_invalid_events_are_counted(
     count_invalid(state, "trainbus.events.r1.train.step", "loss: not a number", stream_seq=3)
     assert state.runs["r1"].events == 2 and state.events == 2
     assert state.invalid_events == 1 and "loss: not a number" in state.invalid_recent[-1]
+
+
+def test_events_of_a_newer_schema_are_counted_apart_and_reported_once_per_run() -> None:
+    state = DashboardState()
+    assert count_newer(state, "r1", stream_seq=1) is True
+    assert count_newer(state, "r1", stream_seq=2) is False
+    assert count_newer(state, "r1", stream_seq=2) is False  # a redelivery
+    assert count_newer(state, "r2", stream_seq=3) is True
+    assert state.newer_events == 3 and state.invalid_events == 0 and not state.runs
 
 
 def test_a_nan_loss_is_the_latest_loss_but_no_point_on_the_line() -> None:
