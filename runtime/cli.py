@@ -21,6 +21,8 @@ Register = Callable[[Any], None]
 CORE: dict[str, Register] = {
     "up": commands.register_up,
     "nats": commands.register_nats,
+    "status": commands.register_status,
+    "outbox": commands.register_outbox,
     "events": commands.register_events,
     "runs": commands.register_runs,
     "schema": commands.register_schema,
