@@ -44,12 +44,14 @@ async def consume(
     on_newer: Callable[[Delivered], None] | None = None,
     stats: ConsumerStats | None = None,
     newer: NewerEvents | None = None,
+    stream: str = EVENTS_STREAM,
 ) -> ConsumerStats:
     """Feed every event matching ``filter_subject`` to ``handler`` until ``stop`` is set.
 
     With ``durable`` the consumer resumes where it last acked (its name is the durable name);
     without, it replays the stream from the start (state rebuilt on every start). ``newer``
-    carries the runs already reported for newer events over from an earlier read (a replay).
+    carries the runs already reported for newer events over from an earlier read (a replay);
+    ``stream`` is the events stream unless the consumer reads a derived copy (audit partitions).
     """
     log = get_logger(consumer=durable or "ephemeral")
     stats = stats or ConsumerStats()
@@ -61,7 +63,7 @@ async def consume(
         ack_wait=30,
         inactive_threshold=None if durable else 60,
     )
-    sub = await js.pull_subscribe(filter_subject, durable=durable, stream=EVENTS_STREAM, config=config)
+    sub = await js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
     try:
         while not stop.is_set():
             try:

@@ -221,21 +221,22 @@ class NewerEvents:
             )
 
 
-async def count_stored(js: JetStreamContext, filter_subject: str) -> int:
+async def count_stored(js: JetStreamContext, filter_subject: str, stream: str = EVENTS_STREAM) -> int:
     """How many stored messages match ``filter_subject``."""
-    info = await js.stream_info(EVENTS_STREAM, subjects_filter=filter_subject)
+    info = await js.stream_info(stream, subjects_filter=filter_subject)
     return sum((info.state.subjects or {}).values())
 
 
 async def replay(
-    js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0
+    js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0, stream: str = EVENTS_STREAM
 ) -> AsyncIterator[Delivered]:
-    """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after."""
-    if not follow and await count_stored(js, filter_subject) == 0:
+    """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after.
+
+    ``stream`` is the events stream unless a reader keeps a derived copy (the audit gate's partitions).
+    """
+    if not follow and await count_stored(js, filter_subject, stream) == 0:
         return
-    sub = await js.subscribe(
-        filter_subject, stream=EVENTS_STREAM, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
-    )
+    sub = await js.subscribe(filter_subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     try:
         while True:
             try:
