@@ -84,6 +84,13 @@ def register_up(sub: Any) -> None:
     add_settings_args(p)
     add_cluster_arg(p)
     p.add_argument("--no-services", action="store_true", help="start only the nats-server")
+    p.add_argument(
+        "--service-args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="extra arguments for one consumer, e.g. exporter='--port 9465' (repeatable)",
+    )
     p.set_defaults(func=_cmd_up)
 
 
@@ -91,7 +98,7 @@ def register_nats(sub: Any) -> None:
     p = sub.add_parser("nats", help="run only the local nats-server with JetStream in the foreground")
     add_settings_args(p)
     add_cluster_arg(p)
-    p.set_defaults(func=_cmd_up, no_services=True)
+    p.set_defaults(func=_cmd_up, no_services=True, service_args=[])
 
 
 def add_cluster_arg(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import nats.js.errors
 from runtime.bus import BusTarget, Credentials, connect, split_urls
 from runtime.cluster import LocalCluster, start_cluster
 from runtime.commands import service_commands, settings_from
-from runtime.errors import BusUnavailable, TrainbusError
+from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.natsserver import RunningServer, clear_state, read_state, start_server, write_state
 from runtime.settings import Settings
 from runtime.stream import auto_replicas, ensure_bucket, ensure_stream
@@ -67,6 +68,19 @@ def service_env(name: str, url: str, environ: Mapping[str, str]) -> tuple[dict[s
     return env, role
 
 
+def with_extra_args(services: dict[str, list[str]], items: list[str]) -> dict[str, list[str]]:
+    """``services`` with each ``NAME=ARGS`` of ``--service-args`` appended to that service's command."""
+    out = {name: list(argv) for name, argv in services.items()}
+    for item in items:
+        name, sep, extra = item.partition("=")
+        if not sep or name not in out:
+            raise ConfigError(
+                f"--service-args {item!r}: expected NAME=ARGS with NAME one of {', '.join(out) or '(none)'}"
+            )
+        out[name] += shlex.split(extra)
+    return out
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -78,6 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if existing:
         raise TrainbusError(f"a local bus is already running for {state_dir.resolve()} at {existing}")
     size = args.cluster or 0
+    services = {} if args.no_services else with_extra_args(service_commands(), args.service_args)
     bus: RunningServer | LocalCluster = (
         start_cluster(settings.server, state_dir / "cluster", size)
         if size
@@ -90,7 +105,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _record(state_dir, bus)
         _announce(bus, replicas)
         if not args.no_services:
-            for name, argv in service_commands().items():
+            for name, argv in services.items():
                 env, role = service_env(name, bus.url, os.environ)
                 children[name] = subprocess.Popen(argv, env=env)
                 who = f" as {role}" if role else ""
