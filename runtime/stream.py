@@ -49,7 +49,8 @@ def cluster_size(nc: NATS) -> int:
     info: dict[str, Any] = getattr(nc, "_server_info", None) or {}  # nats-py keeps INFO only privately
     if not info.get("cluster"):
         return 1
-    return max(1, len(info.get("connect_urls") or []))
+    # INFO at connect time lists the cluster's servers; ones that joined later are in the pool
+    return max(1, len(info.get("connect_urls") or []), len(nc.servers))
 
 
 def auto_replicas(nc: NATS, wanted: int | None) -> int:

@@ -32,7 +32,7 @@ from runtime.commands import service_commands, settings_from
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.natsserver import RunningServer, clear_state, read_state, start_server, write_state
 from runtime.settings import Settings
-from runtime.stream import auto_replicas, ensure_bucket, ensure_stream
+from runtime.stream import ensure_bucket, ensure_stream
 from schemas.subjects import CHECKPOINTS_BUCKET
 
 SERVICE_ROLES = {"audit": "auditor", "exporter": "viewer", "predict": "predictor", "dashboard": "viewer"}
@@ -177,7 +177,10 @@ def _supervise(
 
 
 async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
-    """Create the stream and the checkpoint bucket as admin; returns their replicas."""
+    """Create the stream and the checkpoint bucket as admin; returns their replicas (3 on a cluster
+    unless ``stream.replicas`` says otherwise: its size is known here, not guessed from INFO)."""
+    replicas = settings.stream.replicas or (3 if cluster else 1)
+    limits = settings.stream.model_copy(update={"replicas": replicas})
     nc = await connect(
         BusTarget(split_urls(url), "trainbus up"),
         settings,
@@ -191,13 +194,12 @@ async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
-                await ensure_stream(js, settings.stream)
+                await ensure_stream(js, limits)
                 break
             except BusUnavailable:  # a node that has not joined yet makes R3 "insufficient resources"
                 if not cluster or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
-        replicas = auto_replicas(nc, settings.stream.replicas)
         await ensure_bucket(
             js, CHECKPOINTS_BUCKET, replicas, history=5, description="checkpoints the trainbus audit gate approved"
         )
