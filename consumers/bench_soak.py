@@ -8,9 +8,9 @@ Run from the repository root::
 It starts a bus (one embedded server, or ``--cluster``: three nodes), every service ``trainbus up``
 starts (the audit gate, the exporter on a free port, the dashboard server once it is a
 ``trainbus.services`` entry, the predictor when configured), and ``--runs`` ``trainbus train``
-subprocesses of the tiny config that would train far longer than the soak. Every second it samples
-each JetStream consumer's backlog (messages not yet delivered or acknowledged) and every process's
-RSS; every ``--command-every`` seconds it sends a harmless command (``set logging_steps`` to the
+subprocesses of the tiny config that would train far longer than the soak. Once every run has
+started, for ``--minutes``, it samples every second each JetStream consumer's backlog (messages not
+yet delivered or acknowledged) and every process's RSS; every ``--command-every`` seconds it sends a harmless command (``set logging_steps`` to the
 value the run has) to one run. At the end it stops the runs with SIGTERM (they save, publish
 ``run.finished`` and flush) and checks every run's events. It prints, measured in this one run:
 
@@ -50,9 +50,9 @@ from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
 from runtime.natsserver import RunningServer, start_server
 from runtime.settings import Settings, StreamSettings, load_config
-from runtime.stream import ensure_stream
+from runtime.stream import ensure_stream, last_event
 from runtime.up import with_extra_args
-from schemas import EVENTS_STREAM
+from schemas import EVENTS_STREAM, event_subject
 
 ISSUER = "bench-soak"
 WARM_SECONDS = 60.0
@@ -116,6 +116,12 @@ async def soak(
     url: str, settings: Settings, runs: list[str], procs: dict[str, int], args: argparse.Namespace
 ) -> Samples:
     nc = await connect(BusTarget(split_urls(url), "bench"), settings, name="bench-soak")
+    deadline = time.monotonic() + 300
+    for run in runs:  # the soak starts once every trainer is live (answers commands)
+        while await last_event(nc.jetstream(), event_subject(run, "run.started")) is None:
+            if time.monotonic() > deadline:
+                raise TrainbusError(f"run {run} did not start within 300 s")
+            await asyncio.sleep(0.5)
     samples = Samples()
     start = time.monotonic()
     next_command = start + args.command_every
