@@ -35,8 +35,9 @@ from runtime.settings import Settings
 from runtime.stream import ensure_bucket, ensure_stream
 from schemas.subjects import CHECKPOINTS_BUCKET
 
-SERVICE_ROLES = {"audit": "auditor", "exporter": "viewer", "predict": "predictor", "dashboard": "viewer"}
-"""The role each service `up` starts runs as on a server with roles; any other service: viewer (read-only)."""
+SERVICE_ROLES = {"audit": "auditor", "exporter": "viewer", "predict": "predictor", "dashboard": "operator"}
+"""The role each service `up` starts runs as on a server with roles (the dashboard sends commands too);
+any other service: viewer (read-only)."""
 CREDENTIAL_VARIABLES = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY")
 READY_TIMEOUT = 30.0
 """Seconds a new cluster gets to elect its JetStream leader."""

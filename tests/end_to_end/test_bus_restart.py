@@ -39,7 +39,9 @@ def test_restarting_up_mid_run_the_trainer_reconnects_or_follows_and_loses_nothi
             url = read_state(tmp_path / ".trainbus")
             assert url is not None
             # the trainer finds the bus as any command in the folder does: no NATS_URL
-            trainer = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+            trainer = subprocess.Popen(
+                argv, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True
+            )
             wait_events(url, run, lambda ev: len(of_type(ev, "train.step")) >= 15, timeout=180)
         with up(tmp_path, "--no-services"):  # Ctrl-C, then `trainbus up` again
             assert read_state(tmp_path / ".trainbus") == url
