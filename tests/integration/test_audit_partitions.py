@@ -19,12 +19,10 @@ from consumers.audit.rules import load_rules
 from runtime.bus import BusTarget, connect
 from runtime.natsserver import start_server
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.sinks import Stamper
 from runtime.stream import ensure_stream, replay
 from schemas import ALL_EVENTS, AuditVerdict
-from tests.integration.test_audit import REPO, AuditProcess, audit_events, ckpt, evaluation, publisher, step
+from tests.integration.test_audit import REPO, AuditProcess, _publish_history, audit_events
 
-NAN = float("nan")
 RUNS = ("split-a", "split-b", "split-c", "split-d")
 """NATS puts split-a and split-c in partition 1 of 2, split-b and split-d in partition 0 (checked below)."""
 
@@ -45,23 +43,6 @@ def judged_runs(log: Path) -> set[str]:
             if entry.get("event") in ("flag", "verdict"):
                 runs.add(entry["run_id"])
     return runs
-
-
-def publish_runs(target: BusTarget, settings: Settings, outbox: Path, stop: threading.Event) -> None:
-    """Four runs with NaN episodes, evals and checkpoints, at a steady pace until ``stop``."""
-    pub = publisher(target, settings, outbox)
-    stampers = [Stamper(pub, run) for run in RUNS]
-    n = 0
-    while not stop.is_set() and n < 5000:
-        n += 1
-        for i, stamper in enumerate(stampers):
-            step(stamper, n, loss=NAN if n % 12 == 3 + i else 1.0)
-            if n % 10 == 0:
-                evaluation(stamper, n, accuracy=0.9 if n % 20 else 0.7)
-            if n % 10 == 5:
-                ckpt(stamper, n)
-        time.sleep(0.02)
-    pub.close()
 
 
 async def count_for(js: Any, runs: tuple[str, ...]) -> int:
@@ -95,7 +76,7 @@ async def test_two_gates_split_the_runs_and_a_killed_gates_runs_are_judged_when_
         first = gate(0, "gate0")
         gate(1, "gate1")
         stop = threading.Event()
-        thread = threading.Thread(target=publish_runs, args=(target, settings, tmp_path / "out.jsonl", stop))
+        thread = threading.Thread(target=_publish_history, args=(target, settings, tmp_path / "out.jsonl", stop, RUNS))
         thread.start()
         zero, one = ("split-b", "split-d"), ("split-a", "split-c")
         try:
