@@ -13,6 +13,7 @@ nothing is sent twice. An outbox still open in a live process (its trainer) is l
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import psutil
@@ -20,7 +21,7 @@ import psutil
 from runtime.bus import bus_target
 from runtime.commands import settings_from
 from runtime.errors import NotFound, TrainbusError
-from runtime.outbox import Outbox
+from runtime.outbox import Outbox, dead_letter_path
 from runtime.publisher import NatsPublisher
 
 CLOSE_TIMEOUT = 60.0
@@ -38,10 +39,10 @@ def find_outboxes(root: Path, run_id: str | None = None) -> list[Path]:
 
 def holder(path: Path) -> int | None:
     """The pid of a process of this user that has ``path`` open (a trainer still sending it), if any."""
-    target = str(path.resolve())
-    for proc in psutil.process_iter(["pid", "username"]):
+    target, me = str(path.resolve()), os.getpid()
+    for proc in psutil.process_iter():
         try:
-            if proc.pid != psutil.Process().pid and any(f.path == target for f in proc.open_files()):
+            if proc.pid != me and any(f.path == target for f in proc.open_files()):
                 return int(proc.pid)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
@@ -82,7 +83,7 @@ def cmd_outbox_flush(args: argparse.Namespace) -> int:
             sent = stats.published - stats.duplicates
             parts = [f"{sent} sent", f"{stats.duplicates} already stored"]
             if stats.dead_lettered:
-                parts.append(f"{stats.dead_lettered} refused for good (in {path.with_name(path.stem + '.dead.jsonl')})")
+                parts.append(f"{stats.dead_lettered} refused for good (in {dead_letter_path(path)})")
             parts.append(f"{stats.outbox_pending} left")
             print(f"{path}: {waiting} events: {', '.join(parts)}")
     if left_total:
