@@ -84,7 +84,7 @@ def stream_config(limits: StreamSettings, replicas: int | None = None) -> api.St
 
 def _differences(have: api.StreamConfig, want: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
     out: dict[str, tuple[Any, Any]] = {}
-    for name in ("subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas", "storage", "discard"):
+    for name in ("subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas", "storage"):
         a, b = getattr(have, name), getattr(want, name)
         if isinstance(a, float) or isinstance(b, float):
             if a is None or b is None or abs(float(a) - float(b)) > 1e-3:
