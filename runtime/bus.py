@@ -1,8 +1,12 @@
 """Finding and connecting to the bus.
 
 Where the bus is, in this order: ``bus.url`` (``--set bus.url=…``) or ``NATS_URL``; else the
-server ``trainbus up`` started in this folder; else an embedded server for this command's
-lifetime. Credentials come from the NATS ecosystem's variables and are never logged.
+folder's bus: the server (or cluster) ``trainbus up`` started in this folder, or the embedded
+server another command started here (``<state_dir>/bus.json``); else an embedded server for this
+command's lifetime, recorded the same way so a second shell finds it. A target found in the
+folder can be looked up again (``BusTarget.moved``): when ``up`` restarts on another port, a
+long-lived client follows it. Credentials come from the NATS ecosystem's variables and are
+never logged.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +26,11 @@ from nats.aio.client import Client as NATS
 
 from runtime.errors import BusUnavailable, ConfigError
 from runtime.logs import get_logger
-from runtime.natsserver import RunningServer, read_state, start_server
+from runtime.natsserver import RunningServer, StoreInUse, read_state, start_server
 from runtime.settings import Settings, redact_url
 
 EMBEDDED = "embedded"
+LOCAL = "this folder's bus"
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,28 @@ class BusTarget:
     servers: list[str]
     origin: str
     server: RunningServer | None = None
+    state_dir: Path | None = None
+    """The folder whose ``bus.json`` named this target (origin ``LOCAL``): ``moved`` reads it again."""
 
     @property
     def display(self) -> str:
         return ",".join(redact_url(s) for s in self.servers)
+
+    def moved(self) -> BusTarget | None:
+        """The folder's bus, when it now listens elsewhere than this target; None otherwise (or when
+        the target was not found in a folder: a URL given by the user is never second-guessed)."""
+        if self.origin != LOCAL or self.state_dir is None:
+            return None
+        url = read_state(self.state_dir)
+        if url is None:
+            return None
+        servers = split_urls(url)
+        return None if servers == self.servers else BusTarget(servers, LOCAL, state_dir=self.state_dir)
+
+
+def split_urls(url: str) -> list[str]:
+    """``nats://a:4222, nats://b:4222`` → the server URLs."""
+    return [s.strip() for s in url.split(",") if s.strip()]
 
 
 def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None, *, announce: bool = True) -> BusTarget:
@@ -92,14 +116,22 @@ def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None,
     url = settings.bus.url or env.get("NATS_URL") or None
     origin = "bus.url" if settings.bus.url else "NATS_URL"
     if url and url != EMBEDDED:
-        servers = [s.strip() for s in url.split(",") if s.strip()]
+        servers = split_urls(url)
         if not servers:
             raise ConfigError(f"{origin}: no server URL in {url!r}")
         return BusTarget(servers=servers, origin=origin)
     local = read_state(state_dir)
     if local:
-        return BusTarget(servers=[local], origin="trainbus up")
-    server = start_server(settings.server, state_dir / "nats")
+        return BusTarget(servers=split_urls(local), origin=LOCAL, state_dir=state_dir)
+    try:
+        server = start_server(settings.server, state_dir / "nats")
+    except StoreInUse:
+        # another command is starting this folder's server right now: use it once it has said where
+        found = _await_state(state_dir, settings.bus.connect_timeout)
+        if found is None:
+            raise
+        return BusTarget(servers=split_urls(found), origin=LOCAL, state_dir=state_dir)
+    server.advertise(state_dir)
     if announce:
         print(
             f"trainbus: no bus configured; started an embedded nats-server at {server.url} for this command",
@@ -107,6 +139,15 @@ def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None,
             flush=True,
         )
     return BusTarget(servers=[server.url], origin=EMBEDDED, server=server)
+
+
+def _await_state(state_dir: Path, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        url = read_state(state_dir)
+        if url is not None or time.monotonic() > deadline:
+            return url
+        time.sleep(0.1)
 
 
 @contextmanager

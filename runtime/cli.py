@@ -21,6 +21,8 @@ Register = Callable[[Any], None]
 CORE: dict[str, Register] = {
     "up": commands.register_up,
     "nats": commands.register_nats,
+    "status": commands.register_status,
+    "outbox": commands.register_outbox,
     "events": history.register_events,
     "runs": history.register_runs,
     "tag": history.register_tag,

@@ -1,27 +1,17 @@
-"""Bus-level commands of the CLI: up, nats, schema export, bench (events and runs: ``runtime.history``)."""
+"""Bus-level commands of the CLI: up, nats, status, outbox, schema export, bench (events and runs: ``runtime.history``)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from runtime.bus import connect
 from runtime.errors import TrainbusError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.natsserver import clear_state, read_state, start_server, write_state
 from runtime.settings import Settings, load_config
-from runtime.stream import ensure_stream
 from schemas import check_run_id
 from schemas.export import json_schemas
 
@@ -80,20 +70,77 @@ def add_stall_after_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-# ---- up / nats ---------------------------------------------------------------------------
+# ---- up / nats / status / outbox ---------------------------------------------------------
 
 
 def register_up(sub: Any) -> None:
     p = sub.add_parser("up", help="run the local bus and every consumer in the foreground (Ctrl-C stops all)")
     add_settings_args(p)
+    add_cluster_arg(p)
     p.add_argument("--no-services", action="store_true", help="start only the nats-server")
-    p.set_defaults(func=cmd_up, services=True)
+    p.add_argument(
+        "--service-args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="extra arguments for one consumer, e.g. exporter='--port 9465' (repeatable)",
+    )
+    p.set_defaults(func=_cmd_up)
 
 
 def register_nats(sub: Any) -> None:
     p = sub.add_parser("nats", help="run only the local nats-server with JetStream in the foreground")
     add_settings_args(p)
-    p.set_defaults(func=cmd_up, services=False, no_services=True)
+    add_cluster_arg(p)
+    p.set_defaults(func=_cmd_up, no_services=True, service_args=[])
+
+
+def add_cluster_arg(p: argparse.ArgumentParser) -> None:
+    """``--cluster N``: N JetStream nodes on loopback instead of one server."""
+    p.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a local JetStream cluster of N nodes (at least 3) instead of one server",
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from runtime.up import cmd_up  # runtime.up uses this module's helpers
+
+    return cmd_up(args)
+
+
+def register_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="the bus: its servers, the stream's replicas and leader, the buckets")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    add_settings_args(p)
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from runtime.status import cmd_status
+
+    return cmd_status(args)
+
+
+def register_outbox(sub: Any) -> None:
+    p = sub.add_parser("outbox", help="events a run could not send yet")
+    inner = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION", parser_class=type(p))
+    f = inner.add_parser("flush", help="send the outboxes runs left behind (all runs, or RUN)")
+    f.add_argument("run", nargs="?", type=run_id_arg, help="only this run")
+    f.add_argument(
+        "--dir", default="runs", metavar="DIR", help="where the runs are (training.output_dir; default runs)"
+    )
+    add_settings_args(f)
+    f.set_defaults(func=_cmd_outbox_flush)
+
+
+def _cmd_outbox_flush(args: argparse.Namespace) -> int:
+    from runtime.outboxes import cmd_outbox_flush
+
+    return cmd_outbox_flush(args)
 
 
 def service_commands() -> dict[str, list[str]]:
@@ -103,64 +150,6 @@ def service_commands() -> dict[str, list[str]]:
     """
     found = {ep.name: list(ep.load()()) for ep in sorted(entry_points(group="trainbus.services"), key=lambda e: e.name)}
     return {name: argv for name, argv in found.items() if argv}
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    state_dir = Path(settings.state_dir)
-    existing = read_state(state_dir)
-    if existing:
-        raise TrainbusError(f"a local bus is already running for {state_dir.resolve()} at {existing}")
-    server = start_server(settings.server, state_dir / "nats")
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        asyncio.run(_provision(server.url, settings))
-        write_state(state_dir, server.url, server.pid)
-        print(
-            f"trainbus: nats-server with JetStream listening at {server.url} (store {server.store_dir / 'jetstream'})",
-            flush=True,
-        )
-        if args.services and not args.no_services:
-            env = {**os.environ, "NATS_URL": server.url}
-            for name, argv in service_commands().items():
-                children[name] = subprocess.Popen(argv, env=env)
-                print(f"trainbus: started {name} (pid {children[name].pid}): {' '.join(argv)}", flush=True)
-        print("trainbus: other trainbus commands in this folder use this bus; Ctrl-C stops everything", flush=True)
-        while server.process.poll() is None:
-            for name, child in list(children.items()):
-                if child.poll() is not None:
-                    print(f"trainbus: {name} exited with {child.returncode}", file=sys.stderr, flush=True)
-                    del children[name]
-            time.sleep(0.5)
-        raise TrainbusError(f"nats-server exited with {server.process.returncode} (log: {server.log_path})")
-    except KeyboardInterrupt:
-        print("\ntrainbus: stopping", flush=True)
-        return 0
-    finally:
-        for child in children.values():
-            child.terminate()
-        for child in children.values():
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        clear_state(state_dir)
-        server.stop()
-
-
-async def _provision(url: str, settings: Settings) -> None:
-    from runtime.bus import BusTarget
-
-    nc = await connect(BusTarget([url], "embedded"), settings, name="trainbus-up")
-    try:
-        await ensure_stream(nc.jetstream(), settings.stream)
-    finally:
-        await nc.close()
 
 
 # ---- schema / bench ----------------------------------------------------------------------

@@ -4,15 +4,18 @@ A message that fails validation is counted, logged with its subject and acked, s
 wedge a consumer; an event a newer trainbus wrote (higher ``schema_version``) is counted,
 reported once per run and acked the same way. Unknown fields of an event are ignored (see
 ``runtime.stream.decode``). Handlers should be idempotent by ``event_id``: delivery is at least once.
+On a cluster, a durable consumer whose leader died waits for the new one (it keeps its place).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext, api
 
 from runtime.logs import get_logger
@@ -44,12 +47,14 @@ async def consume(
     on_newer: Callable[[Delivered], None] | None = None,
     stats: ConsumerStats | None = None,
     newer: NewerEvents | None = None,
+    stream: str = EVENTS_STREAM,
 ) -> ConsumerStats:
     """Feed every event matching ``filter_subject`` to ``handler`` until ``stop`` is set.
 
     With ``durable`` the consumer resumes where it last acked (its name is the durable name);
     without, it replays the stream from the start (state rebuilt on every start). ``newer``
-    carries the runs already reported for newer events over from an earlier read (a replay).
+    carries the runs already reported for newer events over from an earlier read (a replay);
+    ``stream`` is the events stream unless the consumer reads a derived copy (audit partitions).
     """
     log = get_logger(consumer=durable or "ephemeral")
     stats = stats or ConsumerStats()
@@ -61,13 +66,26 @@ async def consume(
         ack_wait=30,
         inactive_threshold=None if durable else 60,
     )
-    sub = await js.pull_subscribe(filter_subject, durable=durable, stream=EVENTS_STREAM, config=config)
+    sub = await js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+    leaderless: float | None = None  # since when the durable consumer has had no leader
     try:
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+                if durable is None:
+                    raise  # an ephemeral consumer may have died with its server: the caller starts another
+                # a cluster node died and the consumer elects a new leader; its replicas keep our place
+                if leaderless is None:
+                    leaderless = time.monotonic()
+                    log.warning("consumer has no leader; waiting for the cluster to elect one")
+                await asyncio.sleep(0.5)
+                continue
+            if leaderless is not None:
+                log.info("consumer has a leader again", after_seconds=round(time.monotonic() - leaderless, 1))
+                leaderless = None
             for msg in msgs:
                 item = decode(msg, msg.metadata.sequence.stream)
                 if item.newer is not None:

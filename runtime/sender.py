@@ -85,8 +85,12 @@ class Sender:
             if len(self._outbox):
                 self.log.info("outbox from an earlier attempt will be sent first", pending=len(self._outbox))
             nc = await self._connect()
-            if nc is not None:
-                await self._pump(nc, nc.jetstream(timeout=self.settings.bus.ack_timeout))
+            while nc is not None and await self._pump(nc, nc.jetstream(timeout=self.settings.bus.ack_timeout)):
+                # the folder's bus moved (``_wait_connected``): the old address will not come back
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 2)
+                self._acks = None
+                nc = await self._connect(offline=True)
         finally:
             self._finish()
             if nc is not None:
@@ -123,16 +127,17 @@ class Sender:
             raise
         return nc
 
-    async def _connect(self) -> NATS | None:
-        """The first connection; with ``offline_ok``, retried in the background until it works, or
-        close() is called and one last try fails (then everything stays in the outbox)."""
+    async def _connect(self, *, offline: bool = False) -> NATS | None:
+        """The first connection; with ``offline_ok`` (or ``offline``), retried in the background until it
+        works, or close() is called and one last try fails (then everything stays in the outbox)."""
         backoff = Backoff(first=0.5, cap=10.0)
         offline_since: float | None = None
         while True:
+            self.target = self.target.moved() or self.target  # the folder's bus may have moved meanwhile
             try:
                 nc = await self._open()
             except BusUnavailable as exc:
-                if not self.offline_ok:
+                if not (self.offline_ok or offline):
                     raise
                 if offline_since is None:
                     offline_since = time.monotonic()
@@ -241,7 +246,8 @@ class Sender:
 
     # ---- publishing ------------------------------------------------------------------------
 
-    async def _pump(self, nc: NATS, js: Any) -> None:
+    async def _pump(self, nc: NATS, js: Any) -> bool:
+        """Publish until close (False), or until the folder's bus moves while disconnected (True)."""
         h = self.handoff
         stop_requested = False
         while True:
@@ -249,7 +255,7 @@ class Sender:
             batch = self._next_batch()
             if not batch:
                 if stop_requested or h.closing:
-                    return
+                    return False
                 h.sleeping = True
                 if h.queue.empty():
                     await h.doze(1.0)
@@ -261,10 +267,11 @@ class Sender:
                 self._recovered()
                 continue
             if h.closing and time.monotonic() >= h.deadline:
-                return
+                return False
             self.stats.retried += len(batch) - settled
             if not nc.is_connected:
-                await self._wait_connected(nc)
+                if await self._wait_connected(nc):
+                    return True
             elif not (state.no_stream and await self._stream_missing(js, batch, state)):
                 self._refused(state.error or f"no ack within {self.settings.bus.ack_timeout:g}s")
                 await self._idle(self._backoff.next())
@@ -379,10 +386,20 @@ class Sender:
             self._episode = None
         self._backoff.reset()
 
-    async def _wait_connected(self, nc: NATS) -> None:
+    async def _wait_connected(self, nc: NATS) -> bool:
+        """Until ``nc`` reconnects (False) or the folder's bus is found elsewhere (True), looking once a second."""
+        look = time.monotonic() + 1.0
         while not nc.is_connected:
             if self._intake():
                 self.handoff.closing = True
             if self.handoff.closing and time.monotonic() >= self.handoff.deadline:
-                return
+                return False
+            if time.monotonic() >= look:
+                look += 1.0
+                moved = self.target.moved()
+                if moved is not None:
+                    self.log.warning("the bus moved; following it", was=self.target.display, now=moved.display)
+                    self.target = moved
+                    return True
             await asyncio.sleep(0.05)
+        return False

@@ -94,7 +94,8 @@ class StreamSettings(Section):
     """Stream size limit in bytes (oldest events are dropped beyond it)."""
     duplicate_window_seconds: float = Field(600.0, ge=600.0)
     """JetStream de-duplication window; at least 10 minutes so retries after an outage dedupe."""
-    replicas: int = Field(1, ge=1, le=5)
+    replicas: int | None = Field(None, ge=1, le=5)
+    """Copies of the stream and buckets; unset: 3 on a cluster of at least three servers, else 1."""
 
 
 class ServerSettings(Section):

@@ -17,6 +17,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from runtime.errors import BusUnavailable
@@ -44,17 +45,40 @@ NO_JETSTREAM = (
 )
 
 
-def stream_config(limits: StreamSettings) -> api.StreamConfig:
-    """The stream's desired configuration for ``limits``."""
+def cluster_size(nc: NATS) -> int:
+    """How many servers the connected server's cluster has (1 for a server on its own), from its INFO."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}  # nats-py keeps INFO only privately
+    if not info.get("cluster"):
+        return 1
+    # INFO at connect time lists the cluster's servers; ones that joined later are in the pool
+    return max(1, len(info.get("connect_urls") or []), len(nc.servers))
+
+
+def auto_replicas(nc: NATS, wanted: int | None) -> int:
+    """``stream.replicas`` when set; else 3 on a cluster of at least three servers, 1 otherwise."""
+    if wanted is not None:
+        return wanted
+    return 3 if cluster_size(nc) >= 3 else 1
+
+
+def stream_config(limits: StreamSettings, replicas: int | None = None) -> api.StreamConfig:
+    """The stream's desired configuration for ``limits`` (``replicas`` resolved by ``auto_replicas``).
+
+    At ``max_bytes`` or ``max_age`` the oldest events go (discard old): a full stream never
+    refuses a trainer's publish. The duplicate window cannot outlast ``max_age`` (JetStream
+    refuses that), so a short age shortens it.
+    """
+    max_age = limits.max_age_days * 86400
     return api.StreamConfig(
         name=EVENTS_STREAM,
         subjects=[ALL_EVENTS],
         storage=api.StorageType.FILE,
         retention=api.RetentionPolicy.LIMITS,
-        max_age=limits.max_age_days * 86400,
+        discard=api.DiscardPolicy.OLD,
+        max_age=max_age,
         max_bytes=limits.max_bytes,
-        duplicate_window=limits.duplicate_window_seconds,
-        num_replicas=limits.replicas,
+        duplicate_window=min(limits.duplicate_window_seconds, max_age),
+        num_replicas=replicas if replicas is not None else (limits.replicas or 1),
         allow_direct=True,
     )
 
@@ -71,19 +95,34 @@ def _differences(have: api.StreamConfig, want: api.StreamConfig) -> dict[str, tu
     return out
 
 
+def _creation_refused(name: str, replicas: int, exc: nats.js.errors.APIError) -> BusUnavailable:
+    hint = (
+        f"; {replicas} replicas need {replicas} JetStream servers up (stream.replicas sets how many)"
+        if replicas > 1
+        else ""
+    )
+    return BusUnavailable(f"JetStream refused to create {name}: {exc.description}{hint}")
+
+
 async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
     """Create or update ``TRAINBUS_EVENTS``; returns ``created``, ``updated``, ``unchanged`` or ``kept``.
 
     A second start with other limits updates the stream; a change the server refuses (e.g. the
-    storage type) is explained in a warning and the existing stream is kept.
+    storage type) is explained in a warning and the existing stream is kept. With
+    ``stream.replicas`` unset, replicas are never lowered: a client that sees fewer servers
+    (one is down) leaves an R3 stream as it is.
     """
     log = get_logger(stream=EVENTS_STREAM)
-    want = stream_config(limits)
+    replicas = auto_replicas(js._nc, limits.replicas)  # the JetStream context's own connection
+    want = stream_config(limits, replicas)
     try:
         info = await js.stream_info(EVENTS_STREAM)
     except nats.js.errors.NotFoundError:
-        await js.add_stream(config=want)
-        log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes)
+        try:
+            await js.add_stream(config=want)
+        except nats.js.errors.APIError as exc:
+            raise _creation_refused(EVENTS_STREAM, replicas, exc) from None
+        log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes, replicas=replicas)
         return "created"
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable(NO_JETSTREAM) from None
@@ -91,6 +130,8 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         raise BusUnavailable(
             f"no answer from JetStream for stream {EVENTS_STREAM}: is JetStream enabled and may this user use it?"
         ) from None
+    if limits.replicas is None and (info.config.num_replicas or 1) > replicas:
+        want.num_replicas = info.config.num_replicas
     diff = _differences(info.config, want)
     if not diff:
         return "unchanged"
@@ -105,6 +146,28 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         return "kept"
     log.info("stream limits updated", changed=sorted(diff))
     return "updated"
+
+
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int, *, history: int, description: str) -> KeyValue:
+    """The key-value bucket ``name``, created with ``replicas`` when missing, scaled up when it has fewer."""
+    try:
+        kv = await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=name, history=history, replicas=replicas, description=description)
+        except nats.js.errors.APIError as exc:
+            raise _creation_refused(f"the key-value bucket {name}", replicas, exc) from None
+    stream = f"KV_{name}"
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) < replicas:
+        info.config.num_replicas = replicas
+        try:
+            await js.update_stream(config=info.config)
+        except nats.js.errors.APIError as exc:
+            get_logger(bucket=name).warning(
+                "bucket keeps its replicas", replicas=info.config.num_replicas, server_said=exc.description
+            )
+    return kv
 
 
 @dataclass
@@ -160,21 +223,22 @@ class NewerEvents:
             )
 
 
-async def count_stored(js: JetStreamContext, filter_subject: str) -> int:
+async def count_stored(js: JetStreamContext, filter_subject: str, stream: str = EVENTS_STREAM) -> int:
     """How many stored messages match ``filter_subject``."""
-    info = await js.stream_info(EVENTS_STREAM, subjects_filter=filter_subject)
+    info = await js.stream_info(stream, subjects_filter=filter_subject)
     return sum((info.state.subjects or {}).values())
 
 
 async def replay(
-    js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0
+    js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0, stream: str = EVENTS_STREAM
 ) -> AsyncIterator[Delivered]:
-    """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after."""
-    if not follow and await count_stored(js, filter_subject) == 0:
+    """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after.
+
+    ``stream`` is the events stream unless a reader keeps a derived copy (the audit gate's partitions).
+    """
+    if not follow and await count_stored(js, filter_subject, stream) == 0:
         return
-    sub = await js.subscribe(
-        filter_subject, stream=EVENTS_STREAM, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
-    )
+    sub = await js.subscribe(filter_subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     try:
         while True:
             try:

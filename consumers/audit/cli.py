@@ -1,6 +1,7 @@
 """`trainbus audit` (the audit gate service) and `trainbus checkpoints` (checkpoints with their verdicts).
 
 trainbus audit --rules configs/audit.yaml          # every run; `trainbus up` starts it
+trainbus audit --partition 0/2                     # half of the runs (another gate takes 1/2)
 trainbus checkpoints --run RUN --approved --json   # what may be promoted
 """
 
@@ -15,15 +16,22 @@ from typing import Any
 
 import nats.js.errors
 
-from consumers.audit.loop import DURABLE, run_audit
+from consumers.audit.loop import DURABLE, ensure_events_stream, run_audit
+from consumers.audit.partitions import (
+    PARTITIONED_STREAM,
+    durable_name,
+    ensure_partitions,
+    parse_partition,
+    partition_subject,
+)
 from consumers.audit.rules import AuditConfig, load_rules
 from runtime.bus import BusTarget, bus_target, connect, connected
 from runtime.commands import add_settings_args, run_id_arg, settings_from
-from runtime.errors import NotFound
+from runtime.errors import ConfigError, NotFound
 from runtime.render import table, terminal_width
 from runtime.settings import Settings, packaged
 from runtime.stream import NewerEvents, count_stored, replay
-from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, run_events
+from schemas import ALL_EVENTS, EVENTS_STREAM, AuditVerdict, Checkpoint, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
 DEFAULT_RULES = "configs/audit.yaml"
@@ -39,34 +47,63 @@ def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="the audit gate: flag problems, judge every checkpoint, pause runs")
     p.add_argument("--rules", default=None, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
     p.add_argument("--run", type=run_id_arg, help="audit only this run (its own durable consumer)")
+    p.add_argument(
+        "--partition",
+        metavar="K/N",
+        help="audit only the runs NATS puts in partition K of N (run N gates, 0/N to N-1/N, to scale out)",
+    )
+    p.add_argument(
+        "--repartition",
+        action="store_true",
+        help="with --partition: split the runs N ways even if they were split otherwise",
+    )
     add_settings_args(p)
     p.set_defaults(func=cmd_audit)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if args.partition and args.run:
+        raise ConfigError("--run and --partition: choose one (a run belongs to one partition)")
+    partition = parse_partition(args.partition) if args.partition else None
     rules = args.rules or default_rules()
     config = load_rules(rules)
     with bus_target(settings) as target:
-        return asyncio.run(_audit(target, settings, config, rules, args.run))
+        return asyncio.run(_audit(target, settings, config, rules, args.run, partition, args.repartition))
 
 
-async def _audit(target: BusTarget, settings: Settings, config: AuditConfig, rules_path: str, run: str | None) -> int:
+async def _audit(
+    target: BusTarget,
+    settings: Settings,
+    config: AuditConfig,
+    rules_path: str,
+    run: str | None,
+    partition: tuple[int, int] | None = None,
+    repartition: bool = False,
+) -> int:
     subject = run_events(run) if run else ALL_EVENTS
     durable = f"{DURABLE}-{run}" if run else DURABLE
+    stream = EVENTS_STREAM
+    if partition is not None:
+        subject, durable, stream = partition_subject(partition[0]), durable_name(*partition), PARTITIONED_STREAM
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     n = len(config.rules.enabled())
 
+    what = f"partition {partition[0]} of {partition[1]} ({subject})" if partition else subject
+
     def ready() -> None:
-        print(f"trainbus audit: watching {subject} with {n} rules from {rules_path}", flush=True)
+        print(f"trainbus audit: watching {what} with {n} rules from {rules_path}", flush=True)
 
     nc = await connect(target, settings, name="trainbus-audit")
     try:
+        if partition is not None:
+            await ensure_events_stream(nc.jetstream(), settings)  # the partitions' source
+            await ensure_partitions(nc.jetstream(), partition[1], settings.stream, repartition=repartition)
         audit, consumer = await run_audit(
-            nc, config, settings, stop=stop, subject=subject, durable=durable, on_ready=ready
+            nc, config, settings, stop=stop, subject=subject, durable=durable, on_ready=ready, stream=stream
         )
     finally:
         await nc.close()  # everything published was acked: nothing to drain

@@ -36,7 +36,7 @@ from runtime.consume import ConsumerStats, consume
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import Delivered, NewerEvents, ensure_stream, replay
+from runtime.stream import Delivered, NewerEvents, auto_replicas, ensure_bucket, ensure_stream, replay
 from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event, event_subject
 from schemas.common import utc_now
 from schemas.subjects import CHECKPOINTS_BUCKET
@@ -67,14 +67,11 @@ def plain(value: Any) -> Any:
     return value
 
 
-async def open_checkpoints(js: JetStreamContext) -> KeyValue:
-    """The ``TRAINBUS_CHECKPOINTS`` bucket, created when missing."""
-    try:
-        return await js.key_value(CHECKPOINTS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(
-            bucket=CHECKPOINTS_BUCKET, history=5, description="checkpoints the trainbus audit gate approved"
-        )
+async def open_checkpoints(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """The ``TRAINBUS_CHECKPOINTS`` bucket, created with ``replicas`` when missing."""
+    return await ensure_bucket(
+        js, CHECKPOINTS_BUCKET, replicas, history=5, description="checkpoints the trainbus audit gate approved"
+    )
 
 
 class Auditor:
@@ -102,10 +99,10 @@ class Auditor:
         self.state, outputs = handle(event, self.state)
         return outputs
 
-    async def recover(self, subject: str) -> int:
+    async def recover(self, subject: str, stream: str = EVENTS_STREAM) -> int:
         """Rebuild the engine from the stream and publish what a previous auditor missed."""
         missed: list[Output] = []
-        async for item in replay(self.js, subject):
+        async for item in replay(self.js, subject, stream=stream):
             self.last_seq = item.stream_seq
             self.stats.replayed += 1
             if item.newer is not None:
@@ -215,7 +212,8 @@ class Auditor:
                 await asyncio.sleep(0.5)
 
 
-async def _ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_events_stream(js: JetStreamContext, settings: Settings) -> None:
+    """The events stream exists (created when missing; an existing one is left as it is)."""
     try:
         await js.stream_info(EVENTS_STREAM)
     except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
@@ -224,10 +222,10 @@ async def _ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         raise BusUnavailable(f"no answer from JetStream about {EVENTS_STREAM}: may this user use JetStream?") from None
 
 
-async def _ensure_durable(js: JetStreamContext, durable: str, subject: str, after: int) -> None:
+async def _ensure_durable(js: JetStreamContext, durable: str, subject: str, after: int, stream: str) -> None:
     """Create the durable consumer on first start right after what the replay covered."""
     try:
-        await js.consumer_info(EVENTS_STREAM, durable)
+        await js.consumer_info(stream, durable)
         return
     except nats.js.errors.NotFoundError:
         pass
@@ -241,7 +239,7 @@ async def _ensure_durable(js: JetStreamContext, durable: str, subject: str, afte
         max_ack_pending=1024,
         ack_wait=30,
     )
-    await js.add_consumer(EVENTS_STREAM, config=config)
+    await js.add_consumer(stream, config=config)
 
 
 async def _ticker(auditor: Auditor, stop: asyncio.Event) -> None:
@@ -261,13 +259,18 @@ async def run_audit(
     subject: str = ALL_EVENTS,
     durable: str = DURABLE,
     on_ready: Callable[[], None] | None = None,
+    stream: str = EVENTS_STREAM,
 ) -> tuple[AuditStats, ConsumerStats]:
-    """Audit every event on ``subject`` until ``stop`` is set; ``on_ready`` once it is caught up."""
+    """Audit every event on ``subject`` of ``stream`` until ``stop`` is set; ``on_ready`` once it is caught up.
+
+    ``stream`` is the events stream, or the audit partitions' (``consumers.audit.partitions``).
+    """
     js = nc.jetstream()
-    await _ensure_stream(js, settings)
-    auditor = Auditor(nc, js, await open_checkpoints(js), config, stop)
-    after = await auditor.recover(subject)
-    await _ensure_durable(js, durable, subject, after)
+    await ensure_events_stream(js, settings)
+    kv = await open_checkpoints(js, auto_replicas(nc, settings.stream.replicas))
+    auditor = Auditor(nc, js, kv, config, stop)
+    after = await auditor.recover(subject, stream)
+    await _ensure_durable(js, durable, subject, after, stream)
     if on_ready is not None:
         on_ready()
     ticker = asyncio.create_task(_ticker(auditor, stop))
@@ -281,6 +284,7 @@ async def run_audit(
             filter_subject=subject,
             stats=stats,
             newer=auditor.newer,
+            stream=stream,
         )
     finally:
         stop.set()

@@ -224,7 +224,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     server = serve_http(exporter.registry, args.host, args.port)
     url = metrics_url(args.host, server.server_port)
     print(f"trainbus exporter: serving {url}", flush=True)
-    exporter.log.info("exporter serving", url=url, expire_after=args.expire_after)
+    exporter.log.debug("exporter serving", url=url, expire_after=args.expire_after)  # stdout already says it
     try:
         with bus_target(settings) as target:
             asyncio.run(_main(target, settings, exporter))

@@ -59,7 +59,7 @@ def events_of(url: str, run_id: str, **auth: str) -> list[Event]:
 
     async def read() -> list[Event]:
         nc = NATS()
-        await nc.connect(url, **auth)
+        await nc.connect(url.split(","), **auth)  # a cluster: comma-separated, as NATS_URL
         try:
             return [d.event async for d in replay(nc.jetstream(), run_events(run_id)) if d.event is not None]
         except nats.js.errors.NotFoundError:

@@ -282,10 +282,16 @@ async def test_invalid_events_are_counted_and_acked_and_never_wedge(
     assert "invalid event skipped" in audit.log.read_text()
 
 
-def _publish_history(target: BusTarget, settings: Settings, outbox: Path, stop: threading.Event) -> None:
-    """Two runs, with NaN episodes, evals and checkpoints, at a steady pace until ``stop``."""
+def _publish_history(
+    target: BusTarget,
+    settings: Settings,
+    outbox: Path,
+    stop: threading.Event,
+    runs: tuple[str, ...] = ("restart-a", "restart-b"),
+) -> None:
+    """Runs (two by default), with NaN episodes, evals and checkpoints, at a steady pace until ``stop``."""
     pub = publisher(target, settings, outbox)
-    stampers = [Stamper(pub, "restart-a"), Stamper(pub, "restart-b")]
+    stampers = [Stamper(pub, run) for run in runs]
     n = 0
     while not stop.is_set() and n < 5000:
         n += 1

@@ -1,0 +1,93 @@
+"""The README's "Roles" block, run as written: `up` with the roles config provisions as admin and
+starts each consumer under its own role; an operator in a second shell lists the runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+EXPORTER_PORT = 9464
+
+
+def readme_block(section: str) -> list[str]:
+    """The first ```sh block of README section ``section``, as shell commands (continuations joined)."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = body.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_the_readme_roles_block_works_as_written(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # the block runs the exporter on its default port
+        if probe.connect_ex(("127.0.0.1", EXPORTER_PORT)) == 0:
+            pytest.fail(f"port {EXPORTER_PORT} is taken by another exporter; stop it to run this test")
+    exports, up_line, runs_line = readme_block("Roles")
+    assert up_line.startswith("trainbus up --set server.config_file=configs/nats/roles.conf")
+    passwords = iter(secrets.token_hex(8) for _ in range(exports.count("…")))
+    exports = re.sub("…", lambda _: next(passwords), exports)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # a project folder of the user's, with the shipped configs
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `trainbus` as installed
+
+    up = subprocess.Popen(
+        ["bash", "-c", f"{exports}\nexec {up_line}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(up.stdout or []), daemon=True),
+        threading.Thread(target=lambda: err.extend(up.stderr or []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_until(
+            lambda: (
+                up.poll() is not None
+                or (any("watching" in line for line in out) and any("exporter connected" in line for line in err))
+            ),
+            timeout=60,
+            what="up and its consumers",
+        )
+        assert up.poll() is None, f"up exited with {up.returncode}: {''.join(err[-5:])}"
+        started = {
+            m[1]: (m[2], int(m[3]))
+            for line in out
+            if (m := re.match(r"trainbus: started (\w+) as (\w+) \(pid (\d+)\)", line))
+        }
+        assert {name: role for name, (role, _) in started.items()} == {"audit": "auditor", "exporter": "viewer"}
+        for name, (role, pid) in started.items():
+            assert environ_of(pid)["NATS_USER"] == role, name  # its own role, not admin
+        runs = subprocess.run(
+            ["bash", "-c", f"{exports}\n{runs_line}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert runs.returncode == 0, runs.stderr
+        assert runs.stdout.startswith("no runs yet")
+        assert "embedded" not in runs.stderr  # it used up's bus
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(30)
+        for reader in readers:
+            reader.join(10)
+    assert up.returncode == 0
+    assert not any("authorization" in line.lower() or "permission" in line.lower() for line in out + err), err
