@@ -8,6 +8,7 @@ from typing import Any
 
 from runtime.logs import setup_logging
 from runtime.settings import load_config
+from schemas import SweepTag
 
 
 def register_train(sub: Any) -> None:
@@ -23,6 +24,8 @@ def register_train(sub: Any) -> None:
     )
     p.add_argument("--run-id", help="choose the run id (default: <run_name>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID from its last checkpoint (attempt + 1)")
+    p.add_argument("--sweep", metavar="NAME", help="tag run.started as a trial of sweep NAME (set by `trainbus sweep`)")
+    p.add_argument("--trial", metavar="K", type=int, help="with --sweep: the trial number")
     p.set_defaults(func=cmd_train)
 
 
@@ -36,7 +39,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--run-id and --resume are exclusive (--resume keeps the run's id)")
     from producers.train import run
 
-    return run(cfg, run_id=args.run_id, resume=args.resume)
+    return run(cfg, run_id=args.run_id, resume=args.resume, sweep=_sweep_tag(args.sweep, args.trial))
+
+
+def _sweep_tag(name: str | None, trial: int | None) -> SweepTag | None:
+    from pydantic import ValidationError
+
+    from runtime.errors import ConfigError
+
+    if name is None and trial is None:
+        return None
+    if name is None or trial is None:
+        raise ConfigError("--sweep NAME and --trial K go together")
+    try:
+        return SweepTag(name=name, trial=trial)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--sweep" if err["loc"][0] == "name" else "--trial"
+        raise ConfigError(f"{flag}: {err['msg']}") from None
 
 
 def register_sample_data(sub: Any) -> None:

@@ -32,6 +32,7 @@ from schemas.events import (
     RunFinished,
     RunStarted,
     RunState,
+    SweepTag,
     TrainStep,
     parse_event,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "SaveCheckpoint",
     "SetHyperparameters",
     "Stop",
+    "SweepTag",
     "TrainStep",
     "check_run_id",
     "control_subject",
