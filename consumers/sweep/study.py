@@ -1,0 +1,120 @@
+"""The sweep's Optuna study: where it is stored, joining it, and reading it back (``trainbus sweep show``).
+
+The study is named after the sweep and kept in any Optuna storage: by default a SQLite file
+under the state folder (``<state_dir>/sweeps.db``), so ``optuna.load_study(study_name=NAME,
+storage="sqlite:///.trainbus/sweeps.db")`` reads it with plain Optuna. Its user attributes say
+what it searches (config, fixed overrides, objective, space); a driver that joins a study with
+another search is refused. Each trial's user attributes hold its run id and judgement.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from consumers.sweep.space import Space, space_json
+from runtime.errors import ConfigError, NotFound
+from runtime.settings import redact_url
+
+DB_FILE = "sweeps.db"
+STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}
+
+
+def default_storage(state_dir: str) -> str:
+    """``sqlite:///<state_dir>/sweeps.db`` (absolute, so every process names the same file)."""
+    folder = Path(state_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / DB_FILE}"
+
+
+def _storage(url: str) -> optuna.storages.BaseStorage:
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as exc:  # any driver or URL problem of SQLAlchemy/Optuna: name the storage, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--storage {redact_url(url)}: {first}") from None
+
+
+def open_study(name: str, storage: str, space: Space, config: str, overrides: list[str]) -> optuna.Study:
+    """Create the study ``name`` or join it; refuse to join one that searches something else."""
+    store = _storage(storage)
+    study = optuna.create_study(
+        study_name=name, storage=store, direction=space.direction, load_if_exists=True, pruner=space.make_pruner()
+    )
+    want = {"config": config, "overrides": overrides, "search": space_json(space)}
+    have = study.user_attrs
+    if not have:
+        for key, value in want.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("space_file", space.path)
+        study.set_user_attr("metric", space.metric)
+        return study
+    for key, value in want.items():
+        if have.get(key) != value:
+            shown = {"config": "config", "overrides": "--set overrides", "search": "objective or parameters"}[key]
+            raise ConfigError(
+                f"--name {name}: the sweep in {redact_url(storage)} was started with other {shown} "
+                f"({json.dumps(have.get(key))[:200]}); use another --name for a new search"
+            )
+    return study
+
+
+def load(name: str, storage: str) -> optuna.Study:
+    """The existing study ``name``; ``NotFound`` listing the sweeps there otherwise."""
+    store = _storage(storage)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False))
+        hint = f" (sweeps there: {', '.join(names[:20])})" if names else " (it holds no sweeps)"
+        raise NotFound(f"no sweep {name!r} in {redact_url(storage)}{hint}") from None
+
+
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One trial as ``trainbus sweep show`` prints it."""
+    attrs = trial.user_attrs
+    return {
+        "trial": trial.number,
+        "state": trial.state.name.lower(),
+        "objective": trial.value,
+        "run_id": attrs.get("run_id"),
+        "params": dict(trial.params),
+        "last_step": trial.last_step,
+        "checkpoint": attrs.get("checkpoint"),
+        "verdict": attrs.get("verdict"),
+        "reason": attrs.get("reason", ""),
+    }
+
+
+def best(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial, or None before one completes."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return study.best_trial if done else None
+
+
+def describe_best(study: optuna.Study) -> list[str]:
+    """Lines naming the best trial, its parameters, run id and approved checkpoint."""
+    trial = best(study)
+    metric = study.user_attrs.get("metric", "value")
+    if trial is None:
+        return [f"sweep {study.study_name}: no trial has completed yet"]
+    attrs = trial.user_attrs
+    params = " ".join(f"{k}={v}" for k, v in trial.params.items())
+    lines = [
+        f"best: trial {trial.number} (run {attrs.get('run_id')}): {metric} {trial.value:.4g}",
+        f"  parameters: {params}",
+    ]
+    checkpoint, verdict = attrs.get("checkpoint"), attrs.get("verdict")
+    if checkpoint and verdict == "approved":
+        lines.append(f"  approved checkpoint: {checkpoint}")
+    elif checkpoint:
+        lines.append(
+            f"  checkpoint: {checkpoint} (no audit verdict: is the audit gate running? `trainbus up` starts it)"
+        )
+    else:
+        lines.append("  checkpoint: none (the run saved no checkpoint)")
+    return lines
