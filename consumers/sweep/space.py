@@ -168,11 +168,12 @@ def _distribution(item: Any) -> BaseDistribution:
     try:
         spec = Range.model_validate(item)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # a misspelt key explains the missing one: name it first
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         name = ".".join(str(p) for p in err["loc"])
         raise ValueError(f"{name}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
     if spec.low > spec.high:
-        raise ValueError(f"low {spec.low} is above high {spec.high}")
+        raise ValueError(f"low {item['low']} is above high {item['high']}")
     if spec.log and spec.low <= 0:
         raise ValueError("log: true needs low > 0")
     if spec.log and spec.step is not None:
