@@ -80,14 +80,8 @@ def register_sweep(sub: Any) -> None:
         f"(default {STALL_AFTER_SECONDS:.0f})",
     )
     p.add_argument("--json", action="store_true", help="with `show`: one JSON object per trial")
-    p.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override a config key of every trial, e.g. training.max_steps=40",
-    )
+    every_trial = "override a config key of every trial, e.g. training.max_steps=40 (`show`: state_dir)"
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help=every_trial)
     p.set_defaults(func=cmd_sweep)
 
 

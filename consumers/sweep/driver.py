@@ -138,6 +138,8 @@ class Sweep:
             stopper.cancel()
             for item in self.running.values():
                 item.task.cancel()
+            # wait for the watches to unsubscribe before the caller closes the connection
+            await asyncio.gather(*(item.task for item in self.running.values()), return_exceptions=True)
         if stop.is_set():
             left = ", ".join(r.run_id for r in self.running.values())
             self.out(
@@ -271,7 +273,7 @@ class Sweep:
         if action.step not in reported:  # a restarted driver replays what the last one reported
             trial.report(action.value, action.step)
             reported.add(action.step)
-        if watch.stop_requested is None and watch.finished is None and trial.should_prune():
+        if not action.last and watch.stop_requested is None and watch.finished is None and trial.should_prune():
             metric = self.opts.space.metric
             await self._stop(number, watch, f"pruned at step {action.step} ({metric} {fmt(action.value)})")
 

@@ -28,10 +28,12 @@ TRAINER_EVENTS = frozenset(
 
 @dataclass(frozen=True)
 class Report:
-    """Report the objective at ``step`` to Optuna (then ask its pruner)."""
+    """Report the objective at ``step`` to Optuna (then, unless it is the run's last step, ask its
+    pruner: stopping a run that has no step left saves nothing, and it deserves its judgement)."""
 
     step: int
     value: float
+    last: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class TrialWatch:
     """``issued_by`` of this sweep's commands: a stop it sent is a prune, anyone else's is not."""
     started: bool = False
     attempt: int = 0
+    max_steps: int | None = None
     evals: dict[int, float] = field(default_factory=dict)
     last_value: float | None = None
     last_eval_step: int | None = None
@@ -86,13 +89,15 @@ def handle(event: Event, watch: TrialWatch) -> list[Action]:
     """Take one event of the trial's run into ``watch``; returns what the driver should do."""
     if isinstance(event, RunStarted) and event.attempt >= watch.attempt:
         watch.started, watch.attempt, watch.finished = True, event.attempt, None
+        watch.max_steps = event.max_steps
     elif isinstance(event, Evaluation) and event.attempt >= watch.attempt:
         value = getattr(event, watch.metric, None)
         watch.last_eval_step = event.step
         watch.last_value = float(value) if value is not None else None
         if value is not None and math.isfinite(value):
             watch.evals[event.step] = float(value)
-            return [Report(event.step, float(value))]
+            last = watch.max_steps is not None and event.step >= watch.max_steps
+            return [Report(event.step, float(value), last)]
     elif isinstance(event, Checkpoint):
         watch.checkpoint = event
     elif isinstance(event, AuditVerdict):

@@ -1,17 +1,19 @@
 """`trainbus sweep` end to end: three trials on the tiny config, each a real `trainbus train` run,
 judged from the bus by a driver that is killed with -9 half way and started again.
 
-The grid sampler (seed 1) asks learning rates 0.003, 0.01 and 1e-5; the first two run at once.
+The grid sampler (seed 3) asks learning rates 0.01, 0.003 and 1e-5; the first two run at once.
 The first driver is killed once both have evaluated; the second adopts them from the stream
-(0.003 completes and its checkpoint is approved; 0.01 reaches accuracy 0, which this test's audit
-rules reject), then runs 1e-5, which the median pruner stops at its evaluation at step 20.
+(0.01 reaches accuracy 0, which this test's audit rules reject; 0.003 completes and its
+checkpoint is approved), then runs 1e-5, which the median pruner stops at its evaluation at step 20.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ import pytest
 from producers.sampledata import write_sample_data
 from runtime.natsserver import start_server
 from runtime.settings import ServerSettings
+from tests.conftest import wait_until
 from tests.end_to_end.conftest import REPO, of_type, trainbus_env, wait_events
 
 NAME = "sw"
@@ -123,6 +126,7 @@ def test_a_driver_killed_with_minus_9_is_continued_by_the_next(sweep: dict[str, 
     assert "trial 1 (run sw-t1): watching its run from the stream" in second
     assert "sw-t0): started" not in second and "sw-t1): started" not in second
     assert "trial 2 (run sw-t2): started: training.learning_rate=1.0e-05" in second
+    assert second.index("trial 0 (run sw-t0): failed") < second.index("trial 2 (run sw-t2): started")
     for trial in range(3):
         starts = of_type(wait_events(sweep["url"], f"{NAME}-t{trial}", lambda ev: ev), "run.started")
         assert [s.attempt for s in starts] == [1]  # one run per trial, never restarted
@@ -132,25 +136,24 @@ def test_the_study_is_plain_optuna_with_each_trial_judged(sweep: dict[str, Any])
     study = optuna.load_study(study_name=NAME, storage=storage(sweep["tmp"]))
     trials = study.get_trials()
     assert [t.state for t in trials] == [
-        optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
     ]
-    assert [t.params["training.learning_rate"] for t in trials] == [0.003, 0.01, 1e-5]
+    assert [t.params["training.learning_rate"] for t in trials] == [0.01, 0.003, 1e-5]
     assert [t.user_attrs["run_id"] for t in trials] == ["sw-t0", "sw-t1", "sw-t2"]
-    events = wait_events(sweep["url"], "sw-t0", lambda ev: ev)
-    evals = of_type(events, "eval")
-    assert trials[0].value == evals[-1].accuracy and evals[-1].step == MAX_STEPS  # the final eval is the objective
-    assert trials[0].intermediate_values == {e.step: e.accuracy for e in evals}  # every eval reported
-    assert trials[0].user_attrs["verdict"] == "approved"
-    assert trials[1].user_attrs["verdict"] == "rejected"
-    assert trials[1].user_attrs["reason"].startswith(f"last checkpoint (step {MAX_STEPS}) rejected: accuracy_floor")
+    assert trials[0].user_attrs["verdict"] == "rejected"
+    assert trials[0].user_attrs["reason"].startswith(f"last checkpoint (step {MAX_STEPS}) rejected: accuracy_floor")
+    evals = of_type(wait_events(sweep["url"], "sw-t1", lambda ev: ev), "eval")
+    assert trials[1].value == evals[-1].accuracy and evals[-1].step == MAX_STEPS  # the final eval is the objective
+    assert trials[1].intermediate_values == {e.step: e.accuracy for e in evals}  # every eval reported
+    assert trials[1].user_attrs["verdict"] == "approved"
     assert trials[2].user_attrs["reason"].startswith("pruned at step 20 (accuracy 0)")
-    assert study.best_trial.number == 0
+    assert study.best_trial.number == 1
 
 
 def test_each_trial_is_a_run_tagged_with_its_sweep_and_its_sampled_values(sweep: dict[str, Any]) -> None:
-    for trial, lr in enumerate((0.003, 0.01, 1e-5)):
+    for trial, lr in enumerate((0.01, 0.003, 1e-5)):
         started = of_type(wait_events(sweep["url"], f"{NAME}-t{trial}", lambda ev: ev), "run.started")[0]
         assert started.sweep is not None and (started.sweep.name, started.sweep.trial) == (NAME, trial)
         assert started.config["training"]["learning_rate"] == lr
@@ -169,23 +172,23 @@ def test_the_pruned_trial_was_stopped_by_a_recorded_command(sweep: dict[str, Any
 def test_the_output_names_the_best_trial_its_parameters_and_approved_checkpoint(sweep: dict[str, Any]) -> None:
     lines = sweep["second"].splitlines()
     best = lines.index(next(line for line in lines if line.startswith("best: ")))
-    assert lines[best].startswith("best: trial 0 (run sw-t0): accuracy ")
+    assert lines[best].startswith("best: trial 1 (run sw-t1): accuracy ")
     assert lines[best + 1] == "  parameters: training.learning_rate=0.003"
     path = lines[best + 2].removeprefix("  approved checkpoint: ")
-    assert path == str(sweep["tmp"] / "runs" / "sw-t0" / f"checkpoint-{MAX_STEPS}") and Path(path).is_dir()
+    assert path == str(sweep["tmp"] / "runs" / "sw-t1" / f"checkpoint-{MAX_STEPS}") and Path(path).is_dir()
 
 
 def test_sweep_show_prints_every_trial(sweep: dict[str, Any]) -> None:
     shown = trainbus(sweep["url"], "sweep", "show", NAME, "--storage", storage(sweep["tmp"]))
     assert shown.returncode == 0, shown.stderr
     rows = {line.split()[0]: line.split() for line in shown.stdout.splitlines() if re.match(r"^\d+\s", line)}
-    assert (rows["0"][1], rows["0"][3], rows["0"][4]) == ("complete", "sw-t0", "0.003") and float(rows["0"][2]) > 0
-    assert rows["1"][1:4] == ["fail", "sw-t1", "0.01"]  # a failed trial has no objective
+    assert rows["0"][1:4] == ["fail", "sw-t0", "0.01"]  # a failed trial has no objective
+    assert (rows["1"][1], rows["1"][3], rows["1"][4]) == ("complete", "sw-t1", "0.003") and float(rows["1"][2]) > 0
     assert rows["2"][1:5] == ["pruned", "0", "sw-t2", "1e-05"]
-    assert "best: trial 0 (run sw-t0)" in shown.stdout
+    assert "best: trial 1 (run sw-t1)" in shown.stdout
     as_json = trainbus(sweep["url"], "sweep", "show", NAME, "--json", "--set", f"state_dir={sweep['tmp'] / 'state'}")
     states = [json.loads(line)["state"] for line in as_json.stdout.splitlines()]
-    assert states == ["complete", "fail", "pruned"]
+    assert states == ["fail", "complete", "pruned"]
 
 
 def test_a_value_the_trainer_refuses_ends_the_sweep_with_its_line(sweep: dict[str, Any]) -> None:
@@ -199,3 +202,29 @@ def test_a_value_the_trainer_refuses_ends_the_sweep_with_its_line(sweep: dict[st
     assert "Traceback" not in result.stderr
     trials = optuna.load_study(study_name="typo", storage=storage(tmp)).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]  # no second trial tried the same mistake
+
+
+def test_ctrl_c_stops_the_driver_and_leaves_its_trials_running(sweep: dict[str, Any]) -> None:
+    tmp = sweep["tmp"]
+    out = tmp / "ctrl-c.out"
+    with out.open("w") as handle:
+        # its own process group, as a terminal's foreground job; the trainer refuses its input soon
+        # after it starts, so it never trains
+        driver = subprocess.Popen(
+            [*sweep_argv(tmp, "ctrlc"), "--set", "training.max_stepz=3"],
+            cwd=REPO, env=trainbus_env(sweep["url"]), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        started = wait_until(lambda: re.search(r"\(pid (\d+),", out.read_text()), timeout=60, what="a trial to start")
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C does to the driver's process group
+        assert driver.wait(30) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    trainer = psutil.Process(int(started.group(1)))
+    assert "--sweep" in trainer.cmdline() and trainer.is_running()  # the trial went on without the driver
+    assert out.read_text().splitlines()[-1] == (
+        "sweep ctrlc: stopped watching; ctrlc-t0 keep running: the same command again judges them"
+    )
+    trials = optuna.load_study(study_name="ctrlc", storage=storage(tmp)).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.RUNNING]  # left for the next driver to judge
