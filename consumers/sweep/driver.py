@@ -7,8 +7,10 @@ outlives the driver), then only reads the run's events from the stream — it ne
 trainer. Evaluations go to ``trial.report``; when the pruner says so the run gets a ``stop``
 command (recorded in the stream like any other). ``consumers.sweep.judge`` decides the outcome.
 
-A driver that starts on a study with running trials (it was killed, or another driver runs them)
-watches those runs from the stream first, so a restart continues where the last driver stopped.
+Each trial carries the driver watching it and a lease that driver renews. A driver adopts every
+running trial whose driver is gone (killed: its process no longer runs on this host, or its lease
+expired) and judges it from the stream, so a restart continues where the last driver stopped,
+while several live drivers of one study leave each other's trials alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from nats.js import api
 from consumers.control import NoTrainer, build_command, send_command
 from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
 from consumers.sweep.space import Space
-from consumers.sweep.study import STATES, describe_best
+from consumers.sweep.study import LEASE_RENEW, STATES, abandoned, describe_best, driver_identity
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
@@ -68,7 +71,7 @@ class Running:
 
     number: int
     watch: TrialWatch
-    task: asyncio.Task[Outcome]
+    task: asyncio.Task[Outcome | None]
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
@@ -106,6 +109,7 @@ class Sweep:
         self.running: dict[int, Running] = {}
         self.bad_input: str | None = None
         self.log = get_logger(sweep=opts.name)
+        self.me = driver_identity()
 
     def say(self, number: int, run_id: str, text: str) -> None:
         self.out(f"trial {number} (run {run_id}): {text}", flush=True)
@@ -113,15 +117,11 @@ class Sweep:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Adopt running trials, start new ones up to ``trials``, judge each; returns the exit code."""
-        for frozen in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            run_id = frozen.user_attrs.get("run_id")
-            if run_id:
-                self.say(frozen.number, run_id, "watching its run from the stream (started by an earlier driver)")
-                self._track(frozen.number, run_id, None, None, int(frozen.user_attrs.get("stream_seq", 1)))
+        """Adopt abandoned trials, start new ones up to ``trials``, judge each; returns the exit code."""
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                self._adopt()
                 total = len(self.study.get_trials(deepcopy=False))
                 if self.bad_input is None and total < self.opts.trials and len(self.running) < self.opts.parallel:
                     await self._start()
@@ -129,7 +129,8 @@ class Sweep:
                 if not self.running:
                     break
                 tasks = {r.task for r in self.running.values()}
-                await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                # wake up now and then to adopt the trials of a driver that died meanwhile
+                await asyncio.wait({*tasks, stopper}, timeout=LEASE_RENEW, return_when=asyncio.FIRST_COMPLETED)
                 for number, item in list(self.running.items()):
                     if item.task.done():
                         del self.running[number]
@@ -155,6 +156,19 @@ class Sweep:
         done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return 0 if done else 1
 
+    def _adopt(self) -> None:
+        """Watch every running trial of the study that has lost its driver."""
+        now = time.time()
+        for frozen in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            run_id = frozen.user_attrs.get("run_id")
+            if frozen.number in self.running or not run_id or not abandoned(frozen, self.me, now):
+                continue
+            trial = trial_handle(self.study, frozen.number)
+            trial.set_user_attr("driver", self.me)
+            trial.set_user_attr("lease", now)
+            self.say(frozen.number, run_id, "watching its run from the stream (its driver is gone)")
+            self._track(frozen.number, run_id, None, None, int(frozen.user_attrs.get("stream_seq", 1)))
+
     async def _start(self) -> None:
         """Ask Optuna for a trial and start its run."""
         opts = self.opts
@@ -163,8 +177,11 @@ class Sweep:
         run_id = f"{opts.name}-t{trial.number}"
         info = await self.js.stream_info(EVENTS_STREAM)
         start_seq = info.state.last_seq + 1  # a run id reused from an older sweep: its old events are not ours
-        trial.set_user_attr("run_id", run_id)
+        # owner first: another driver adopts a trial with a run id and no live owner
+        trial.set_user_attr("driver", self.me)
+        trial.set_user_attr("lease", time.time())
         trial.set_user_attr("stream_seq", start_seq)
+        trial.set_user_attr("run_id", run_id)
         sampled = opts.space.overrides(trial.params)
         argv = [sys.executable, "-m", "runtime.cli", "train", opts.config, "--run-id", run_id]
         argv += ["--sweep", opts.name, "--trial", str(trial.number)]
@@ -184,26 +201,19 @@ class Sweep:
         task = asyncio.ensure_future(self._watch(number, watch, process, log, seq))
         self.running[number] = Running(number, watch, task, process, log)
 
-    async def _finish(self, item: Running, result: Outcome) -> None:
+    async def _finish(self, item: Running, result: Outcome | None) -> None:
         """Tell Optuna the judgement; wait for the trainer to exit so the next trial gets its CPU."""
-        attrs = {"reason": result.reason, "checkpoint": result.checkpoint, "verdict": result.verdict}
-        trial = trial_handle(self.study, item.number)
-        for key, text in attrs.items():
-            if text is not None:
-                trial.set_user_attr(key, text)
-        value = result.value if result.state == "complete" else None
-        # this driver decides when the study has enough trials (--trials); the grid sampler's
-        # after_trial would call study.stop(), which Optuna allows only inside study.optimize()
-        self.study.sampler = optuna.samplers.RandomSampler()
-        self.study.tell(item.number, value, state=STATES[result.state], skip_if_finished=True)
-        metric = self.opts.space.metric
-        if result.state == "complete":
+        if result is None or not self._tell(item.number, result):
+            # another driver watched the same run and told Optuna first (the same stream gives the
+            # same judgement): nothing to add
+            self.say(item.number, item.run_id, "judged by another driver of this sweep")
+        elif result.state == "complete":
             where = f" (checkpoint {result.checkpoint}, {result.verdict})" if result.checkpoint else ""
-            self.say(item.number, item.run_id, f"complete: {metric} {fmt(result.value)}{where}")
-        elif result.state == "pruned":
-            self.say(item.number, item.run_id, result.reason)
+            self.say(item.number, item.run_id, f"complete: {self.opts.space.metric} {fmt(result.value)}{where}")
         else:
-            self.say(item.number, item.run_id, f"failed: {result.reason}")
+            self.say(
+                item.number, item.run_id, result.reason if result.state == "pruned" else f"failed: {result.reason}"
+            )
         process = item.process
         if process is not None:
             await _reap(process)
@@ -212,19 +222,40 @@ class Sweep:
             if process.returncode == 2 and not item.watch.started and self.bad_input is None:
                 self.bad_input = f"trial {item.number} ({item.run_id}): {_last_line(item.log)}"
 
+    def _tell(self, number: int, result: Outcome) -> bool:
+        """Record the judgement in the study; False when the trial was already finished there."""
+        trial = trial_handle(self.study, number)
+        try:
+            for key, text in (
+                ("reason", result.reason),
+                ("checkpoint", result.checkpoint),
+                ("verdict", result.verdict),
+            ):
+                if text is not None:
+                    trial.set_user_attr(key, text)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        # this driver decides when the study has enough trials (--trials); the grid sampler's
+        # after_trial would call study.stop(), which Optuna allows only inside study.optimize()
+        self.study.sampler = optuna.samplers.RandomSampler()
+        value = result.value if result.state == "complete" else None
+        self.study.tell(number, value, state=STATES[result.state], skip_if_finished=True)
+        return True
+
     # ---- one trial -----------------------------------------------------------------------
 
     async def _watch(
         self, number: int, watch: TrialWatch, process: subprocess.Popen[bytes] | None, log: Path | None, start_seq: int
-    ) -> Outcome:
-        """Follow the run's events from ``start_seq`` until ``judge.outcome`` has a judgement."""
+    ) -> Outcome | None:
+        """Follow the run's events from ``start_seq`` until ``judge.outcome`` has a judgement
+        (None: another driver of the study judged the trial first)."""
         opts, run_id = self.opts, watch.run_id
         trial = trial_handle(self.study, number)
         reported = set(frozen_trial(self.study, number).intermediate_values)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
         sub = await self.js.subscribe(run_events(run_id), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
         loop = asyncio.get_running_loop()
-        heard = loop.time()
+        heard = renewed = loop.time()
         finished_at: float | None = None
         exited_at: float | None = None
         try:
@@ -234,6 +265,12 @@ class Sweep:
                 except (TimeoutError, nats.errors.TimeoutError):
                     msg = None
                 now = loop.time()
+                if now - renewed >= LEASE_RENEW:
+                    renewed = now
+                    try:
+                        trial.set_user_attr("lease", time.time())
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        return None
                 if msg is not None:
                     item = decode(msg, msg.metadata.sequence.stream)
                     if item.event is not None:
@@ -271,7 +308,8 @@ class Sweep:
             await self._stop(number, watch, action.reason)
             return
         if action.step not in reported:  # a restarted driver replays what the last one reported
-            trial.report(action.value, action.step)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # told by another driver
+                trial.report(action.value, action.step)
             reported.add(action.step)
         if not action.last and watch.stop_requested is None and watch.finished is None and trial.should_prune():
             metric = self.opts.space.metric

@@ -4,16 +4,20 @@ The study is named after the sweep and kept in any Optuna storage: by default a 
 under the state folder (``<state_dir>/sweeps.db``), so ``optuna.load_study(study_name=NAME,
 storage="sqlite:///.trainbus/sweeps.db")`` reads it with plain Optuna. Its user attributes say
 what it searches (config, fixed overrides, objective, space); a driver that joins a study with
-another search is refused. Each trial's user attributes hold its run id and judgement.
+another search is refused. Each trial's user attributes hold its run id, the driver watching it
+(with a lease that driver renews) and, once judged, the judgement.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from optuna.trial import FrozenTrial, TrialState
 
 from consumers.sweep.space import Space, space_json
@@ -22,6 +26,34 @@ from runtime.settings import redact_url
 
 DB_FILE = "sweeps.db"
 STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}
+LEASE_RENEW = 10.0
+"""Seconds between a driver's renewals of the lease of each trial it watches."""
+LEASE_SECONDS = 60.0
+"""A trial whose lease is older than this lost its driver (on another host: clocks may differ a little)."""
+
+
+def driver_identity() -> dict[str, Any]:
+    """Who this driver is: host, pid and the process's start time (a reused pid is another process)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": round(psutil.Process().create_time(), 2)}
+
+
+def abandoned(trial: FrozenTrial, me: dict[str, Any], now: float, lease: float = LEASE_SECONDS) -> bool:
+    """Whether a running trial has no live driver, so ``me`` should judge it from the stream.
+
+    On this host the answer is exact (is that driver's process still running?); a driver on
+    another host is gone once it stopped renewing the trial's lease.
+    """
+    owner = trial.user_attrs.get("driver")
+    if not isinstance(owner, dict):
+        return True
+    if owner == me:
+        return False
+    if owner.get("host") == me["host"]:
+        try:
+            return round(psutil.Process(int(owner["pid"])).create_time(), 2) != owner.get("started")
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            return True
+    return now - float(trial.user_attrs.get("lease", 0.0)) > lease
 
 
 def default_storage(state_dir: str) -> str:

@@ -122,8 +122,8 @@ def test_a_driver_killed_with_minus_9_is_continued_by_the_next(sweep: dict[str, 
     assert sweep["code"] == 0, second
     assert "trial 0 (run sw-t0): started" in first and "trial 1 (run sw-t1): started" in first
     # the second driver does not start them again: it judges the running trials from the stream
-    assert "trial 0 (run sw-t0): watching its run from the stream" in second
-    assert "trial 1 (run sw-t1): watching its run from the stream" in second
+    assert "trial 0 (run sw-t0): watching its run from the stream (its driver is gone)" in second
+    assert "trial 1 (run sw-t1): watching its run from the stream (its driver is gone)" in second
     assert "sw-t0): started" not in second and "sw-t1): started" not in second
     assert "trial 2 (run sw-t2): started: training.learning_rate=1.0e-05" in second
     assert second.index("trial 0 (run sw-t0): failed") < second.index("trial 2 (run sw-t2): started")
@@ -191,38 +191,51 @@ def test_sweep_show_prints_every_trial(sweep: dict[str, Any]) -> None:
     assert states == ["fail", "complete", "pruned"]
 
 
-def test_a_value_the_trainer_refuses_ends_the_sweep_with_its_line(sweep: dict[str, Any]) -> None:
+def test_two_drivers_share_a_study_and_a_refused_value_ends_each_with_its_line(sweep: dict[str, Any]) -> None:
     tmp = sweep["tmp"]
-    result = subprocess.run(
-        [*sweep_argv(tmp, "typo"), "--set", "training.max_stepz=3"],
-        cwd=REPO, env=trainbus_env(sweep["url"]), capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip().endswith("trial 0 (typo-t0): trainbus train: configs/tiny.yaml: training.max_stepz: unknown key")  # fmt: skip
-    assert "Traceback" not in result.stderr
+    argv = [*sweep_argv(tmp, "typo"), "--set", "training.max_stepz=3"]  # every trial's trainer refuses it
+    drivers = [
+        subprocess.Popen(
+            argv, cwd=REPO, env=trainbus_env(sweep["url"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [driver.communicate(timeout=180) for driver in drivers]
+    asked = set()
+    for driver, (out, err) in zip(drivers, outputs, strict=True):
+        assert driver.returncode == 2, out + err
+        line = err.strip().splitlines()[-1]
+        assert re.fullmatch(r"trainbus sweep: trial (\d) \(typo-t\1\): trainbus train: configs/tiny\.yaml: training\.max_stepz: unknown key", line), line  # fmt: skip
+        assert "Traceback" not in err
+        asked |= set(re.findall(r"\(run (typo-t\d)\): started", out))
+    # one study: each driver asked its own trial, and neither tried the same mistake again
     trials = optuna.load_study(study_name="typo", storage=storage(tmp)).get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]  # no second trial tried the same mistake
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert asked == {"typo-t0", "typo-t1"} == {t.user_attrs["run_id"] for t in trials}
 
 
 def test_ctrl_c_stops_the_driver_and_leaves_its_trials_running(sweep: dict[str, Any]) -> None:
     tmp = sweep["tmp"]
     out = tmp / "ctrl-c.out"
     with out.open("w") as handle:
-        # its own process group, as a terminal's foreground job; the trainer refuses its input soon
-        # after it starts, so it never trains
+        # its own process group, as a terminal's foreground job
         driver = subprocess.Popen(
-            [*sweep_argv(tmp, "ctrlc"), "--set", "training.max_stepz=3"],
+            sweep_argv(tmp, "ctrlc"),
             cwd=REPO, env=trainbus_env(sweep["url"]), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+    trainer: psutil.Process | None = None
     try:
         started = wait_until(lambda: re.search(r"\(pid (\d+),", out.read_text()), timeout=60, what="a trial to start")
+        trainer = psutil.Process(int(started.group(1)))
         os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C does to the driver's process group
         assert driver.wait(30) == 130
+        assert "--sweep" in trainer.cmdline() and trainer.is_running()  # the trial goes on without the driver
     finally:
         if driver.poll() is None:
             driver.kill()
-    trainer = psutil.Process(int(started.group(1)))
-    assert "--sweep" in trainer.cmdline() and trainer.is_running()  # the trial went on without the driver
+        if trainer is not None:
+            with contextlib.suppress(psutil.Error):
+                trainer.kill()  # the test's own trainer: no need to train it
     assert out.read_text().splitlines()[-1] == (
         "sweep ctrlc: stopped watching; ctrlc-t0 keep running: the same command again judges them"
     )

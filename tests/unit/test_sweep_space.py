@@ -1,15 +1,18 @@
 """The sweep's space file: what users write is sampled as they meant it, mistakes are one line with
-file:line; the study refuses a driver that joins it with another search."""
+file:line; the study refuses a driver that joins it with another search, and a driver adopts only
+the trials whose driver is gone."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 
 from consumers.sweep.space import load_space
-from consumers.sweep.study import default_storage, describe_best, open_study
+from consumers.sweep.study import LEASE_SECONDS, abandoned, default_storage, describe_best, driver_identity, open_study
 from runtime.cli import main
 from runtime.errors import ConfigError
 from runtime.settings import parse_override
@@ -150,3 +153,27 @@ def test_an_unusable_storage_url_is_one_line(tmp_path: Path) -> None:
         open_study("s", "nosuchdb://user:secret@host/x", space, "configs/tiny.yaml", [])
     message = str(info.value)
     assert message.startswith("--storage nosuchdb://***@host/x: ") and "secret" not in message
+
+
+def test_a_running_trial_is_adopted_only_when_its_driver_is_gone(tmp_path: Path) -> None:
+    study = optuna.create_study()
+    me = driver_identity()
+    alive = {**me, "pid": os.getppid()}  # a live process of this host: pytest's parent
+    alive["started"] = round(psutil.Process(os.getppid()).create_time(), 2)
+    dead = {**me, "pid": alive["pid"], "started": alive["started"] - 100}  # its pid, reused by another process
+
+    def running(owner: dict[str, object] | None, lease: float) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        if owner is not None:
+            trial.set_user_attr("driver", owner)
+        trial.set_user_attr("lease", lease)
+        return study.get_trials(deepcopy=False)[trial.number]
+
+    now = 1_000_000.0
+    assert not abandoned(running(me, now), me, now)
+    assert not abandoned(running(alive, now - 3600), me, now)  # on this host only the process counts
+    assert abandoned(running(dead, now), me, now)
+    assert abandoned(running(None, now), me, now)  # asked by a driver that recorded no identity
+    elsewhere = {**me, "host": "another-host"}
+    assert not abandoned(running(elsewhere, now - LEASE_SECONDS + 5), me, now)
+    assert abandoned(running(elsewhere, now - LEASE_SECONDS - 5), me, now)  # it stopped renewing its lease
