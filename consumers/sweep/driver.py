@@ -21,9 +21,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import nats.errors
 import optuna
@@ -102,7 +102,7 @@ def _last_line(log: Path | None) -> str:
 class Sweep:
     """One driver process working on one study."""
 
-    def __init__(self, opts: SweepOptions, study: optuna.Study, nc: NATS, out: Any = print) -> None:
+    def __init__(self, opts: SweepOptions, study: optuna.Study, nc: NATS, out: Callable[..., None] = print) -> None:
         self.opts, self.study, self.nc, self.out = opts, study, nc, out
         self.js = nc.jetstream()
         self.issuer = f"sweep:{opts.name}"
