@@ -6,8 +6,12 @@ Add it to any ``transformers.Trainer`` or TRL ``SFTTrainer``::
     TrainbusCallback.attach(trainer, run_id="my-run")   # or Trainer(..., callbacks=[TrainbusCallback()])
 
 It never blocks on the network: events go to a ``NatsPublisher`` (in-memory queue, background
-thread, outbox). Commands received on ``trainbus.control.<run_id>`` are applied at the next step
-boundary on every rank. Only rank 0 publishes.
+thread, outbox), and it never stops training because the bus is down: it then starts offline
+(events wait in the outbox, the connection is retried in the background). Commands received on
+``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
+publishes. However the run ends — completed, a crash in ``train()``, interpreter exit, SIGTERM —
+it publishes ``run.finished`` and flushes (see ``producers.exits``); every command accepted but
+not applied by then is answered ``rejected`` (``finished``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ import json
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from producers import hyperparams
 from producers.checkpoints import fingerprint
 from producers.control import ControlChannel, internal_stop
-from producers.distributed import share_commands, world
-from runtime.bus import resolve_target
-from runtime.publisher import NatsPublisher
+from producers.distributed import release_command_group, share_commands, world
+from producers.exits import ExitGuard, wrap_train
+from producers.publishing import open_bus
 from runtime.settings import Settings
 from runtime.sinks import EventSink, NullSink, Stamper
 from schemas import (
@@ -50,7 +52,6 @@ from schemas import (
     RunState,
     SweepTag,
     TrainStep,
-    control_subject,
 )
 
 _EVAL_FIELDS = (
@@ -63,36 +64,9 @@ _EVAL_FIELDS = (
     "labels",
     "confusion_matrix",
     "num_samples",
+    "num_abstained",
+    "perplexity",
 )
-
-
-def open_bus(
-    run_id: str, settings: Settings, outbox_path: Path, channel: ControlChannel | None, memory_limit: int = 10_000
-) -> NatsPublisher:
-    """Connect the run's publisher (and its control responder); ``BusUnavailable`` if unreachable."""
-    responders: dict[str, Callable[[bytes], bytes]] = (
-        {control_subject(run_id): channel.handle} if channel is not None else {}
-    )
-    # The bus thread needs the GIL to answer a command or publish; with Python's default 5 ms
-    # switch interval it can wait that long behind the training thread's Python code.
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-    target = resolve_target(settings)
-    publisher = NatsPublisher(
-        target,
-        settings,
-        outbox_path=outbox_path,
-        memory_limit=memory_limit,
-        name=f"trainbus-{run_id}",
-        responders=responders,
-        owns_server=True,  # an embedded server started for this run stops with it; its store keeps the events
-    )
-    try:
-        publisher.start()
-    except BaseException:
-        if target.server is not None:
-            target.server.stop()
-        raise
-    return publisher
 
 
 def _finite(value: Any) -> float:
@@ -153,18 +127,24 @@ class TrainbusCallback(TrainerCallback):
         self._deferred: list[Command] = []
         self._t0 = time.monotonic()
         self._last_log = (time.monotonic(), 0, 0)
+        self._not_training = 0.0  # seconds since the last log spent paused, evaluating or saving
+        self._mark = time.monotonic()  # the end of the last thing that was not training
+        self._in_pause = False
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._step = 0
+        self._exit_guard = ExitGuard(self._ended)
         if channel is not None:
             channel.on_reply = self._on_reply
 
     @classmethod
     def attach(cls, trainer: Trainer, **kwargs: Any) -> TrainbusCallback:
-        """Create the callback, add it to ``trainer`` and bind it (so save/evaluate work while paused)."""
+        """Create the callback, add it to ``trainer`` and bind it (so save/evaluate work while paused);
+        an exception out of ``trainer.train()`` then ends the run as ``failed`` with the error."""
         callback = cls(**kwargs)
         callback.trainer = trainer
         trainer.add_callback(callback)
+        wrap_train(trainer, callback._exit_guard.crashed)
         return callback
 
     @property
@@ -183,7 +163,9 @@ class TrainbusCallback(TrainerCallback):
         if self.is_publisher and self._own_sink and isinstance(self.stamper.sink, NullSink):
             self.channel = self.channel or ControlChannel(self.run_id, self._on_reply)
             outbox = (self.outbox_dir or Path(str(args.output_dir))) / f"outbox-{self.run_id}.jsonl"
-            self.stamper.sink = open_bus(self.run_id, self.settings, outbox, self.channel)
+            # someone's own script: a bus that is down must not stop their training
+            self.stamper.sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
+            self._exit_guard.arm()
         model = kwargs.get("model")
         config = self.run_config if self.run_config is not None else args.to_sanitized_dict()
         config_json = json.dumps(config, sort_keys=True, default=str)
@@ -212,6 +194,7 @@ class TrainbusCallback(TrainerCallback):
         )
         self.phase = "training"
         self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)
+        self._mark, self._not_training = self._last_log[0], 0.0
         if self.is_publisher and self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat, name="trainbus-heartbeat", daemon=True)
             self._heartbeat.start()
@@ -223,6 +206,7 @@ class TrainbusCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        release_command_group()  # every rank ends here together; no gloo side group may outlive the run
         if self.stop_command is not None:
             self.finish(
                 "stopped",
@@ -232,21 +216,30 @@ class TrainbusCallback(TrainerCallback):
         else:
             self.finish("completed", state.global_step, reason="max_steps reached")
 
+    def _ended(self, reason: str, error: str | None) -> None:
+        self.finish("failed", reason=reason, error=error)
+
     def finish(self, status: str, step: int | None = None, *, reason: str = "", error: str | None = None) -> None:
-        """Publish ``run.finished`` once, stop the heartbeat, flush the bus (when this callback owns it)."""
+        """Publish ``run.finished`` once, after answering every unapplied command and stopping the heartbeat,
+        then flush the bus (when this callback owns it). Nothing of this attempt is published after it."""
         if self.finished:
             return
         self.finished = True
+        self._exit_guard.disarm()
         self._heartbeat_stop.set()
-        if self.channel is not None:
-            self.channel.close()
-        self.emit(
-            RunFinished,
-            status=status,
-            step=self._step if step is None else step,
-            reason=reason[:2000],
-            error=error[:2000] if error else None,
-        )
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+        step = self._step if step is None else step
+        for command in self.channel.close() if self.channel is not None else []:
+            self.emit(
+                CommandResult, command_id=command.command_id, command=command.type, status="rejected",
+                code="finished", message=f"the run ended ({status}) before it was applied", issued_by=command.issued_by,
+                step=step,
+            )  # fmt: skip
+        if self.is_publisher:
+            self.stamper.emit_last(
+                RunFinished, status=status, step=step, reason=reason[:2000], error=error[:2000] if error else None
+            )
         if self._own_sink:
             self.stamper.sink.close()
 
@@ -259,7 +252,9 @@ class TrainbusCallback(TrainerCallback):
         now = time.monotonic()
         then, last_step, last_tokens = self._last_log
         steps = max(1, state.global_step - last_step)
-        dt = max(now - then, 1e-9)
+        # rates count training time only: a pause, an evaluation or a save in between is not throughput
+        dt = max(now - then - self._not_training, 1e-9)
+        self._not_training, self._mark = 0.0, now
         tokens = state.num_input_tokens_seen or 0
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
         self._last_log = (now, state.global_step, tokens)
@@ -283,6 +278,7 @@ class TrainbusCallback(TrainerCallback):
         self.phase = "evaluating"
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._off_training()
         metrics: dict[str, Any] = kwargs.get("metrics") or {}
         found = {name: metrics[f"eval_{name}"] for name in _EVAL_FIELDS if f"eval_{name}" in metrics}
         self.latest_eval = {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
@@ -298,6 +294,7 @@ class TrainbusCallback(TrainerCallback):
         self.phase = "paused" if self.paused else "training"
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._off_training()
         if not self.is_publisher:
             return
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
@@ -343,11 +340,23 @@ class TrainbusCallback(TrainerCallback):
         self._step = state.global_step
         if self.channel is not None:
             self.channel.step = state.global_step
+        paused_at, self._in_pause = time.monotonic(), True  # a save or eval applied here is pause time
         for command in self._take():
             self._apply(command, args, state, control, kwargs)
         while self.paused and self.stop_command is None:
             for command in self._take(timeout=0.2):
                 self._apply(command, args, state, control, kwargs)
+        self._in_pause = False
+        self._mark = time.monotonic()
+        self._not_training += self._mark - paused_at
+
+    def _off_training(self) -> None:
+        """An evaluation or a save just ended: the time since the last mark was not training
+        (unless it happened while paused, which the pause already counts)."""
+        if not self._in_pause:
+            now = time.monotonic()
+            self._not_training += now - self._mark
+            self._mark = now
 
     def _applied(self, command: Command, step: int, applied: dict[str, Any] | None = None) -> None:
         self.emit(

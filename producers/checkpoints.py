@@ -19,7 +19,11 @@ def fingerprint(folder: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step in ``run_dir``, if any."""
-    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(found)[1] if found else None
+def checkpoint_folders(run_dir: Path) -> dict[int, Path]:
+    """The ``checkpoint-<step>`` folders of ``run_dir`` by step, in step order."""
+    found = {}
+    for path in run_dir.glob("checkpoint-*"):
+        step = path.name.partition("-")[2]
+        if step.isdigit() and path.is_dir():
+            found[int(step)] = path
+    return dict(sorted(found.items()))

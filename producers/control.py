@@ -3,9 +3,11 @@
 ``ControlChannel.handle`` runs on the bus thread for every request on
 ``trainbus.control.<run_id>``: it parses the command with the schema, decides ``accepted`` or
 ``rejected`` (with a reason code) against the state the run will be in once queued commands
-are applied, records the reply by ``command_id`` (a repeated id gets the same reply and is
-applied once), and puts the command in the queue the training thread drains at each step
-boundary. Every reply also goes into the event stream as a ``command.result``.
+are applied, records the reply by ``command_id`` (a repeated id gets the same reply, is
+applied once and recorded once), and puts the command in the queue the training thread drains
+at each step boundary. Every first reply also goes into the event stream as a
+``command.result``. When the run ends, ``close`` hands back the commands accepted but never
+applied, so that each gets an outcome.
 """
 
 from __future__ import annotations
@@ -61,16 +63,19 @@ class ControlChannel:
                 command_id=_command_id(data), status="rejected", code="invalid", message=_first_error(exc)
             )
         else:
-            reply = self._decide(command)
+            reply, new = self._decide(command)
+            if not new:  # a repeat (a client retrying): same answer, but it was recorded already
+                return reply.model_dump_json().encode()
         if self.on_reply is not None:
             self.on_reply(command, reply)
         return reply.model_dump_json().encode()
 
-    def _decide(self, command: Command) -> CommandReply:
+    def _decide(self, command: Command) -> tuple[CommandReply, bool]:
+        """The reply to ``command``, and whether it is new (False: the id was answered before)."""
         with self._cv:
             previous = self._replies.get(command.command_id)
             if previous is not None:
-                return previous
+                return previous, False
             reply = self._check(command)
             self._replies[command.command_id] = reply
             while len(self._replies) > 10_000:
@@ -79,7 +84,7 @@ class ControlChannel:
                 self._queue.append(command)
                 self.state = {"pause": "paused", "resume": "running", "stop": "stopping"}.get(command.type, self.state)
                 self._cv.notify_all()
-            return reply
+            return reply, True
 
     def _check(self, command: Command) -> CommandReply:
         def reject(code: Any, message: str) -> CommandReply:
@@ -101,8 +106,8 @@ class ControlChannel:
 
     def submit(self, command: Command) -> CommandReply:
         """Queue a command from inside the process (e.g. a SIGTERM becomes ``stop``)."""
-        reply = self._decide(command)
-        if self.on_reply is not None:
+        reply, new = self._decide(command)
+        if new and self.on_reply is not None:
             self.on_reply(command, reply)
         return reply
 
@@ -114,11 +119,13 @@ class ControlChannel:
             out, self._queue = self._queue, []
             return out
 
-    def close(self) -> None:
-        """The run ended: later commands are rejected as ``finished``."""
+    def close(self) -> list[Command]:
+        """The run ended: later commands are rejected as ``finished``; returns those accepted but never applied."""
         with self._cv:
             self.finished = True
+            unapplied, self._queue = self._queue, []
             self._cv.notify_all()
+            return unapplied
 
 
 def internal_stop(run_id: str, reason: str, command_id: str) -> Stop:

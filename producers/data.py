@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from producers.labels import LabelSet
 from runtime.errors import ConfigError
@@ -25,6 +26,7 @@ ANSWER_PREFIX = '{"decision": '
 
 _KEYS = ("text", "label", "rationale", "metadata")
 _SCALARS = (str, int, float, bool)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Example:
     """Where the row came from, ``path:line``."""
 
 
-class _RowError(ValueError):
+class RowError(ValueError):
     """A row that cannot be used; the message names the field."""
 
 
@@ -52,50 +54,53 @@ def default_rationale(label: str | None) -> str:
 
 def _parse_row(obj: Any, labels: LabelSet) -> tuple[str, str | None, str, dict[str, Any]]:
     if not isinstance(obj, dict):
-        raise _RowError(f"expected a JSON object, got {_json_type(obj)}")
+        raise RowError(f"expected a JSON object, got {json_type(obj)}")
     for key in obj:
         if key not in _KEYS:
-            raise _RowError(f"field {key!r}: unknown key (allowed: {', '.join(_KEYS)})")
+            raise RowError(f"field {key!r}: unknown key (allowed: {', '.join(_KEYS)})")
     if "text" not in obj:
-        raise _RowError("field 'text': required")
+        raise RowError("field 'text': required")
     text = obj["text"]
     if not isinstance(text, str):
-        raise _RowError(f"field 'text': expected a string, got {_json_type(text)}")
+        raise RowError(f"field 'text': expected a string, got {json_type(text)}")
     if not text.strip():
-        raise _RowError("field 'text': must not be empty")
+        raise RowError("field 'text': must not be empty")
     if "label" not in obj:
-        raise _RowError("field 'label': required (null marks an ambiguous text)")
+        raise RowError("field 'label': required (null marks an ambiguous text)")
     label = obj["label"]
     if label is not None and (not isinstance(label, str) or label not in labels.names):
         shown = json.dumps(label) if not isinstance(label, str) else repr(label)
-        raise _RowError(f"field 'label': {shown} is not one of {', '.join(labels.names)} (or null to abstain)")
+        raise RowError(f"field 'label': {shown} is not one of {', '.join(labels.names)} (or null to abstain)")
     rationale = obj.get("rationale")
     if rationale is None:
         rationale = default_rationale(label)
     elif not isinstance(rationale, str):
-        raise _RowError(f"field 'rationale': expected a string, got {_json_type(rationale)}")
+        raise RowError(f"field 'rationale': expected a string, got {json_type(rationale)}")
     metadata = obj.get("metadata")
     if metadata is None:
         metadata = {}
     elif not isinstance(metadata, dict):
-        raise _RowError(f"field 'metadata': expected an object, got {_json_type(metadata)}")
+        raise RowError(f"field 'metadata': expected an object, got {json_type(metadata)}")
     for key, value in metadata.items():
         if not isinstance(value, _SCALARS):
-            raise _RowError(f"field 'metadata.{key}': expected a string, number or boolean, got {_json_type(value)}")
+            raise RowError(f"field 'metadata.{key}': expected a string, number or boolean, got {json_type(value)}")
     return text, label, rationale, metadata
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def read_examples(path: str | Path, labels: LabelSet, *, skip_invalid: bool = False) -> tuple[list[Example], int]:
-    """Read a JSONL data file: (examples, number of rows skipped).
+SKIP_HINT = "set data.skip_invalid=true to skip bad rows instead"
 
-    Blank lines are ignored. A bad row raises ``ConfigError`` naming ``path:line`` and the field,
-    unless ``skip_invalid``, which skips and counts it. A file without one usable example is an
-    error either way.
+
+def read_jsonl(path: str | Path, parse: Callable[[Any, str], T], *, skip_invalid: bool = False) -> tuple[list[T], int]:
+    """Read a JSONL data file with ``parse(obj, "path:line")`` per row: (rows, number skipped).
+
+    Blank lines are ignored. A bad row (``parse`` raises ``RowError``) raises ``ConfigError``
+    naming ``path:line`` and the field, unless ``skip_invalid``, which skips and counts it. A
+    file without one usable row is an error either way.
     """
     path = Path(path)
     try:
@@ -104,7 +109,7 @@ def read_examples(path: str | Path, labels: LabelSet, *, skip_invalid: bool = Fa
         raise ConfigError(f"{path}: no such data file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    examples: list[Example] = []
+    rows: list[T] = []
     skipped = 0
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -114,20 +119,28 @@ def read_examples(path: str | Path, labels: LabelSet, *, skip_invalid: bool = Fa
             try:
                 obj = json.loads(line)
             except UnicodeDecodeError:
-                raise _RowError("not UTF-8 text") from None
+                raise RowError("not UTF-8 text") from None
             except json.JSONDecodeError as exc:
-                raise _RowError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            text, label, rationale, metadata = _parse_row(obj, labels)
-        except _RowError as exc:
+                raise RowError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            rows.append(parse(obj, where))
+        except RowError as exc:
             if not skip_invalid:
-                raise ConfigError(f"{where}: {exc}") from None
+                raise ConfigError(f"{where}: {exc} ({SKIP_HINT})") from None
             skipped += 1
-            continue
-        examples.append(Example(text=text, label=label, rationale=rationale, metadata=metadata, source=where))
-    if not examples:
+    if not rows:
         detail = f" ({skipped} invalid rows skipped)" if skipped else ""
         raise ConfigError(f"{path}: no examples{detail}")
-    return examples, skipped
+    return rows, skipped
+
+
+def read_examples(path: str | Path, labels: LabelSet, *, skip_invalid: bool = False) -> tuple[list[Example], int]:
+    """Read a JSONL file of the classifier's rows: (examples, number of rows skipped); see ``read_jsonl``."""
+
+    def parse(obj: Any, where: str) -> Example:
+        text, label, rationale, metadata = _parse_row(obj, labels)
+        return Example(text=text, label=label, rationale=rationale, metadata=metadata, source=where)
+
+    return read_jsonl(path, parse, skip_invalid=skip_invalid)
 
 
 def answer_json(example: Example) -> str:

@@ -3,7 +3,8 @@
 The model answers ``{"decision": <label or null>, ...}``; the probability of each label is the
 likelihood of its JSON string (``"HIGH_RISK"``, …, ``null``) right after the prompt and
 ``ANSWER_PREFIX``, normalised over the options. ``ClassificationEval`` adds the metrics to the
-Trainer's evaluation metrics so every ``eval`` event carries them.
+Trainer's evaluation metrics so every ``eval`` event carries them. The predictor serves the same
+``classifier_prompt`` and ``label_probabilities``, so an answer on the bus is an evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from producers.data import ANSWER_PREFIX, Example, build_prompt
 from producers.labels import LabelSet
 from producers.metrics import classification_metrics
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) of ``rows`` padded on the left, so every row ends
+    at the last column, where what follows it (the options, generated tokens) begins."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        mask[i, width - len(ids) :] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -45,18 +58,12 @@ def option_probabilities(
     for j, ids in enumerate(option_ids):
         cont[j, : len(ids)] = torch.tensor(ids)
         cont_mask[j, : len(ids)] = 1
-    keep = max(1, max_length - opt_width)
+    keep = prompt_token_limit(opt_width, max_length)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"][-keep:] for prompt in prompts]
     scores = np.zeros((len(prompts), n_opt))
     for start in range(0, len(prompts), batch_size):
         chunk = prompt_ids[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):  # left padding: every prompt ends where its options begin
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = left_padded(chunk, pad)
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
@@ -75,14 +82,55 @@ def option_probabilities(
             use_cache=True,
         ).logits.float()
         following = torch.log_softmax(following, dim=-1).view(len(chunk), n_opt, opt_width, -1)
-        for i in range(len(chunk)):
-            for j, ids in enumerate(option_ids):
-                score = first[i, ids[0]]
-                if len(ids) > 1:
-                    score = score + following[i, j, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum()
-                scores[start + i, j] = score.item()
+        # option j scores first[its token 0] + following[position t, its token t+1] over its real tokens;
+        # gathered at once (an .item() per cell costs more than the model on a batch of short prompts)
+        nexts = cont[:, 1:].to(device).expand(len(chunk), n_opt, opt_width - 1)
+        steps = following[:, :, :-1, :].gather(-1, nexts.unsqueeze(-1)).squeeze(-1)
+        padding = (cont_mask[:, 1:] == 0).to(device)
+        total = first[:, cont[:, 0].to(device)] + steps.masked_fill(padding, 0.0).sum(-1)
+        scores[start : start + len(chunk)] = total.double().cpu().numpy()
     grid = np.exp(scores - scores.max(axis=1, keepdims=True))
     return grid / grid.sum(axis=1, keepdims=True)
+
+
+def prompt_token_limit(option_tokens: int, max_length: int) -> int:
+    """How many prompt tokens are scored: the prompt's tail that leaves room for the longest option."""
+    return max(1, max_length - option_tokens)
+
+
+def answer_options(labels: LabelSet) -> list[str]:
+    """The continuations scored after the prompt: each label as a JSON string, then ``null`` (abstain)."""
+    return [json.dumps(name) for name in labels.names] + ["null"]
+
+
+def classifier_prompt(example: Example, system_prompt: str) -> str:
+    """What the model reads before writing its decision: the training prompt plus ``ANSWER_PREFIX``."""
+    return build_prompt(example, system_prompt) + ANSWER_PREFIX
+
+
+def label_probabilities(
+    model: Any, tokenizer: Any, prompts: Sequence[str], labels: LabelSet, *, batch_size: int, max_length: int
+) -> np.ndarray:
+    """``(len(prompts), labels + 1)`` probabilities of each label and of ``null``, row by row.
+
+    A row the model cannot score (a diverged model: NaN) is all ``null``, so it counts as an
+    abstention instead of breaking the metrics.
+    """
+    was_training = model.training
+    if was_training:  # switching walks every module: a served model in eval mode skips it
+        model.eval()
+    try:
+        probs = option_probabilities(
+            model, tokenizer, prompts, answer_options(labels), batch_size=batch_size, max_length=max_length
+        )
+    finally:
+        if was_training:
+            model.train()
+    broken = ~np.isfinite(probs).all(axis=1)
+    if broken.any():
+        probs[broken] = 0.0
+        probs[broken, -1] = 1.0
+    return probs
 
 
 def evaluate_classifier(
@@ -96,18 +144,8 @@ def evaluate_classifier(
     max_length: int,
 ) -> dict[str, Any]:
     """Classification metrics of ``model`` on ``examples`` (see ``producers.metrics``)."""
-    options = [json.dumps(name) for name in labels.names] + ["null"]
-    prompts = [build_prompt(ex, system_prompt) + ANSWER_PREFIX for ex in examples]
-    was_training = model.training
-    model.eval()
-    try:
-        probs = option_probabilities(model, tokenizer, prompts, options, batch_size=batch_size, max_length=max_length)
-    finally:
-        model.train(was_training)
-    broken = ~np.isfinite(probs).all(axis=1)
-    if broken.any():  # a diverged model: its answers count as abstentions, the metrics show it
-        probs[broken] = 0.0
-        probs[broken, -1] = 1.0
+    prompts = [classifier_prompt(ex, system_prompt) for ex in examples]
+    probs = label_probabilities(model, tokenizer, prompts, labels, batch_size=batch_size, max_length=max_length)
     return classification_metrics(probs, [ex.label for ex in examples], labels)
 
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from runtime.errors import ConfigError
-from runtime.settings import Section, describe_validation_error, read_yaml
-
-Loc = tuple[str | int, ...]
+from runtime.settings import Loc, Section, describe_validation_error, read_yaml, yaml_line
 
 
 class LabelReferenceError(ValueError):
@@ -116,30 +113,6 @@ class LabelSet(Section):
         return self.harm_weight(true)
 
 
-def _yaml_line(path: Path, loc: Loc) -> int | None:
-    """1-based line of the deepest node of ``loc`` present in the YAML file, if it can be found."""
-    try:
-        node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
-        return None
-    if node is None:
-        return None
-    line: int = node.start_mark.line + 1
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == str(key)]
-            if not match:
-                break
-            line = match[0][0].start_mark.line + 1
-            node = match[0][1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def load_labels(path: str | Path) -> LabelSet:
     """Load and check a label file; any problem is a one-line ``ConfigError`` naming file:line and field."""
     path = Path(path)
@@ -150,7 +123,7 @@ def load_labels(path: str | Path) -> LabelSet:
         first = exc.errors()[0]
         ref = first.get("ctx", {}).get("error")
         loc: Loc = ref.loc if isinstance(ref, LabelReferenceError) else tuple(first["loc"])
-        line = _yaml_line(path, loc)
+        line = yaml_line(path, loc)
         origin = f"{path}:{line}" if line is not None else str(path)
         if isinstance(ref, LabelReferenceError):
             raise ConfigError(f"{origin}: {'.'.join(str(p) for p in loc)}: {ref}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,13 @@ def apply_adapter(model: Any, cfg: AdapterConfig, total_steps: int) -> PeftModel
             use_dora=cfg.method == "dora",
             modules_to_save=cfg.modules_to_save or None,
         )
-    peft_model: PeftModel = get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # Two warnings a user cannot act on: peft's about tied embeddings in modules_to_save
+        # (intended for the tiny model; the predictor's merge unties them, consumers/predict/serving.py)
+        # and transformers' deprecation of the property peft itself reads.
+        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True`", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model: PeftModel = get_peft_model(model, peft_config)
     return peft_model
 
 

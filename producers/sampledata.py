@@ -16,6 +16,7 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "validation", "test")
 CHANNELS = ("chat", "email", "forum")
@@ -201,17 +202,24 @@ def write_sample_data(
     for split, n in counts.items():
         if n < 1:
             raise ValueError(f"n_{split} must be at least 1, got {n}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     seen: set[str] = set()
+    rows = {
+        split: [_row(rng, label, split, seed, seen) for label in _label_sequence(rng, counts[split])]
+        for split in SPLITS
+    }
+    return write_splits(out_dir, rows)
+
+
+def write_splits(out_dir: Path, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
+    """Write ``<split>.jsonl`` files under ``out_dir``, each whole (temporary file, then rename)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for split in SPLITS:
-        rows = [_row(rng, label, split, seed, seen) for label in _label_sequence(rng, counts[split])]
-        content = "".join(json.dumps(row) + "\n" for row in rows)
+    for split, split_rows in rows.items():
         path = out_dir / f"{split}.jsonl"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content, encoding="utf-8", newline="\n")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in split_rows), encoding="utf-8", newline="\n")
         os.replace(tmp, path)
         paths[split] = path
     return paths

@@ -1,7 +1,8 @@
 """`trainbus train CONFIG`: fine-tune a causal LM with a LoRA-family adapter, streaming the run.
 
 Everything a user can get wrong (config values, labels, data, model path, output folder, the
-bus) is checked before the first training step, with one clear line and a non-zero exit.
+bus) is checked before the first training step, with one clear line and a non-zero exit. Two
+tasks: the risk classifier (``data.task: classify``) and chat fine-tuning (``chat``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
-from producers.callback import TrainbusCallback, open_bus
-from producers.checkpoints import latest_checkpoint
+from producers.arguments import training_arguments
+from producers.callback import TrainbusCallback
+from producers.chat import ChatDataset, Perplexity, use_chat_template
+from producers.chatdata import parse_conversation, write_chat_sample
 from producers.config import RunConfig
 from producers.control import ControlChannel
-from producers.data import Example, data_fingerprint, read_examples
+from producers.data import data_fingerprint, read_examples, read_jsonl
 from producers.distributed import agree, init_if_launched, main_process_first, world
 from producers.encoding import EncodedDataset, PadCollator
 from producers.evaluation import ClassificationEval
@@ -35,13 +39,16 @@ from producers.model import (
     load_model_and_tokenizer,
     prepare_base_model,
 )
+from producers.progress import Progress
+from producers.publishing import open_bus
+from producers.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_verdicts
 from producers.sampledata import write_sample_data
 from runtime.errors import ConfigError, NotFound, TrainbusError
-from runtime.logs import get_logger
-from runtime.sinks import EventSink, NullSink
+from runtime.logs import console_output, get_logger, status
+from runtime.outbox import dead_letter_path
+from runtime.sinks import EventSink, NullSink, PublisherStats
 from schemas import SweepTag, check_run_id
 
-RUN_FILE = "trainbus-run.json"
 LIVE_FILE = "trainbus-live.json"
 
 
@@ -53,18 +60,24 @@ class Prepared:
     run_id: str
     attempt: int
     run_dir: Path
-    labels: LabelSet
-    train: list[Example]
-    validation: list[Example]
+    labels: LabelSet | None
+    """The classifier's label set (None for chat)."""
+    train: list[Any]
+    """``Example`` rows (classify) or ``Conversation`` rows (chat)."""
+    validation: list[Any]
     fingerprint: str
-    resume_from: Path | None
+    resume_from: Resume | None
 
 
-def _read(path: str, labels: LabelSet, skip_invalid: bool, log: Any) -> list[Example]:
-    examples, skipped = read_examples(path, labels, skip_invalid=skip_invalid)
+def _read(path: str, labels: LabelSet | None, skip_invalid: bool, log: Any) -> list[Any]:
+    rows: list[Any]
+    if labels is None:
+        rows, skipped = read_jsonl(path, parse_conversation, skip_invalid=skip_invalid)
+    else:
+        rows, skipped = read_examples(path, labels, skip_invalid=skip_invalid)
     if skipped:
-        log.warning("skipped invalid rows", file=path, skipped=skipped, kept=len(examples))
-    return examples
+        log.warning("skipped invalid rows", file=path, skipped=skipped, kept=len(rows))
+    return rows
 
 
 def _check_writable(folder: Path) -> None:
@@ -77,19 +90,20 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"training.output_dir: cannot write checkpoints to {folder}: {exc.strerror}") from None
 
 
-def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = None) -> Prepared:
+def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | None = None) -> Prepared:
     """Validate config, labels, data and output folder; decide run id, attempt and checkpoint."""
     log = get_logger()
     check_quantization(cfg.model)
-    labels = load_labels(cfg.data.labels_file)
+    chat = cfg.data.task == "chat"
+    labels = None if chat else load_labels(cfg.data.labels_file)
     train_path = Path(cfg.data.train_file)
     with main_process_first():
         if not train_path.exists() and cfg.data.generate_sample:
-            write_sample_data(train_path.parent)
+            (write_chat_sample if chat else write_sample_data)(train_path.parent)
             log.info("wrote the sample data set", folder=str(train_path.parent))
     train = _read(cfg.data.train_file, labels, cfg.data.skip_invalid, log)
     files = [train_path]
-    validation: list[Example] = []
+    validation: list[Any] = []
     if cfg.data.validation_file:
         validation = _read(cfg.data.validation_file, labels, cfg.data.skip_invalid, log)
         files.append(Path(cfg.data.validation_file))
@@ -98,15 +112,14 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = N
     output = Path(cfg.training.output_dir)
     attempt, resume_from = 1, None
     if resume:
-        run_id = check_run_id(resume)
+        run_id = check_run_id(resume.run_id)
         run_dir = output / run_id
         previous = run_dir / RUN_FILE
         if not previous.exists():
             raise NotFound(f"--resume {run_id}: no run folder {run_dir} (looked for {previous})")
         attempt = int(json.loads(previous.read_text()).get("attempt", 1)) + 1
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise NotFound(f"--resume {run_id}: {run_dir} has no checkpoint-* folder to continue from")
+        resume_from = _resume_point(cfg, run_id, run_dir, resume)
+        check_room(run_id, resume_from, cfg.training.max_steps)
     else:
         try:
             run_id = check_run_id(agree(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}") or "")
@@ -119,48 +132,39 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: str | None = N
     return Prepared(cfg, run_id, attempt, run_dir, labels, train, validation, data_fingerprint(files), resume_from)
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path) -> TrainingArguments:
-    """``TrainingArguments`` from the config's ``training`` section (same names)."""
-    t = cfg.training
-    import torch
+def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom) -> Resume:
+    """Rank 0 chooses the checkpoint (reading the audit verdicts from the bus); every rank takes its step."""
+    rank = world()[0]
+    chosen = None
+    if rank == 0:
+        verdicts = read_verdicts(cfg, run_id)
+        chosen = choose_checkpoint(run_id, run_dir, verdicts, from_step=asked.step, from_approved=asked.approved)
+        announce(chosen, get_logger(run_id=run_id))
+    step = int(agree(str(chosen.step) if chosen is not None else None) or 0)
+    return chosen if chosen is not None else choose_checkpoint(run_id, run_dir, None, from_step=step)
 
-    if cfg.model.gradient_checkpointing:
-        t.extra.setdefault("gradient_checkpointing", True)
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        optim=t.optim,
-        dataloader_num_workers=t.dataloader_num_workers,
-        report_to=[],
-        disable_tqdm=True,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the audit gate, not be smoothed away
-        include_num_input_tokens_seen=True,
-        use_cpu=not torch.cuda.is_available(),
-        **t.extra,
+
+def task_data(prep: Prepared, tokenizer: Any) -> tuple[Dataset[Any], Dataset[Any] | None, TrainerCallback]:
+    """The task's training and evaluation sets, and the callback that adds its metrics to each evaluation."""
+    d = prep.cfg.data
+    if prep.labels is None:
+        use_chat_template(tokenizer, d.chat_template)
+        valid = ChatDataset(prep.validation, tokenizer, d.max_length) if prep.validation else None
+        return ChatDataset(prep.train, tokenizer, d.max_length), valid, Perplexity()
+    evaluator = ClassificationEval(
+        prep.validation,
+        tokenizer,
+        prep.labels,
+        d.system_prompt,
+        batch_size=prep.cfg.training.per_device_eval_batch_size,
+        max_length=d.max_length,
     )
+    encoded = EncodedDataset(prep.validation, tokenizer, d.system_prompt, d.max_length) if prep.validation else None
+    return EncodedDataset(prep.train, tokenizer, d.system_prompt, d.max_length), encoded, evaluator
 
 
 def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
-    """Model + adapter + data + ``Trainer``; ``callbacks`` are added after the classification eval."""
+    """Model + adapter + data + ``Trainer``; ``callbacks`` are added after the task's evaluation."""
     cfg = prep.cfg
     set_seed(cfg.training.seed)
     with main_process_first():
@@ -168,21 +172,11 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
     model, tokenizer = load_model_and_tokenizer(cfg.model, path)
     set_seed(cfg.training.seed)
     model = apply_adapter(model, cfg.adapter, cfg.training.max_steps)
-    d = cfg.data
-    train_ds = EncodedDataset(prep.train, tokenizer, d.system_prompt, d.max_length)
-    eval_ds = EncodedDataset(prep.validation, tokenizer, d.system_prompt, d.max_length) if prep.validation else None
+    train_ds, eval_ds, evaluator = task_data(prep, tokenizer)
     args = training_arguments(cfg, prep.run_dir)
     if eval_ds is None and args.eval_strategy != "no":
         raise ConfigError("training.eval_steps: set, but data.validation_file is empty or unset")
-    evaluator = ClassificationEval(
-        prep.validation,
-        tokenizer,
-        prep.labels,
-        d.system_prompt,
-        batch_size=cfg.training.per_device_eval_batch_size,
-        max_length=d.max_length,
-    )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -191,6 +185,8 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
         processing_class=tokenizer,
         callbacks=[*adapter_callbacks(model), evaluator, *callbacks],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict; Progress shows them
+    return trainer
 
 
 def run_callback(
@@ -222,7 +218,7 @@ def run(
     cfg: RunConfig,
     *,
     run_id: str | None = None,
-    resume: str | None = None,
+    resume: ResumeFrom | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     sweep: SweepTag | None = None,
 ) -> int:
@@ -239,7 +235,10 @@ def run(
     channel = ControlChannel(prep.run_id) if rank == 0 else None
     sink: EventSink = NullSink()
     if rank == 0 and cfg.publish.enabled:
-        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
+        sink = open_bus(
+            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit,
+            offline_ok=cfg.publish.offline_ok,
+        )  # fmt: skip
     if rank == 0:
         (prep.run_dir / RUN_FILE).write_text(
             json.dumps(
@@ -258,13 +257,14 @@ def run(
         callback.signal_name = signal.Signals(signum).name
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    status = "failed"
+    ended = "failed"
+    progress = Progress(log, terminal=console_output(cfg.log.format))
     try:
-        trainer = build_trainer(prep, [callback, *callbacks])
+        trainer = build_trainer(prep, [callback, *(callbacks if rank else [progress, *callbacks])])
         callback.trainer = trainer
-        log.info("training", run_dir=str(prep.run_dir), resume_from=str(prep.resume_from) if prep.resume_from else None)
-        trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)
-        status = "stopped" if callback.stop_command is not None else "completed"
+        log.info("training", run_dir=str(prep.run_dir), max_steps=cfg.training.max_steps)
+        trainer.train(resume_from_checkpoint=str(prep.resume_from.path) if prep.resume_from else None)
+        ended = "stopped" if callback.stop_command is not None else "completed"
     except TrainbusError as exc:
         callback.finish("failed", reason="invalid input", error=str(exc))
         raise
@@ -276,15 +276,21 @@ def run(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        status.clear()
         stats = sink.close(timeout=cfg.publish.close_timeout)
         if rank == 0:
-            note = (
-                f"; {stats.outbox_pending} events still in {prep.run_dir / 'outbox.jsonl'}"
-                if stats.outbox_pending
-                else ""
-            )
-            print(
-                f"trainbus: run {prep.run_id} (attempt {prep.attempt}) {status}: {stats.published} events published{note}",
-                flush=True,
-            )
+            print(summary_line(prep, ended, stats), flush=True)
     return 0
+
+
+def summary_line(prep: Prepared, status: str, stats: PublisherStats) -> str:
+    """The run's last line: how it ended and where every event is (the bus, the outbox, set aside)."""
+    outbox = prep.run_dir / "outbox.jsonl"
+    line = f"trainbus: run {prep.run_id} (attempt {prep.attempt}) {status}: {stats.published} events published"
+    if stats.failure:
+        line += f"; the publisher failed ({stats.failure})"
+    if stats.outbox_pending:
+        line += f"; {stats.outbox_pending} events still in {outbox}"
+    if stats.dead_lettered or stats.trimmed:
+        line += f"; {stats.dead_lettered} refused by the bus, {stats.trimmed} trimmed (originals in {dead_letter_path(outbox)})"
+    return line

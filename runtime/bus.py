@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,10 +123,7 @@ def bus_target(settings: Settings, *, announce: bool = True) -> Iterator[BusTarg
 def _describe(err: BaseException | None) -> str:
     if err is None:
         return "no answer"
-    text = str(err).strip().strip("'\"") or type(err).__name__
-    if "authorization" in text.lower():
-        return "authorization violation (wrong user, password or token)"
-    return text
+    return str(err).strip().strip("'\"") or type(err).__name__
 
 
 async def connect(
@@ -197,13 +194,17 @@ async def connect(
         with contextlib.suppress(Exception):
             await nc.close()
         auth = [e for e in last_error if "authorization" in str(e).lower()]
-        err = auth[-1] if auth else (last_error[-1] if last_error else failure)
-        hint = (
-            "check NATS_USER/NATS_PASSWORD (or NATS_TOKEN, NATS_CREDS)"
-            if auth
-            else "start one with `trainbus up` or set NATS_URL"
+        if auth:  # the bus is there: it said no to who we are
+            who = f"user {creds.user!r}" if creds.user else "these credentials"
+            raise BusUnavailable(
+                f"authorization refused by the bus at {target.display} ({target.origin}) for {who}: wrong user, "
+                "password or token; check NATS_USER/NATS_PASSWORD (or NATS_TOKEN, NATS_CREDS)"
+            )
+        err = last_error[-1] if last_error else failure
+        raise BusUnavailable(
+            f"cannot reach the bus at {target.display} ({target.origin}): {_describe(err)}; "
+            "start one with `trainbus up` or set NATS_URL"
         )
-        raise BusUnavailable(f"cannot reach the bus at {target.display} ({target.origin}): {_describe(err)}; {hint}")
     connected.set()
     return nc
 
@@ -217,3 +218,18 @@ async def connected(target: BusTarget, settings: Settings, *, name: str) -> Asyn
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.drain(), 5)
+
+
+def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A request/reply subscription callback: answer at once with ``handler``'s bytes."""
+
+    async def respond(msg: Any) -> None:
+        try:
+            answer = handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the bus thread
+            log.error("request handler failed", subject=msg.subject, error=repr(exc))
+            return
+        if msg.reply:
+            await msg.respond(answer)
+
+    return respond

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from runtime import commands, demo
+from runtime import commands, demo, history
 from runtime.errors import TrainbusError
 
 Register = Callable[[Any], None]
@@ -21,8 +21,10 @@ Register = Callable[[Any], None]
 CORE: dict[str, Register] = {
     "up": commands.register_up,
     "nats": commands.register_nats,
-    "events": commands.register_events,
-    "runs": commands.register_runs,
+    "events": history.register_events,
+    "runs": history.register_runs,
+    "tag": history.register_tag,
+    "note": history.register_note,
     "schema": commands.register_schema,
     "bench": commands.register_bench,
     "demo": demo.register_demo,

@@ -1,4 +1,4 @@
-"""Bus-level commands of the CLI: up, nats, events, runs, schema export, bench."""
+"""Bus-level commands of the CLI: up, nats, schema export, bench (events and runs: ``runtime.history``)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import nats.js.errors
-
-from runtime.bus import bus_target, connect, connected
-from runtime.errors import NotFound, TrainbusError
+from runtime.bus import connect
+from runtime.errors import TrainbusError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.natsserver import clear_state, read_state, start_server, write_state
-from runtime.render import age, event_row, table
 from runtime.settings import Settings, load_config
-from runtime.stream import NewerEvents, ensure_stream, list_runs, replay, run_ids
-from schemas import check_run_id, run_events
+from runtime.stream import ensure_stream
+from schemas import check_run_id
 from schemas.export import json_schemas
 
 Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -100,8 +97,12 @@ def register_nats(sub: Any) -> None:
 
 
 def service_commands() -> dict[str, list[str]]:
-    """Consumers that `trainbus up` runs, from the ``trainbus.services`` entry-point group."""
-    return {ep.name: list(ep.load()()) for ep in sorted(entry_points(group="trainbus.services"), key=lambda e: e.name)}
+    """Consumers that `trainbus up` runs, from the ``trainbus.services`` entry-point group.
+
+    A service whose function returns no command is off (the predictor, until its config names a run).
+    """
+    found = {ep.name: list(ep.load()()) for ep in sorted(entry_points(group="trainbus.services"), key=lambda e: e.name)}
+    return {name: argv for name, argv in found.items() if argv}
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -160,105 +161,6 @@ async def _provision(url: str, settings: Settings) -> None:
         await ensure_stream(nc.jetstream(), settings.stream)
     finally:
         await nc.close()
-
-
-# ---- events / runs -----------------------------------------------------------------------
-
-
-def register_events(sub: Any) -> None:
-    p = sub.add_parser("events", help="replay a run's events from the start (and follow live ones)")
-    p.add_argument("--run", required=True, type=run_id_arg, help="run id")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing live events")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    add_settings_args(p)
-    p.set_defaults(func=cmd_events)
-
-
-def cmd_events(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    with bus_target(settings) as target:
-        return asyncio.run(_events(target, settings, args.run, args.follow, args.json))
-
-
-async def _events(target: Any, settings: Settings, run_id: str, follow: bool, as_json: bool) -> int:
-    async with connected(target, settings, name="trainbus-events") as nc:
-        js = nc.jetstream()
-        newer = NewerEvents()
-        try:
-            if follow:
-                await ensure_stream(js, settings.stream)
-            count = 0
-            async for item in replay(js, run_events(run_id), follow=follow):
-                count += 1
-                if item.newer is not None:
-                    newer.skip(item)
-                elif as_json:
-                    print(item.data.decode(), flush=follow)
-                elif item.event is None:
-                    print(f"{item.stream_seq:>6}  invalid event on {item.subject}: {item.error}", flush=follow)
-                else:
-                    print(event_row(item.stream_seq, item.event), flush=follow)
-        except nats.js.errors.NotFoundError:
-            count = 0
-        if count == 0:
-            known = await _known_runs(js)
-            hint = f" (runs: {', '.join(known[:10])})" if known else " (the stream holds no runs yet)"
-            raise NotFound(f"no events for run {run_id!r}{hint}")
-    return 0
-
-
-async def _known_runs(js: Any) -> list[str]:
-    try:
-        return await run_ids(js)
-    except nats.js.errors.NotFoundError:
-        return []
-
-
-def register_runs(sub: Any) -> None:
-    p = sub.add_parser("runs", help="list runs with their latest state")
-    p.add_argument("--json", action="store_true", help="one JSON object per run")
-    add_stall_after_arg(p)
-    add_settings_args(p)
-    p.set_defaults(func=cmd_runs)
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    with bus_target(settings) as target:
-        runs = asyncio.run(_runs(target, settings, args.stall_after))
-    if args.json:
-        for run in runs:
-            print(json.dumps(run, default=str))
-    elif not runs:
-        print("no runs yet: start one with `trainbus train configs/tiny.yaml`")
-    else:
-        for run in runs:
-            hp = run.get("hyperparameters") or {}
-            run["lr_peak"] = hp.get("learning_rate")
-            run["max_grad_norm"] = hp.get("max_grad_norm")
-            run["last_event"] = age(run["age_seconds"]) if "age_seconds" in run else None
-        cols = [
-            "run_id",
-            "state",
-            "last_event",
-            "attempt",
-            "step",
-            "loss",
-            "learning_rate",
-            "lr_peak",
-            "max_grad_norm",
-            "eval_accuracy",
-        ]
-        print(table(runs, cols))
-    return 0
-
-
-async def _runs(target: Any, settings: Settings, stall_after: float) -> list[dict[str, Any]]:
-    async with connected(target, settings, name="trainbus-runs") as nc:
-        try:
-            return await list_runs(nc, stall_after=stall_after)
-        except nats.js.errors.NotFoundError:
-            return []
 
 
 # ---- schema / bench ----------------------------------------------------------------------

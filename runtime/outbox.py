@@ -1,16 +1,106 @@
-"""A file of events not yet acknowledged by JetStream, in publish order.
+"""A file of events not yet acknowledged by JetStream, in publish order, and the dead-letter file beside it.
 
 One line per event: ``subject<TAB>msg_id<TAB>json``. A separate offset file records how far
 the file has been acknowledged, so a crash re-sends only what may be missing (JetStream drops
 the duplicates by ``Nats-Msg-Id``).
+
+The file is read defensively, because a kill or a full disk can leave half a line: a torn last
+line is cut off when the file is opened (and set aside, and reported), so appends always start
+on a fresh line; an append that fails half-way is undone; a malformed line left by an older
+version is set aside when it is reached instead of being published or killing the reader.
+
+``DeadLetters`` (``outbox.dead.jsonl`` beside ``outbox.jsonl``) keeps, one JSON object a line,
+what cannot be sent: events the bus refuses for good (too large, no stream, permission denied)
+and unreadable outbox lines. Nothing there is retried; a person decides what to do with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from runtime.logs import get_logger
+from schemas import Event
+from schemas.subjects import event_subject
 
 Record = tuple[str, str, bytes]
+
+
+def record_of(event: Event) -> Record:
+    """The outbox/bus form of ``event``: subject, msg id, JSON."""
+    return event_subject(event.run_id, event.type), event.event_id, event.model_dump_json().encode()
+
+
+def encode(records: list[Record]) -> bytes:
+    """Outbox lines for ``records``."""
+    return b"".join(f"{s}\t{m}\t".encode() + d + b"\n" for s, m, d in records)
+
+
+def parse_line(body: bytes) -> Record | None:
+    """The record on one outbox line (without its newline), or None when the line is malformed."""
+    parts = body.split(b"\t")
+    if len(parts) != 3:  # event JSON never holds a raw tab: more fields means lines glued together
+        return None
+    subject, msg_id, data = parts
+    if not subject or not msg_id or not (data.startswith(b"{") and data.endswith(b"}")):
+        return None
+    try:
+        return subject.decode(), msg_id.decode(), data
+    except UnicodeDecodeError:
+        return None
+
+
+def _complete(body: bytes) -> bool:
+    record = parse_line(body)
+    if record is None:
+        return False
+    try:
+        json.loads(record[2])
+    except ValueError:
+        return False
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dead_letter_path(outbox: Path) -> Path:
+    """``runs/x/outbox.jsonl`` → ``runs/x/outbox.dead.jsonl``."""
+    return outbox.with_name(f"{outbox.stem}.dead{outbox.suffix or '.jsonl'}")
+
+
+class DeadLetters:
+    """Append-only file of what could not be sent, each with the reason; created on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+
+    def add(self, record: Record, reason: str) -> None:
+        """Set aside one event (its subject, id and JSON text) with ``reason``."""
+        subject, msg_id, data = record
+        self._write({"reason": reason, "subject": subject, "event_id": msg_id, "event": data.decode(errors="replace")})
+
+    def add_raw(self, raw: bytes, reason: str) -> None:
+        """Set aside bytes that are not a readable outbox line."""
+        self._write({"reason": reason, "raw": raw.decode(errors="replace")})
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({"time": datetime.now(UTC).isoformat(), **entry}).encode() + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.count += 1
 
 
 class Outbox:
@@ -19,58 +109,108 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset_path = path.with_name(path.name + ".offset")
+        self.dead = DeadLetters(dead_letter_path(path))
+        self.log = get_logger(component="outbox", path=str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._append = path.open("ab")
+        # unbuffered: a failed append is undone exactly, and nothing half-written waits in a buffer
+        self._append = path.open("ab", buffering=0)
+        self._cut_torn_tail()
         self.committed = self._read_offset()
         self.read_pos = self.committed
         self.pending = self._count_from(self.committed)
+
+    def _size(self) -> int:
+        return os.fstat(self._append.fileno()).st_size
+
+    def _cut_torn_tail(self) -> None:
+        """A last line without its newline: keep it if it is a whole record, else set it aside and cut it."""
+        size = self._size()
+        if size == 0:
+            return
+        with self.path.open("rb") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            start, pos = 0, size
+            while pos > 0:  # the start of the last line, reading backwards
+                step = min(1 << 16, pos)
+                pos -= step
+                f.seek(pos)
+                idx = f.read(step).rfind(b"\n")
+                if idx >= 0:
+                    start = pos + idx + 1
+                    break
+            f.seek(start)
+            tail = f.read()
+        if _complete(tail):
+            self._append.write(b"\n")  # only the newline was missing
+            return
+        self.dead.add_raw(tail, "torn last line of the outbox (a write interrupted by a kill or a full disk)")
+        os.truncate(self.path, start)
+        self.log.warning("outbox had a torn last line; cut it off", bytes=len(tail), set_aside_in=str(self.dead.path))
 
     def _read_offset(self) -> int:
         try:
             value = int(self.offset_path.read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
             return 0
-        return min(value, self.path.stat().st_size)
+        return min(value, self._size())
 
     def _count_from(self, pos: int) -> int:
         with self.path.open("rb") as f:
             f.seek(pos)
-            return sum(1 for line in f if line.strip())
+            return sum(1 for line in f if parse_line(line.rstrip(b"\n")) is not None)
 
     def __len__(self) -> int:
         return self.pending
 
     def append(self, records: list[Record]) -> None:
-        """Spill ``records`` to the end of the file."""
-        self._append.write(b"".join(f"{s}\t{m}\t".encode() + d + b"\n" for s, m, d in records))
-        self._append.flush()
+        """Spill ``records`` to the end of the file; on an error (a full disk) nothing of them stays."""
+        data = memoryview(encode(records))
+        start = self._size()
+        try:
+            while data:
+                written = self._append.write(data)
+                data = data[written or 0 :]
+        except OSError:
+            try:
+                os.truncate(self.path, start)
+            except OSError as exc:
+                self.log.error("cannot undo a partial append", error=str(exc))
+            raise
         self.pending += len(records)
 
     def load(self, limit: int) -> list[tuple[Record, int]]:
         """Read up to ``limit`` records after what was already loaded; each with its end offset."""
         out: list[tuple[Record, int]] = []
-        self._append.flush()
+        skipped = False
         with self.path.open("rb") as f:
             f.seek(self.read_pos)
             while len(out) < limit:
                 line = f.readline()
-                if not line:
+                if not line.endswith(b"\n"):
                     break
                 self.read_pos += len(line)
-                body = line.rstrip(b"\n")
-                if not body:
+                body = line[:-1]
+                if not body.strip():
                     continue
-                subject, msg_id, data = body.split(b"\t", 2)
-                out.append(((subject.decode(), msg_id.decode(), data), self.read_pos))
+                record = parse_line(body)
+                if record is None:
+                    skipped = True
+                    self.dead.add_raw(body, "malformed outbox line (torn or glued by an interrupted write)")
+                    self.log.warning("malformed outbox line set aside", set_aside_in=str(self.dead.path))
+                    continue
+                out.append((record, self.read_pos))
+        if skipped and not out:
+            self.commit(self.read_pos, 0)
         return out
 
     def commit(self, end_offset: int, count: int) -> None:
         """Mark everything before ``end_offset`` as acknowledged; truncate when all is sent."""
         self.committed = end_offset
         self.pending = max(0, self.pending - count)
-        if self.pending == 0 and self.read_pos >= self.path.stat().st_size:
+        if self.pending == 0 and self.read_pos >= self._size():
             self._append.truncate(0)
-            self._append.seek(0)
             self.committed = self.read_pos = 0
             self.offset_path.unlink(missing_ok=True)
             return
@@ -83,21 +223,27 @@ class Outbox:
         self.read_pos = self.committed
 
     def rewrite(self, head: list[Record]) -> None:
-        """Put ``head`` (older, never spilled) before the unacknowledged rest, durably."""
-        self._append.flush()
+        """Put ``head`` (older, never spilled) before the unacknowledged rest, durably.
+
+        The offset file goes first: an offset into the old file must never apply to the new one
+        (it would skip the head). A crash between the two steps re-sends the acknowledged part of
+        the old file, which JetStream drops as duplicates.
+        """
         with self.path.open("rb") as f:
             f.seek(self.committed)
             rest = f.read()
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("wb") as f:
-            f.write(b"".join(f"{s}\t{m}\t".encode() + d + b"\n" for s, m, d in head))
+            f.write(encode(head))
             f.write(rest)
             f.flush()
             os.fsync(f.fileno())
+        self.offset_path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
         self._append.close()
         tmp.replace(self.path)
-        self.offset_path.unlink(missing_ok=True)
-        self._append = self.path.open("ab")
+        _fsync_dir(self.path.parent)
+        self._append = self.path.open("ab", buffering=0)
         self.committed = self.read_pos = 0
         self.pending += len(head)
 

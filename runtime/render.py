@@ -1,8 +1,13 @@
-"""Human-readable one-line summaries of events for `trainbus events` and `trainbus runs`."""
+"""Human-readable one-line summaries of events for `trainbus events` and `trainbus runs`; tables
+that wrap their last column on a terminal; events flattened for CSV."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import sys
+import textwrap
 from typing import Any
 
 from schemas import Event
@@ -14,6 +19,8 @@ def fmt(value: Any) -> str:
         if not math.isfinite(value):
             return str(value)
         return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={fmt(v)}" for k, v in value.items())
     return str(value)
 
 
@@ -22,12 +29,15 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "run.state": ("state", "step", "reason"),
     "run.finished": ("status", "step", "reason", "error"),
     "train.step": ("step", "loss", "learning_rate", "grad_norm", "samples_per_second"),
-    "eval": ("step", "loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost"),
+    "eval": ("step", "loss", "perplexity", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost"),
     "checkpoint": ("step", "path", "size_bytes"),
     "command.result": ("command", "status", "code", "step", "issued_by", "message"),
     "audit.flag": ("rule", "severity", "step", "message"),
     "audit.verdict": ("checkpoint_step", "verdict", "reasons"),
     "heartbeat": ("step", "phase"),
+    "predictor.loaded": ("alias", "step", "verdict", "trigger", "instance"),
+    "run.tag": ("tags", "issued_by"),
+    "run.note": ("text", "issued_by"),
 }
 
 
@@ -58,10 +68,37 @@ def event_row(stream_seq: int, event: Event) -> str:
     )
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table."""
+def terminal_width() -> int | None:
+    """The width of the terminal stdout writes to; None when it is a pipe or a file (nothing wraps)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], *, width: int | None = None) -> str:
+    """A plain aligned text table. With ``width``, the last column wraps onto indented lines to fit."""
     cells = [[fmt(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    indent = sum(widths[:-1]) + 2 * (len(columns) - 1)
+    room = max(20, width - indent) if width is not None else None
+    if room is not None:
+        widths[-1] = min(widths[-1], room)
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for row in cells:
+        head = "  ".join(v.ljust(w) for v, w in zip(row[:-1], widths[:-1], strict=True))
+        last = textwrap.wrap(row[-1], room, break_on_hyphens=False) if room is not None and row[-1] else [row[-1]]
+        lines.append(f"{head}  {last[0]}".rstrip() if columns[1:] else last[0])
+        lines += [" " * indent + more for more in last[1:]]
     return "\n".join(lines)
+
+
+def flat(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One level of keys for a CSV row: nested objects become ``a.b`` columns, lists JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{name}."))
+        elif isinstance(value, list | dict):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out

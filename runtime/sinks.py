@@ -23,8 +23,14 @@ class PublisherStats:
     spilled: int = 0
     outbox_pending: int = 0
     invalid: int = 0
+    dead_lettered: int = 0
+    """Events the bus refuses for good, set aside in the dead-letter file beside the outbox."""
+    trimmed: int = 0
+    """Events published with their largest parts trimmed to fit the server's max_payload."""
+    failure: str | None = None
+    """Why the sink's background thread died, if it did."""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -70,7 +76,8 @@ class Stamper:
     """Fills the envelope (event_id, seq, attempt, source) and hands events to a sink in seq order.
 
     Thread-safe: the training thread and the heartbeat thread share one stamper, and the lock
-    makes sequence order and publish order the same.
+    makes sequence order and publish order the same. ``emit_last`` seals it: nothing is published
+    after an attempt's ``run.finished`` (a late heartbeat or command reply is dropped instead).
     """
 
     def __init__(self, sink: EventSink, run_id: str, attempt: int = 1, source: str = "trainer") -> None:
@@ -79,24 +86,32 @@ class Stamper:
         self.attempt = attempt
         self.source = source
         self.seq = 0
+        self.sealed = False
         self._lock = threading.Lock()
 
     def emit(self, cls: type[Any], **fields: Any) -> Event:
-        """Build an event of type ``cls`` with the next seq and publish it."""
+        """Build an event of type ``cls`` with the next seq and publish it (unless sealed)."""
         with self._lock:
-            self.seq += 1
-            prefix = (
-                f"{self.run_id}.{self.attempt}"
-                if self.source == "trainer"
-                else f"{self.run_id}.{self.source}.{self.attempt}"
-            )
-            event: Event = cls(
-                event_id=f"{prefix}.{self.seq}",
-                run_id=self.run_id,
-                attempt=self.attempt,
-                seq=self.seq,
-                source=self.source,
-                **fields,
-            )
-            self.sink.publish(event)
+            return self._emit(cls, fields)
+
+    def emit_last(self, cls: type[Any], **fields: Any) -> Event:
+        """Publish the attempt's last event and seal the stamper."""
+        with self._lock:
+            event = self._emit(cls, fields)
+            self.sealed = True
             return event
+
+    def _emit(self, cls: type[Any], fields: dict[str, Any]) -> Event:
+        seq = self.seq + 1
+        prefix = (
+            f"{self.run_id}.{self.attempt}"
+            if self.source == "trainer"
+            else f"{self.run_id}.{self.source}.{self.attempt}"
+        )
+        event: Event = cls(
+            event_id=f"{prefix}.{seq}", run_id=self.run_id, attempt=self.attempt, seq=seq, source=self.source, **fields
+        )
+        if not self.sealed:
+            self.seq = seq
+            self.sink.publish(event)
+        return event

@@ -31,12 +31,17 @@ from schemas import (
     Event,
     NewerSchema,
     RunStarted,
+    RunTag,
     TrainStep,
     parse_event,
 )
 from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
 
 NS = 1_000_000_000
+NO_JETSTREAM = (
+    "JetStream is not enabled on this NATS server: start nats-server with -js (or a jetstream {} block), "
+    "or use `trainbus up`"
+)
 
 
 def stream_config(limits: StreamSettings) -> api.StreamConfig:
@@ -80,6 +85,8 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         await js.add_stream(config=want)
         log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes)
         return "created"
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable(NO_JETSTREAM) from None
     except (TimeoutError, nats.errors.TimeoutError):
         raise BusUnavailable(
             f"no answer from JetStream for stream {EVENTS_STREAM}: is JetStream enabled and may this user use it?"
@@ -223,7 +230,9 @@ async def run_summary(
     """Latest state of one run, from the newest stored event of each type its trainer publishes.
 
     ``state`` is the one to show (``stalled`` for a live state whose trainer went silent, see
-    ``runtime.liveness``); ``age_seconds`` is how long ago its newest trainer event was sent.
+    ``runtime.liveness``); ``age_seconds`` is how long ago its newest trainer event was sent;
+    ``step`` is the run's step now (from its newest event that has one: heartbeats carry it
+    between logged steps); ``loss`` is the last logged one, at ``loss_step``.
     """
     base = run_events(run_id)[:-1]
     newest = await asyncio.gather(*(last_event(js, base + name) for name in TRAINER_TYPES))
@@ -252,9 +261,12 @@ async def run_summary(
         summary["model"] = started.model
         summary["max_steps"] = started.max_steps
         summary["hyperparameters"] = started.hyperparameters.model_dump()
+    steps = {name: step for name, event in found.items() if (step := getattr(event, "step", None)) is not None}
+    if steps:
+        summary["step"] = steps[max(steps, key=latest_seq.__getitem__)]
     step = found.get("train.step")
     if isinstance(step, TrainStep):
-        summary["step"] = step.step
+        summary["loss_step"] = step.step
         summary["loss"] = step.loss
         summary["learning_rate"] = step.learning_rate
         if step.hyperparameters is not None:
@@ -272,6 +284,25 @@ async def list_runs(
     js = nc.jetstream()
     newer = NewerEvents()
     now = time.time() if now is None else now
-    return [
+    runs = [
         await run_summary(js, run_id, now=now, stall_after=stall_after, newer=newer) for run_id in await run_ids(js)
     ]
+    tags = await run_tags(js)
+    for run in runs:
+        if run["run_id"] in tags:
+            run["tags"] = tags[run["run_id"]]
+    return runs
+
+
+async def run_tags(js: JetStreamContext) -> dict[str, dict[str, str]]:
+    """The tags of every run (``run.tag`` events in order; an empty value removes a key)."""
+    found: dict[str, dict[str, str]] = {}
+    async for item in replay(js, f"{EVENTS_PREFIX}.*.run.tag"):
+        if isinstance(item.event, RunTag):
+            tags = found.setdefault(item.event.run_id, {})
+            for key, value in item.event.tags.items():
+                if value:
+                    tags[key] = value
+                else:
+                    tags.pop(key, None)
+    return found

@@ -25,6 +25,7 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
+from schemas.predict import PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
 FinishStatus = Literal["completed", "stopped", "failed"]
@@ -110,21 +111,37 @@ class TrainStep(Envelope):
 
 
 class Evaluation(Envelope):
-    """Evaluation of the model: eval loss plus the classification metrics of the task."""
+    """Evaluation of the model: the eval loss, plus the metrics of the run's task.
+
+    The risk classifier (``data.task: classify``) fills the classification fields; chat
+    fine-tuning (``chat``) fills ``perplexity`` and leaves them None. A reader must cope with
+    any of them absent.
+    """
 
     type: Literal["eval"] = "eval"
     step: Step
     epoch: MetricFloat | None = None
     loss: MetricFloat
+    """Mean cross-entropy per trained token (the answer, or the assistant turns)."""
+    perplexity: MetricFloat | None = None
+    """``exp(loss)``: chat runs."""
     accuracy: MetricFloat | None = None
+    """Correct answers over labelled examples; an abstention on a labelled example counts as wrong."""
     macro_f1: MetricFloat | None = None
+    """Mean F1 over the labels seen or predicted, from answered examples only: abstentions are
+    left out (they are neither a true nor a false positive of any label); ``num_abstained`` counts them."""
     per_label_f1: dict[str, MetricFloat] = Field(default_factory=dict)
+    """F1 per label, answered examples only (as ``macro_f1``)."""
     abstain_rate: MetricFloat | None = None
+    """Abstentions over all evaluated examples."""
     ece: MetricFloat | None = None
     critical_error_cost: MetricFloat | None = None
     labels: list[str] = Field(default_factory=list)
     confusion_matrix: list[list[Count]] = Field(default_factory=list)
+    """Rows: true label, columns: answer (``labels`` order), answered examples only."""
     num_samples: Count = 0
+    num_abstained: Count | None = None
+    """How many of the ``num_samples`` examples the model abstained on."""
     trigger: Literal["scheduled", "command", "final"] = "scheduled"
 
 
@@ -182,6 +199,29 @@ class AuditVerdict(Envelope):
     eval_event_id: str | None = None
 
 
+class RunTag(Envelope):
+    """Someone labelled a run (``trainbus tag RUN key=value``); an empty value removes the key.
+
+    ``source`` is ``user``; ``attempt`` is the run's latest; ``seq`` counts the run's ``run.tag``
+    and ``run.note`` events from 1; ``event_id`` is ``<run_id>.user.tag.<unique>``.
+    """
+
+    type: Literal["run.tag"] = "run.tag"
+    tags: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], Annotated[str, Field(max_length=256)]]
+    issued_by: str = ""
+
+
+class RunNote(Envelope):
+    """A note about a run (``trainbus note RUN "text"``), kept in its event stream.
+
+    Numbered as ``RunTag`` (``event_id`` ``<run_id>.user.note.<unique>``).
+    """
+
+    type: Literal["run.note"] = "run.note"
+    text: Annotated[str, Field(min_length=1, max_length=2000)]
+    issued_by: str = ""
+
+
 class Heartbeat(Envelope):
     """Sent every few seconds, also while paused or evaluating, so a stall is visible."""
 
@@ -201,7 +241,10 @@ Event = Annotated[
     | CommandResult
     | AuditFlag
     | AuditVerdict
-    | Heartbeat,
+    | Heartbeat
+    | PredictorLoaded
+    | RunTag
+    | RunNote,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from schemas.commands import COMMAND_ADAPTER, COMMAND_TYPES, CommandReply
 from schemas.events import EVENT_ADAPTER, EVENT_TYPES
+from schemas.predict import PredictReply, PredictRequest
 
 Mode = Literal["validation", "serialization"]
 
@@ -43,7 +44,7 @@ def _event_schema(target: type[BaseModel] | TypeAdapter[Any], title: str) -> dic
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """File name → JSON Schema, one per event type, one per command type, and the two unions."""
+    """File name → JSON Schema: each event and command type, both unions, the predictor's request and reply."""
     out: dict[str, dict[str, Any]] = {}
     for name, cls in EVENT_TYPES.items():
         out[f"event.{name}.json"] = _event_schema(cls, name)
@@ -53,4 +54,6 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     out["command.json"] = _schema(COMMAND_ADAPTER, "Command", "validation")
     # the trainer writes the reply: what a client receives, like an event
     out["command-reply.json"] = _event_schema(CommandReply, "CommandReply")
+    out["predict-request.json"] = _schema(PredictRequest, "PredictRequest", "validation")
+    out["predict-reply.json"] = _event_schema(PredictReply, "PredictReply")
     return out

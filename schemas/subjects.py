@@ -11,6 +11,7 @@ EVENTS_PREFIX = "trainbus.events"
 CONTROL_PREFIX = "trainbus.control"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 CHECKPOINTS_BUCKET = "TRAINBUS_CHECKPOINTS"
+PREDICT_PREFIX = "trainbus.predict"
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
@@ -35,6 +36,13 @@ def run_events(run_id: str) -> str:
 def control_subject(run_id: str) -> str:
     """``trainbus.control.<run_id>``: where a run's trainer answers commands."""
     return f"{CONTROL_PREFIX}.{check_run_id(run_id)}"
+
+
+def predict_subject(alias: str) -> str:
+    """``trainbus.predict.<alias>``: where the predictor serving ``alias`` answers (a queue group)."""
+    if not _RUN_ID.match(alias):
+        raise ValueError(f"invalid alias {alias!r}: use 1-64 characters of A-Z a-z 0-9 _ -")
+    return f"{PREDICT_PREFIX}.{alias}"
 
 
 def run_id_of(subject: str) -> str | None:

@@ -21,7 +21,7 @@ from runtime.settings import BusSettings, ServerSettings, Settings
 from runtime.stream import ensure_stream
 
 REPO = Path(__file__).resolve().parents[1]
-ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "admin")
+ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "admin")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

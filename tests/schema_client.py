@@ -71,7 +71,7 @@ def required_payload(schema: dict[str, Any], root: dict[str, Any] | None = None)
         raise AssertionError(f"schema client: no type in {schema}")
     if kind == "object":
         required = list(schema.get("required", []))
-        for branch in schema.get("anyOf", [])[:1]:  # "at least one of": satisfy the first
+        for branch in (schema.get("anyOf", []) + schema.get("oneOf", []))[:1]:  # "one of": satisfy the first
             required += [name for name in branch.get("required", []) if name not in required]
         properties = schema.get("properties", {})
         return {name: required_payload(properties.get(name, {"type": "string"}), root) for name in required}

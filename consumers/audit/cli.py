@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import nats.js.errors
@@ -21,9 +20,9 @@ from consumers.audit.rules import AuditConfig, load_rules
 from runtime.bus import BusTarget, bus_target, connect, connected
 from runtime.commands import add_settings_args, run_id_arg, settings_from
 from runtime.errors import NotFound
-from runtime.render import table
-from runtime.settings import Settings
-from runtime.stream import count_stored, replay
+from runtime.render import table, terminal_width
+from runtime.settings import Settings, packaged
+from runtime.stream import NewerEvents, count_stored, replay
 from schemas import ALL_EVENTS, AuditVerdict, Checkpoint, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
@@ -33,9 +32,7 @@ DEFAULT_RULES = "configs/audit.yaml"
 
 def default_rules() -> str:
     """``configs/audit.yaml`` here if there is one, else the one shipped with trainbus."""
-    if Path(DEFAULT_RULES).exists():
-        return DEFAULT_RULES
-    return str(Path(__file__).resolve().parents[2] / DEFAULT_RULES)
+    return packaged(DEFAULT_RULES)
 
 
 def register_audit(sub: Any) -> None:
@@ -108,12 +105,17 @@ async def checkpoint_rows(target: BusTarget, settings: Settings, run_id: str) ->
         except nats.js.errors.NotFoundError:
             raise NotFound("the event stream does not exist yet: nothing has been published") from None
         verdicts: dict[str, AuditVerdict] = {}
+        newer = NewerEvents()  # says once that a newer trainbus wrote events this one skips
         async for item in replay(js, event_subject(run_id, "audit.verdict")):
-            if isinstance(item.event, AuditVerdict):
+            if item.newer is not None:
+                newer.skip(item)
+            elif isinstance(item.event, AuditVerdict):
                 verdicts.setdefault(item.event.checkpoint_event_id, item.event)
         rows = []
         async for item in replay(js, event_subject(run_id, "checkpoint")):
-            if isinstance(item.event, Checkpoint):
+            if item.newer is not None:
+                newer.skip(item)
+            elif isinstance(item.event, Checkpoint):
                 rows.append(_row(item.event, verdicts.get(item.event.event_id)))
         best = await _best_key(js, run_id)
     for row in rows:
@@ -164,6 +166,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     for row in rows:
         row["best"] = "*" if row["best"] else ""
         row["accuracy"] = row["metrics"].get("accuracy")
-        row["why"] = "; ".join(row["reasons"])[:100]
-    print(table(rows, ["step", "attempt", "trigger", "verdict", "best", "accuracy", "path", "why"]))
+        row["why"] = "; ".join(row["reasons"])
+    columns = ["step", "attempt", "trigger", "verdict", "best", "accuracy", "path", "why"]
+    print(table(rows, columns, width=terminal_width()))  # the reasons wrap on a terminal, whole in a pipe
     return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from consumers.audit.rules import EVAL_METRICS, AuditConfig, Problem, Rule, eval_checks, train_checks
+from consumers.audit.rules import EVAL_METRICS, AuditConfig, Best, Problem, Rule, eval_checks, train_checks
 from schemas import AuditFlag, AuditVerdict, Checkpoint, Evaluation, Event, Heartbeat, TrainStep
 
 
@@ -86,7 +86,7 @@ class RunAudit:
     run_id: str
     attempt: int = 1
     losses: deque[float] = field(default_factory=deque)
-    best: float | None = None
+    best: Best | None = None
     active: dict[str, Episode] = field(default_factory=dict)
     closed: deque[Episode] = field(default_factory=lambda: deque(maxlen=500))
     evals: deque[EvalSeen] = field(default_factory=lambda: deque(maxlen=500))
@@ -205,7 +205,7 @@ def _on_eval(state: AuditState, run: RunAudit, event: Evaluation) -> list[Output
         out += _judge(state, run, rule_name, key, event, problem)
         rule = state.rules[rule_name]
         if problem is not None and "reject_checkpoint" in rule.actions:
-            failures.append(f"{rule_name} ({rule.severity}) on the eval at step {event.step}: {problem.message}")
+            failures.append(f"{rule_name} ({rule.severity}): {problem.message}")
     metrics = {name: float(v) for name in EVAL_METRICS if (v := getattr(event, name)) is not None}
     seen = EvalSeen(event.event_id, event.attempt, event.step, metrics, failures)
     run.evals.append(seen)
@@ -244,7 +244,7 @@ def _verdict(state: AuditState, run: RunAudit, ckpt: Checkpoint, seen: EvalSeen 
     run.judged.add(ckpt.event_id)
     reasons = list(seen.failures) if seen is not None else []
     reasons += [
-        f"{ep.rule} ({ep.severity}) at step {ep.step}: {ep.message} [flag {ep.flag_id}]"
+        f"{ep.rule} ({ep.severity}): {ep.message}, not cleared by step {ckpt.step} (flag {ep.flag_id})"
         for ep in _blocking(run, ckpt.attempt, ckpt.step)
     ]
     metrics = dict(seen.metrics) if seen is not None else {}
@@ -314,7 +314,8 @@ def _stall(state: AuditState, run: RunAudit, last: Heartbeat, seconds: float) ->
     assert rule is not None
     run.stall_flagged = last.event_id
     message = (
-        f"no heartbeat for {seconds:.0f} s (limit {rule.seconds:g} s); last at step {last.step}, phase {last.phase}"
+        f"the trainer has sent no heartbeat for {seconds:.0f} s (the limit is {rule.seconds:g} s); "
+        f"the last one was at step {last.step}, while {last.phase}"
     )
     problem = Problem(message, seconds, rule.seconds)
     return _fire(state, run, "run_stalled", "run_stalled", last, problem)

@@ -218,8 +218,8 @@ class Auditor:
 async def _ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     try:
         await js.stream_info(EVENTS_STREAM)
-    except nats.js.errors.NotFoundError:
-        await ensure_stream(js, settings.stream)
+    except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+        await ensure_stream(js, settings.stream)  # creates it, or says in one line that JetStream is off
     except (TimeoutError, nats.errors.TimeoutError):
         raise BusUnavailable(f"no answer from JetStream about {EVENTS_STREAM}: may this user use JetStream?") from None
 

@@ -33,6 +33,8 @@ class Problem(NamedTuple):
     threshold: float | None = None
 
 
+Best = tuple[float, int]
+"""A run's best value of the regression metric so far, and the step it was reached at."""
 Check = tuple[str, str, Problem | None]
 """(rule name, episode key, problem or None when healthy) for one rule that applies to an event."""
 
@@ -84,8 +86,8 @@ class LossSpike(Rule):
             mean = sum(history) / len(history)
             if loss > self.factor * mean and loss - mean > self.min_increase:
                 problem = Problem(
-                    f"loss {loss:.4g} at step {step} is {loss / mean:.1f}x the mean {mean:.4g} "
-                    f"of the previous {self.window} (factor {self.factor:g})",
+                    f"loss rose to {loss:.3g} at step {step}, {loss / mean:.1f} times the average {mean:.3g} "
+                    f"of the previous {self.window} logged losses (the limit is {self.factor:g} times)",
                     loss,
                     self.factor * mean,
                 )
@@ -104,7 +106,11 @@ class GradNormExplosion(Rule):
     def check(self, grad_norm: float, step: int) -> Problem | None:
         if grad_norm <= self.threshold:
             return None
-        return Problem(f"grad norm {grad_norm:.4g} at step {step} above {self.threshold:g}", grad_norm, self.threshold)
+        return Problem(
+            f"grad norm reached {grad_norm:.3g} at step {step}, above the limit of {self.threshold:g}",
+            grad_norm,
+            self.threshold,
+        )
 
 
 class EvalRegression(Rule):
@@ -115,24 +121,26 @@ class EvalRegression(Rule):
     """max: higher is better (accuracy); min: lower is better (loss)."""
     tolerance: float = Field(0.0, ge=0)
 
-    def check(self, value: float, best: float | None, step: int) -> Problem | None:
+    def check(self, value: float, best: Best | None, step: int) -> Problem | None:
         if best is None:
             return None
-        worse = best - value if self.mode == "max" else value - best
+        top, top_step = best
+        worse = top - value if self.mode == "max" else value - top
         if worse <= self.tolerance:
             return None
+        moved, side = ("fell", "below") if self.mode == "max" else ("rose", "above")
         return Problem(
-            f"{self.metric} {value:.4g} at step {step} is {worse:.4g} worse than the run's best {best:.4g} "
-            f"(tolerance {self.tolerance:g})",
+            f"{self.metric} {moved} to {value:.3g} at step {step}, {worse:.3g} {side} the run's best of "
+            f"{top:.3g} (at step {top_step}; tolerance {self.tolerance:g})",
             value,
-            best - self.tolerance if self.mode == "max" else best + self.tolerance,
+            top - self.tolerance if self.mode == "max" else top + self.tolerance,
         )
 
-    def better(self, value: float, best: float | None) -> float:
-        """The run's best after ``value``."""
-        if best is None:
-            return value
-        return max(best, value) if self.mode == "max" else min(best, value)
+    def better(self, value: float, step: int, best: Best | None) -> Best:
+        """The run's best (value, step) after ``value`` at ``step``."""
+        if best is None or (value > best[0] if self.mode == "max" else value < best[0]):
+            return value, step
+        return best
 
 
 class AbstainRate(Rule):
@@ -169,7 +177,7 @@ class RunStalled(Rule):
 def _above(name: str, value: float | None, limit: float | None, step: int) -> Problem | None:
     if value is None or limit is None or not value > limit:
         return None
-    return Problem(f"{name} {value:.4g} at step {step} above {limit:g}", value, limit)
+    return Problem(f"{name} was {value:.3g} at step {step}, above the limit of {limit:g}", value, limit)
 
 
 class Rules(Section):
@@ -221,7 +229,7 @@ def train_checks(event: TrainStep, losses: deque[float], rules: dict[str, Rule])
     return out
 
 
-def eval_checks(event: Evaluation, best: float | None, rules: dict[str, Rule]) -> tuple[list[Check], float | None]:
+def eval_checks(event: Evaluation, best: Best | None, rules: dict[str, Rule]) -> tuple[list[Check], Best | None]:
     """The eval rules that apply to ``event``, and the run's best regression metric after it."""
     out: list[Check] = []
     step = event.step
@@ -233,7 +241,7 @@ def eval_checks(event: Evaluation, best: float | None, rules: dict[str, Rule]) -
         value = getattr(event, rule.metric)
         if value is not None and math.isfinite(value):
             out.append(("eval_regression", "eval_regression", rule.check(value, best, step)))
-            best = rule.better(value, best)
+            best = rule.better(value, step, best)
     rule = rules.get("abstain_rate")
     if isinstance(rule, AbstainRate) and event.abstain_rate is not None:
         out.append(("abstain_rate", "abstain_rate", _above("abstain rate", event.abstain_rate, rule.max_rate, step)))
@@ -243,13 +251,13 @@ def eval_checks(event: Evaluation, best: float | None, rules: dict[str, Rule]) -
         out.append(("critical_error_cost", "critical_error_cost", problem))
     rule = rules.get("calibration")
     if isinstance(rule, Calibration) and event.ece is not None:
-        out.append(("calibration", "calibration", _above("ece", event.ece, rule.max_ece, step)))
+        out.append(("calibration", "calibration", _above("calibration error (ece)", event.ece, rule.max_ece, step)))
     rule = rules.get("accuracy_floor")
     if isinstance(rule, AccuracyFloor) and event.accuracy is not None:
         problem = None
         if not event.accuracy >= rule.min_accuracy:
             problem = Problem(
-                f"accuracy {event.accuracy:.4g} at step {step} below {rule.min_accuracy:g}",
+                f"accuracy was {event.accuracy:.3g} at step {step}, below the minimum of {rule.min_accuracy:g}",
                 event.accuracy,
                 rule.min_accuracy,
             )

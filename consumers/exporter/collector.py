@@ -129,6 +129,19 @@ def run_families(
     return [*train.values(), *evals.values(), *scalar]
 
 
+def predictor_families(runs: list[RunMetrics]) -> list[Metric]:
+    """What each predictor alias serves (``predictor.loaded`` events), per run."""
+    step = _gauge("trainbus_predictor_checkpoint_step", "Checkpoint step the predictor serves under alias.", ["alias"])
+    loaded = _gauge(
+        "trainbus_predictor_loaded_timestamp_seconds", "Unix time the alias's checkpoint was loaded.", ["alias"]
+    )
+    for run in runs:
+        for alias, (ckpt_step, when) in sorted(run.served.items()):
+            step.add_metric([run.run_id, alias], ckpt_step)
+            loaded.add_metric([run.run_id, alias], when)
+    return [step, loaded]
+
+
 def exporter_families(state: ExporterState) -> list[Metric]:
     """The exporter's own metric families (no ``run_id``: they describe this process)."""
     lag = HistogramMetricFamily(
@@ -199,10 +212,12 @@ class RunCollector:
         now = self.clock()
         with self.lock:
             expire(self.state, now, self.expire_after)
-            runs = run_families(
-                list(self.state.runs.values()), now=now, stall_after=self.stall_after, audit_rules=self.audit_rules
+            runs = list(self.state.runs.values())
+            families = (
+                run_families(runs, now=now, stall_after=self.stall_after, audit_rules=self.audit_rules)
+                + predictor_families(runs)
+                + exporter_families(self.state)
             )
-            families = runs + exporter_families(self.state)
         yield from families
 
 

@@ -25,6 +25,7 @@ from schemas import (
     RunState,
     TrainStep,
 )
+from schemas.predict import PredictorLoaded
 
 RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
 """Every value of ``trainbus_run_state{state=...}``; exactly one is 1 per run."""
@@ -136,6 +137,8 @@ class RunMetrics:
     trainer_time: float = 0.0
     """Unix time of the newest event the trainer sent: while it lives it sends heartbeats."""
     finished: bool = False
+    served: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Predictor alias -> (checkpoint step it serves, Unix time it was loaded), from ``predictor.loaded``."""
     seen: SeenIds = field(default_factory=SeenIds, repr=False)
     """Event ids already counted."""
 
@@ -255,6 +258,8 @@ def _apply(event: Event, run: RunMetrics) -> None:
         run.commands[(event.command, event.status)] += 1
     elif isinstance(event, Heartbeat):
         run.step = event.step
+    elif isinstance(event, PredictorLoaded):
+        run.served[event.alias] = (event.step, event.time.timestamp())
 
 
 def count_invalid(state: ExporterState) -> ExporterState:

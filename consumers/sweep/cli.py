@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
 import time
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from runtime.bus import BusTarget, bus_target, connect
 from runtime.commands import seconds_arg
@@ -24,15 +21,7 @@ from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.render import table
-from runtime.settings import (
-    Settings,
-    _put,
-    describe_validation_error,
-    env_overrides,
-    parse_override,
-    read_yaml,
-    redact_url,
-)
+from runtime.settings import Settings, layers, redact_url, validate_layers
 from runtime.stream import ensure_stream
 from schemas.common import SWEEP_NAME_PATTERN
 
@@ -88,19 +77,9 @@ def register_sweep(sub: Any) -> None:
 def driver_settings(config: str | None, overrides: list[str]) -> Settings:
     """The shared sections (bus, stream, server, log, state_dir) of a run config, env and ``--set``:
     the driver reads only these; the trainer checks the rest."""
-    fields = set(Settings.model_fields)
-    tree = {k: v for k, v in (read_yaml(Path(config)) if config else {}).items() if k in fields}
-    for path, value in env_overrides(os.environ):
-        if path[0] in fields:
-            _put(tree, path, value, "environment")
-    for item in overrides:
-        path, value = parse_override(item)
-        if path[0] in fields:
-            _put(tree, path, value, f"--set {item}")
-    try:
-        settings = Settings.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, config or "settings")) from None
+    built = layers(Settings, config, overrides)
+    built.tree = {k: v for k, v in built.tree.items() if k in Settings.model_fields}
+    settings = validate_layers(Settings, built)
     setup_logging(settings.log.level, settings.log.format)
     return settings
 

@@ -27,7 +27,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.errors import ConfigError
-from runtime.settings import read_yaml
+from runtime.settings import read_yaml, yaml_line
 
 Metric = Literal["accuracy", "macro_f1", "loss", "ece", "abstain_rate", "critical_error_cost"]
 Direction = Literal["maximize", "minimize"]
@@ -131,29 +131,8 @@ def _yaml_scalar(value: Any) -> str:
     return str(yaml.safe_dump(value, default_flow_style=True, width=10_000)).removesuffix("\n...\n").strip()
 
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the deepest node of ``loc`` found in the YAML ``text``."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
-            if match is None:
-                break
-            line, node = match[0].start_mark.line + 1, match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _error(path: Path, text: str, loc: tuple[Any, ...], message: str) -> ConfigError:
-    line = _line_of(text, loc)
+def _error(path: Path, loc: tuple[Any, ...], message: str) -> ConfigError:
+    line = yaml_line(path, loc)
     where = f"{path}:{line}" if line else str(path)
     return ConfigError(f"{where}: {'.'.join(str(p) for p in loc) or '(top level)'}: {message}")
 
@@ -188,21 +167,20 @@ def load_space(path: str | Path) -> Space:
     """Read and check a space file; ``ConfigError`` names file:line and the field."""
     path = Path(path)
     tree = read_yaml(path)
-    text = path.read_text()
     try:
         spec = SpaceFile.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise _error(path, text, tuple(err["loc"]), message) from None
+        raise _error(path, tuple(err["loc"]), message) from None
     parameters: dict[str, BaseDistribution] = {}
     for key, item in spec.parameters.items():
         if not _KEY.match(key):
-            raise _error(path, text, ("parameters", key), "name a config key with its section, e.g. adapter.r")
+            raise _error(path, ("parameters", key), "name a config key with its section, e.g. adapter.r")
         try:
             parameters[key] = _distribution(item)
         except ValueError as exc:
-            raise _error(path, text, ("parameters", key), str(exc)) from None
+            raise _error(path, ("parameters", key), str(exc)) from None
     objective = spec.objective
     direction: Direction = objective.direction or ("maximize" if objective.metric in MAXIMISED else "minimize")
     space = Space(
@@ -216,15 +194,15 @@ def load_space(path: str | Path) -> Space:
     for section, table in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         kind = getattr(space, section)["type"]
         if kind not in table:
-            raise _error(path, text, (section, "type"), f"{kind!r} is not one of {', '.join(table)}")
+            raise _error(path, (section, "type"), f"{kind!r} is not one of {', '.join(table)}")
         if section == "sampler" and kind == "grid":
             ranges = [k for k, d in parameters.items() if not isinstance(d, CategoricalDistribution)]
             if ranges:
-                raise _error(path, text, ("parameters", ranges[0]), "the grid sampler needs a list of values")
+                raise _error(path, ("parameters", ranges[0]), "the grid sampler needs a list of values")
         try:
             space.make_sampler() if section == "sampler" else space.make_pruner()
         except (TypeError, ValueError) as exc:
-            raise _error(path, text, (section,), f"{type(exc).__name__}: {exc}") from None
+            raise _error(path, (section,), f"{type(exc).__name__}: {exc}") from None
     return space
 
 

@@ -52,8 +52,11 @@ def test_pause_blocks_training_heartbeats_continue_and_resume_continues(
     assert all(h.step == paused_at for h in of_type(events, "heartbeat") if h.phase == "paused")
     save = ctl(url, "save", "--run", RUN, "--wait")
     assert save.returncode == 0, save.stderr
+    assert f"checkpoint at step {paused_at}: " in save.stdout and f"checkpoint-{paused_at} (sha256" in save.stdout
     evaluate = ctl(url, "eval", "--run", RUN, "--wait")
     assert evaluate.returncode == 0, evaluate.stderr
+    assert f"evaluation at step {paused_at}: step={paused_at} loss=" in evaluate.stdout
+    assert "accuracy=" in evaluate.stdout and "macro_f1=" in evaluate.stdout
     events = wait_events(url, RUN, lambda ev: of_type(ev, "checkpoint") and of_type(ev, "eval"))
     assert (
         of_type(events, "checkpoint")[-1].step == paused_at and of_type(events, "checkpoint")[-1].trigger == "command"
@@ -110,6 +113,7 @@ def test_same_command_id_is_applied_once(nats_server: RunningServer, live: Train
     )
     results = [r for r in of_type(events, "command.result") if r.command_id == "dup-1"]
     assert [r.status for r in results].count("applied") == 1
+    assert [r.status for r in results].count("accepted") == 1  # the repeat is answered, not recorded twice
 
 
 def test_wrong_or_absent_run(nats_server: RunningServer, live: Trainer) -> None:

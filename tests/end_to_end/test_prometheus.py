@@ -1,5 +1,7 @@
 """A real Prometheus scrapes `trainbus exporter` while a tiny run with no command and no audit gate trains;
-every dashboard query returns data and every alert evaluates.
+every dashboard query returns data and every alert evaluates. A fresh Prometheus over an exporter
+full of short finished runs (rejected checkpoints, critical flags, a diverged loss) pages about none
+of them, only about the live run with a problem.
 
 Also runs the promtool checks of the alert rules and the scrape config. Prometheus and promtool come
 from Debian's ``prometheus`` package (.ci/apt-packages): skipped locally without them, required in CI.
@@ -7,6 +9,7 @@ from Debian's ``prometheus`` package (.ci/apt-packages): skipped locally without
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -18,13 +21,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.natsserver import RunningServer
+from runtime.natsserver import RunningServer, start_server
+from runtime.settings import ServerSettings, StreamSettings
+from runtime.sinks import MemorySink, Stamper
+from runtime.stream import ensure_stream
+from schemas import AuditFlag, AuditVerdict, Checkpoint, RunFinished, RunStarted, TrainStep
 from tests.conftest import require_tool, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,42 +169,7 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"OMP_NUM_THREADS": "1"}
     env["NATS_URL"] = nats_server.url
 
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=(tmp_path / "exporter.log").open("w"),
-        text=True,
-    )
-    processes.append(exporter)
-    assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
-    metrics = urllib.parse.urlparse(exporter.stdout.readline().split()[-1])
-
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(ALERTS)],
-                "scrape_configs": [{"job_name": "trainbus", "static_configs": [{"targets": [metrics.netloc]}]}],
-            }
-        )
-    )
-    processes.append(
-        subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "prometheus.log").open("w"),
-        )
-    )
-    prom = Prometheus(f"http://127.0.0.1:{port}")
+    prom = _start_prometheus(prometheus, _start_exporter(env, tmp_path, processes), tmp_path, processes)
 
     argv = [
         sys.executable,
@@ -245,6 +220,128 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     rules = wait_until(lambda: _rules(prom), timeout=10, what="the alert rules to be evaluated")
     assert {r["name"] for r in rules} == set(alert_exprs())
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+
+def _finished_runs(url: str, now: datetime) -> None:
+    """Short runs that ended half an hour ago with everything that used to page, and one live diverged run."""
+    hp = {"learning_rate": 1e-3}
+    sink = MemorySink()  # every event, in the order the runs published them
+    for n, run_id in enumerate(("short-a", "short-b", "short-c")):
+        t = now - timedelta(minutes=35 - n)
+        stamper = Stamper(sink, run_id)
+        stamper.emit(RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d",
+                     hyperparameters=hp, time=t)  # fmt: skip
+        stamper.emit(TrainStep, step=20, epoch=0.1, loss=float("nan") if n == 2 else 2.0, learning_rate=1e-3, time=t)
+        for step in (20, 40):
+            ckpt = stamper.emit(Checkpoint, step=step, path=f"/r/checkpoint-{step}", sha256="a" * 64,
+                                size_bytes=1, time=t)  # fmt: skip
+            sink.publish(AuditVerdict(
+                event_id=f"{run_id}.audit.verdict.{ckpt.event_id}", run_id=run_id, seq=step // 20, source="audit",
+                checkpoint_event_id=ckpt.event_id, checkpoint_step=step, checkpoint_path=ckpt.path,
+                verdict="rejected", reasons=["accuracy_floor (warning): accuracy was 0.2 at step 20"], time=t,
+            ))  # fmt: skip
+        sink.publish(AuditFlag(
+            event_id=f"{run_id}.audit.loss_spike.x", run_id=run_id, seq=3, source="audit", rule="loss_spike",
+            severity="critical", step=20, message="loss rose", judged_event_id="x", time=t,
+        ))  # fmt: skip
+        stamper.emit(RunFinished, status="failed" if n == 2 else "completed", step=40, time=t)
+    live = Stamper(sink, "live-nan")
+    live.emit(RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d",
+              hyperparameters=hp)  # fmt: skip
+    live.emit(TrainStep, step=5, epoch=0.1, loss=float("nan"), learning_rate=1e-3)
+
+    async def publish() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await ensure_stream(js, StreamSettings())
+        for event in sink.events:
+            subject = f"trainbus.events.{event.run_id}.{event.type}"
+            await js.publish(subject, event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id})
+        await nc.close()
+
+    asyncio.run(publish())
+
+
+@pytest.mark.slow
+def test_a_fresh_prometheus_pages_about_no_finished_run_only_the_live_problem(
+    tmp_path: Path, processes: list[subprocess.Popen[Any]]
+) -> None:
+    prometheus = require_tool("prometheus")
+    server = start_server(ServerSettings(), tmp_path / "nats", lock=False)
+    try:
+        _finished_runs(server.url, datetime.now(UTC))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"NATS_URL": server.url}
+        # the live run sends no heartbeat: it must not turn stalled however slowly this machine goes
+        exporter = _start_exporter(env, tmp_path, processes, "--stall-after", "3600")
+        prom = _start_prometheus(prometheus, exporter, tmp_path, processes)
+        wait_until(lambda: _ready(prom), timeout=30, what="Prometheus to start")
+        # what used to page is there: rejected checkpoints, critical flags, a NaN loss of a failed run
+        wait_until(lambda: prom.series('trainbus_checkpoints{run_id="short-a",verdict="rejected"} == 2'), timeout=30,
+                   what="Prometheus to scrape the finished runs")  # fmt: skip
+        assert prom.series('trainbus_audit_flags_total{run_id="short-b",severity="critical"} == 1')
+        assert prom.series('trainbus_train_loss{run_id="short-c"} != trainbus_train_loss{run_id="short-c"}')
+        # ten evaluations of every rule after that scrape
+        done = _evaluations(prom) + 10
+        wait_until(lambda: _evaluations(prom) >= done, timeout=60, what="ten more rule evaluations")
+        alerts = [(a["labels"]["alertname"], a["labels"].get("run_id")) for a in _alerts(prom)]
+        assert alerts == [("TrainbusNonFiniteLoss", "live-nan")]
+    finally:
+        server.stop()
+
+
+def _start_exporter(env: dict[str, str], tmp_path: Path, processes: list[subprocess.Popen[Any]], *args: str) -> str:
+    """`trainbus exporter --port 0 ARGS`; returns the host:port it serves on."""
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "exporter", "--port", "0", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=(tmp_path / "exporter.log").open("w"), text=True,
+    )  # fmt: skip
+    processes.append(exporter)
+    assert exporter.stdout is not None and select.select([exporter.stdout], [], [], 30)[0], "exporter gave no URL"
+    return urllib.parse.urlparse(exporter.stdout.readline().split()[-1]).netloc
+
+
+def _start_prometheus(binary: str, target: str, tmp_path: Path, processes: list[subprocess.Popen[Any]]) -> Prometheus:
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [{"job_name": "trainbus", "static_configs": [{"targets": [target]}]}],
+            }
+        )
+    )
+    processes.append(
+        subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "prometheus.log").open("w"),
+        )
+    )
+    return Prometheus(f"http://127.0.0.1:{port}")
+
+
+def _evaluations(prom: Prometheus) -> float:
+    """How often Prometheus has evaluated the trainbus rule group (from its own /metrics)."""
+    with urllib.request.urlopen(f"{prom.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "prometheus_rule_group_iterations_total" and sample.labels["rule_group"].endswith(";trainbus")
+    )
+
+
+def _alerts(prom: Prometheus) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{prom.url}/api/v1/alerts", timeout=10) as response:
+        return list(json.load(response)["data"]["alerts"])
 
 
 def _rules(prom: Prometheus) -> list[dict[str, Any]]:

@@ -17,6 +17,17 @@ def test_default_run_exits_0_and_says_what_it_published(default_run: dict[str, A
     assert f"run {default_run['run_id']} (attempt 1) completed" in default_run["output"]
 
 
+def test_default_run_output_off_a_terminal_is_json_lines_without_warnings(default_run: dict[str, Any]) -> None:
+    lines = default_run["output"].splitlines()
+    stray = [line for line in lines if not line.startswith(("{", "trainbus: "))]
+    assert not stray, stray[:5]  # no progress bars, Python dicts of logs or library warnings
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert not [r for r in records if r["level"] in ("warning", "error")]
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == list(range(10, 401, 10))
+    assert [r["step"] for r in records if r["event"] == "evaluated"] == [100, 200, 300, 400]
+
+
 def test_tiny_default_learns_the_classifier_within_its_steps_and_90_seconds(default_run: dict[str, Any]) -> None:
     events = default_run["events"]
     evals = of_type(events, "eval")
@@ -62,6 +73,7 @@ def test_eval_events_carry_classification_metrics(default_run: dict[str, Any]) -
     assert set(final.per_label_f1) == set(final.labels)
     assert len(final.confusion_matrix) == 4 and all(len(row) == 4 for row in final.confusion_matrix)
     assert final.num_samples == 120 and 0 <= final.ece <= 1 and final.critical_error_cost >= 0
+    assert final.num_abstained == round(final.abstain_rate * final.num_samples)
     assert final.macro_f1 >= 0.85
 
 

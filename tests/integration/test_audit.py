@@ -196,7 +196,9 @@ async def test_flags_verdicts_bucket_and_checkpoints_command(
         ["pause_run: no trainer answered"],
     )
     assert rejected.event_id == f"{run}.audit.verdict.{broken.event_id}" and rejected.verdict == "rejected"
-    assert rejected.reasons == [f"non_finite (critical) at step 12: loss is NaN at step 12 [flag {flag.event_id}]"]
+    assert rejected.reasons == [
+        f"non_finite (critical): loss is NaN at step 12, not cleared by step {rejected.checkpoint_step} (flag {flag.event_id})"
+    ]
 
     kv = await js.key_value("TRAINBUS_CHECKPOINTS")
     record = json.loads((await kv.get(f"{run}.10")).value or b"")
@@ -220,7 +222,7 @@ async def test_flags_verdicts_bucket_and_checkpoints_command(
     assert [json.loads(line)["step"] for line in out.splitlines()] == [10]
     code, out, err = await trainbus(capsys, "checkpoints", "--run", run, *bus)
     assert out.splitlines()[0].split() == ["STEP", "ATTEMPT", "TRIGGER", "VERDICT", "BEST", "ACCURACY", "PATH", "WHY"]
-    assert "approved  *" in out and "rejected" in out and "non_finite (critical) at step 12" in out
+    assert "approved  *" in out and "rejected" in out and "non_finite (critical): loss is NaN at step 12" in out
     code, out, err = await trainbus(capsys, "checkpoints", "--run", "no-such-run", *bus)
     assert code == 2 and "no events for run 'no-such-run'" in err
 

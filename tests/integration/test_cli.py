@@ -123,7 +123,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text("bus:\n  urll: x\n")
     out = trainbus("runs", "--config", "s.yaml", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip() == "trainbus runs: s.yaml: bus.urll: unknown key"
+    assert out.stderr.strip() == "trainbus runs: s.yaml:2: bus.urll: unknown key (did you mean url?)"
 
 
 def test_embedded_bus_for_the_command_when_none_is_running(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ async def test_trainer_cannot_publish_audit_events(
 async def test_wrong_password_fails_with_a_clear_error(
     secured_server: RunningServer, role_passwords: dict[str, str]
 ) -> None:
-    with pytest.raises(BusUnavailable, match="authorization violation"):
+    with pytest.raises(BusUnavailable, match=r"^authorization refused by the bus at .* for user 'operator': wrong"):
         await login(secured_server, "operator", "wrong")
 
 
@@ -118,4 +118,6 @@ def test_cli_with_wrong_password_exits_3(secured_server: RunningServer, tmp_path
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 3
-    assert "authorization violation" in out.stderr and "nope" not in out.stderr
+    assert out.stderr.startswith("trainbus runs: authorization refused by the bus at ")
+    assert "user 'viewer'" in out.stderr and "cannot reach" not in out.stderr and "nope" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1

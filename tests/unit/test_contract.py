@@ -16,6 +16,7 @@ from runtime.stream import Delivered, NewerEvents
 from schemas import SCHEMA_VERSION, CommandReply, NewerSchema, RunStarted, parse_command, parse_event
 from schemas.commands import COMMAND_TYPES
 from schemas.events import EVENT_TYPES
+from schemas.predict import PredictReply, PredictRequest
 from tests.schema_client import required_payload, string_for
 
 
@@ -36,7 +37,13 @@ def members(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_every_type_has_its_schema_file(exported: dict[str, dict[str, Any]]) -> None:
     expected = {f"event.{t}.json" for t in EVENT_TYPES} | {f"command.{t}.json" for t in COMMAND_TYPES}
-    assert set(exported) == expected | {"event.json", "command.json", "command-reply.json"}
+    assert set(exported) == expected | {
+        "event.json",
+        "command.json",
+        "command-reply.json",
+        "predict-request.json",
+        "predict-reply.json",
+    }
 
 
 def test_every_command_and_event_schema_requires_its_type(exported: dict[str, dict[str, Any]]) -> None:
@@ -72,6 +79,9 @@ def parser_for(name: str) -> Any:
         return parse_event
     if name.startswith("command."):
         return parse_command
+    if name.startswith("predict-"):
+        model = PredictRequest if name == "predict-request.json" else PredictReply
+        return model.model_validate_json
     return CommandReply.model_validate_json
 
 

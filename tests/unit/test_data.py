@@ -67,13 +67,13 @@ def test_rows_become_examples_with_source_and_defaults(tmp_path: Path, labels: L
     ("row", "message"),
     [
         ('{"text": "x", "label": ', r":2: invalid JSON: "),
-        ('{"label": "HIGH_RISK"}', r":2: field 'text': required$"),
+        ('{"label": "HIGH_RISK"}', r":2: field 'text': required \("),
         ('{"text": "", "label": "HIGH_RISK"}', r":2: field 'text': must not be empty"),
         ('{"text": 5, "label": "HIGH_RISK"}', r":2: field 'text': expected a string, got number"),
         ('{"text": "hello there"}', r":2: field 'label': required"),
         (
             '{"text": "hello there", "label": "FOO"}',
-            r":2: field 'label': 'FOO' is not one of HIGH_RISK, MEDIUM_RISK, LOW_RISK, NO_RISK \(or null to abstain\)$",
+            r":2: field 'label': 'FOO' is not one of HIGH_RISK, MEDIUM_RISK, LOW_RISK, NO_RISK \(or null to abstain\) \(",
         ),
         ('{"text": "hello there", "label": "NO_RISK", "lable": 1}', r":2: field 'lable': unknown key"),
         ('{"text": "hi there", "label": "NO_RISK", "metadata": {"a": [1]}}', r":2: field 'metadata.a': expected"),
@@ -86,6 +86,7 @@ def test_bad_row_names_file_line_and_field(tmp_path: Path, labels: LabelSet, row
     with pytest.raises(ConfigError, match=message) as info:
         read_examples(path, labels)
     assert str(info.value).startswith(f"{path}:2: ")
+    assert str(info.value).endswith("(set data.skip_invalid=true to skip bad rows instead)")
     assert "\n" not in str(info.value)
 
 

@@ -115,7 +115,9 @@ def test_metadata_that_is_not_an_object_names_file_line_and_field(tmp_path: Path
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ConfigError) as info:
         read_examples(path, load_labels(REPO / "configs/labels.yaml"))
-    assert one_line(info) == f"{path}:2: field 'metadata': expected an object, got array"
+    assert one_line(info) == (
+        f"{path}:2: field 'metadata': expected an object, got array (set data.skip_invalid=true to skip bad rows instead)"
+    )
 
 
 def test_a_folder_given_as_the_data_file_is_named(tmp_path: Path) -> None:

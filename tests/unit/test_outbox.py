@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from runtime.outbox import Outbox
 
@@ -38,3 +43,91 @@ def test_rewrite_puts_older_memory_events_first(tmp_path: Path) -> None:
         "r.1.10",
         "r.1.11",
     ]
+
+
+GOOD = b"".join(f"trainbus.events.r.train.step\tr.1.{i}\t".encode() + b'{"seq":%d}\n' % i for i in range(3))
+
+
+def test_a_last_line_cut_before_its_tab_is_cut_off_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    path.write_bytes(GOOD + b"trainbus.events.r.tra")  # killed mid-append
+    box = Outbox(path)
+    assert len(box) == 3
+    box.append(records(1, start=3))
+    assert [r[1] for r, _ in box.load(10)] == ["r.1.0", "r.1.1", "r.1.2", "r.1.3"]
+    assert b"trainbus.events.r.tra" in box.dead.path.read_bytes()  # set aside, not silently dropped
+
+
+def test_a_line_torn_inside_the_json_is_not_glued_to_the_next_append(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    path.write_bytes(GOOD + b'trainbus.events.r.train.step\tr.1.3\t{"se')
+    box = Outbox(path)
+    box.append(records(2, start=4))
+    loaded = box.load(10)
+    assert [r[1] for r, _ in loaded] == ["r.1.0", "r.1.1", "r.1.2", "r.1.4", "r.1.5"]
+    assert all(data.startswith(b"{") and data.endswith(b"}") for (_, _, data), _ in loaded)
+    box.commit(loaded[-1][1], len(loaded))
+    assert len(box) == 0 and path.stat().st_size == 0  # the file empties once everything is acked
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    path.write_bytes(GOOD + b'trainbus.events.r.train.step\tr.1.3\t{"seq":3}')
+    box = Outbox(path)
+    box.append(records(1, start=4))
+    assert [r[1] for r, _ in box.load(10)] == ["r.1.0", "r.1.1", "r.1.2", "r.1.3", "r.1.4"]
+
+
+def test_glued_lines_from_an_older_outbox_are_set_aside_not_published(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    glued = b'trainbus.events.r.train.step\tr.1.3\t{"se' + b'trainbus.events.r.train.step\tr.1.4\t{"seq":4}\n'
+    path.write_bytes(GOOD + glued + b'trainbus.events.r.train.step\tr.1.5\t{"seq":5}\n')
+    box = Outbox(path)
+    loaded = box.load(10)
+    assert [r[1] for r, _ in loaded] == ["r.1.0", "r.1.1", "r.1.2", "r.1.5"]
+    box.commit(loaded[-1][1], len(loaded))
+    assert len(box) == 0 and path.stat().st_size == 0
+    assert b"r.1.3" in box.dead.path.read_bytes()  # set aside, not published as an invalid event
+
+
+def test_a_full_disk_mid_append_leaves_no_partial_line(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    box = Outbox(path)
+    box.append(records(2))
+    size = path.stat().st_size
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 20, hard))  # room for 20 more bytes: "the disk is full"
+    try:
+        with pytest.raises(OSError):
+            box.append(records(2, start=2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert path.read_bytes().endswith(b"\n") and len(box) == 2
+    box.append(records(2, start=2))  # space again: the retried append is whole
+    assert [r[1] for r, _ in Outbox(path).load(10)] == ["r.1.0", "r.1.1", "r.1.2", "r.1.3"]
+
+
+def test_a_crash_right_after_rewrite_renames_never_skips_the_new_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    box = Outbox(path)
+    box.append(records(5, start=10))
+    loaded = box.load(3)
+    box.commit(loaded[-1][1], 3)  # the offset file now points past r.1.12
+    rename = Path.replace
+
+    def rename_then_crash(self: Path, target: Any) -> Path:
+        out = rename(self, target)
+        if Path(target) == path:
+            raise SystemExit("killed right after the rename")
+        return out
+
+    monkeypatch.setattr(Path, "replace", rename_then_crash)
+    with pytest.raises(SystemExit):
+        box.rewrite(records(2))
+    monkeypatch.undo()
+    ids = [r[1] for r, _ in Outbox(path).load(10)]
+    assert ids == ["r.1.0", "r.1.1", "r.1.13", "r.1.14"]  # the head that was in memory, then the unacked rest

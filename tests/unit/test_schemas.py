@@ -74,6 +74,17 @@ SAMPLE_EVENTS: dict[str, dict[str, Any]] = {
         "reasons": ["loss is NaN"],
     },
     "heartbeat": {"step": 2, "phase": "training", "uptime_seconds": 3.5},
+    "predictor.loaded": {
+        "alias": "risk",
+        "subject": "trainbus.predict.risk",
+        "step": 5,
+        "checkpoint_path": "runs/r1/checkpoint-5",
+        "sha256": "a" * 64,
+        "verdict": "approved",
+        "instance": "abc",
+    },
+    "run.tag": {"tags": {"team": "risk", "dataset": "v2"}, "source": "user", "issued_by": "ana"},
+    "run.note": {"text": "lr 3e-3 diverged at step 40; retrying with 1e-3", "source": "user"},
 }
 
 

@@ -31,7 +31,8 @@ def test_yaml_then_env_then_set_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "override", "message"),
     [
-        ("training:\n  max_stepz: 3\n", None, r"cfg.yaml: training.max_stepz: unknown key"),
+        ("trainin:\n  max_steps: 3\n", None, r"cfg.yaml:1: trainin: unknown key \(did you mean training\?\)"),
+        ("training:\n  max_stepz: 3\n", None, r"cfg.yaml:2: training.max_stepz: unknown key: not a TrainingArg"),
         ("training:\n  max_steps: many\n", None, r"training.max_steps: Input should be a valid integer"),
         ("training:\n  max_steps: 3\n   bad: [\n", None, r"cfg.yaml:3: invalid YAML"),
         ("- a\n- b\n", None, r"expected a mapping"),

@@ -1,0 +1,115 @@
+"""Immutable copies of a run for the pages: a ``RunSummary`` per Runs-page row, a ``RunSnapshot``
+of everything one run shows. The reader makes them under its lock (``summarise``,
+``snapshot_run``); the copies are bounded because the state they copy is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from dashboards.app.series import Floats, for_display
+from dashboards.app.state import CheckpointRow, CommandRow, EvalPoint, FlagRow, Marker, RunView
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the Runs page."""
+
+    run_id: str
+    state: str
+    """The lifecycle state from the stream; pages show ``shown_state`` of it (stalled)."""
+    attempt: int
+    step: int
+    max_steps: int | None
+    loss: float | None
+    best_accuracy: float | None
+    approved: int
+    rejected: int
+    pending: int
+    model: str
+    adapter: str
+    first_event_time: float
+    last_event_time: float
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """An immutable copy of one run, for one page rerun (or many, while nothing changed)."""
+
+    summary: RunSummary
+    version: int
+    reason: str
+    config_hash: str
+    hyperparameters: dict[str, Any]
+    series: dict[str, tuple[Floats, Floats]]
+    non_finite: dict[str, tuple[float, ...]]
+    evals: tuple[EvalPoint, ...]
+    checkpoints: tuple[CheckpointRow, ...]
+    best_verdict: str | None
+    flags: tuple[FlagRow, ...]
+    commands: tuple[CommandRow, ...]
+    markers: tuple[Marker, ...]
+
+    @property
+    def run_id(self) -> str:
+        return self.summary.run_id
+
+    @cached_property
+    def display(self) -> dict[str, tuple[Floats, Floats]]:
+        """Every series thinned for a chart (spikes kept), computed once per snapshot."""
+        return {name: for_display(x, y) for name, (x, y) in self.series.items()}
+
+    def command(self, command_id: str) -> CommandRow | None:
+        """The stream's record of one command, if it has arrived."""
+        return next((c for c in self.commands if c.command_id == command_id), None)
+
+
+def _best_accuracy(run: RunView) -> float | None:
+    values = [e.metrics.get("accuracy") for e in run.evals]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def summarise(run: RunView) -> RunSummary:
+    """The Runs-page row of ``run`` (call under the reader's lock)."""
+    verdicts = [c.verdict for c in run.checkpoints.values()]
+    return RunSummary(
+        run_id=run.run_id,
+        state=run.state,
+        attempt=run.attempt,
+        step=run.step,
+        max_steps=run.max_steps,
+        loss=run.series["loss"].latest,
+        best_accuracy=_best_accuracy(run),
+        approved=verdicts.count("approved"),
+        rejected=verdicts.count("rejected"),
+        pending=verdicts.count("pending"),
+        model=run.model,
+        adapter=run.adapter,
+        first_event_time=run.first_event_time,
+        last_event_time=run.last_event_time,
+        config=run.config,
+    )
+
+
+def snapshot_run(run: RunView, best_verdict: str | None = None) -> RunSnapshot:
+    """An immutable copy of ``run`` (call under the reader's lock; copies are small and bounded)."""
+    return RunSnapshot(
+        summary=summarise(run),
+        version=run.version,
+        reason=run.reason,
+        config_hash=run.config_hash,
+        hyperparameters=dict(run.hyperparameters),
+        series={name: s.arrays() for name, s in run.series.items()},
+        non_finite={name: tuple(s.non_finite) for name, s in run.series.items()},
+        evals=tuple(run.evals),
+        checkpoints=tuple(CheckpointRow(**c.__dict__) for c in run.checkpoints.values()),
+        best_verdict=best_verdict,
+        flags=tuple(run.flags),
+        commands=tuple(CommandRow(**c.__dict__) for c in run.commands.values()),
+        markers=tuple(run.markers),
+    )

@@ -1,0 +1,358 @@
+"""What the dashboard knows about every run, folded from the event stream, and its snapshots.
+
+Pure: ``handle(event, state, stream_seq)`` folds one event into ``state`` (in place, and returns
+it) with no I/O and no clock. The bus reader (``dashboards.app.reader``) calls it under a lock
+from its own thread; pages only ever see the immutable copies ``dashboards.app.snapshot`` makes,
+so a page never races the reader.
+
+Memory is bounded per run: metric series are capped (``dashboards.app.series``), and the
+low-volume history (evaluations, checkpoints, flags, commands, markers) is capped too.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dashboards.app.series import Series
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    CommandResult,
+    Evaluation,
+    Event,
+    Heartbeat,
+    RunFinished,
+    RunStarted,
+    RunState,
+    TrainStep,
+)
+from schemas.commands import SETTABLE
+
+TRAIN_METRICS = (
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "samples_per_second",
+    "memory_bytes",
+)
+"""``train.step`` fields kept as series (the Run page charts)."""
+EVAL_METRICS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+"""``eval`` fields kept per evaluation."""
+EVALS_CAP = 500
+FLAGS_CAP = 2_000
+COMMANDS_CAP = 1_000
+MARKERS_CAP = 1_000
+CHECKPOINTS_CAP = 2_000
+INVALID_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One evaluation of a run."""
+
+    event_id: str
+    step: int
+    attempt: int
+    time: datetime
+    trigger: str
+    metrics: dict[str, float | None]
+    per_label_f1: dict[str, float]
+    labels: tuple[str, ...]
+    confusion_matrix: tuple[tuple[int, ...], ...]
+    num_samples: int
+
+
+@dataclass
+class CheckpointRow:
+    """A checkpoint and, once the audit gate has ruled, its verdict."""
+
+    event_id: str
+    step: int
+    attempt: int
+    time: datetime
+    trigger: str
+    path: str
+    sha256: str
+    size_bytes: int
+    metrics: dict[str, float]
+    verdict: str = "pending"
+    reasons: tuple[str, ...] = ()
+    verdict_metrics: dict[str, float] = field(default_factory=dict)
+    verdict_event_id: str | None = None
+
+
+@dataclass
+class CommandRow:
+    """One control command as the stream tells it: who sent what, and what the trainer did."""
+
+    command_id: str
+    command: str
+    issued_by: str
+    time: datetime
+    status: str
+    code: str = ""
+    message: str = ""
+    accepted_step: int | None = None
+    applied_step: int | None = None
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlagRow:
+    """One audit flag."""
+
+    time: datetime
+    step: int | None
+    rule: str
+    severity: str
+    message: str
+    value: float | None
+    threshold: float | None
+    actions_taken: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A step worth a vertical rule on every chart of the run."""
+
+    step: float
+    kind: str
+    """``command``, ``resume`` or ``flag``."""
+    label: str
+
+
+@dataclass
+class RunView:
+    """Everything kept about one run (mutated only by ``handle``)."""
+
+    run_id: str
+    attempt: int = 1
+    state: str = "unknown"
+    finished: bool = False
+    reason: str = ""
+    model: str = ""
+    adapter: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+    max_steps: int | None = None
+    step: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    first_event_time: float = 0.0
+    last_event_time: float = 0.0
+    """Newest event of the latest attempt (trainer clock), what ``shown_state`` needs."""
+    series: dict[str, Series] = field(default_factory=lambda: {name: Series() for name in TRAIN_METRICS})
+    evals: deque[EvalPoint] = field(default_factory=lambda: deque(maxlen=EVALS_CAP))
+    checkpoints: dict[str, CheckpointRow] = field(default_factory=dict)
+    verdicts: dict[str, AuditVerdict] = field(default_factory=dict)
+    """Verdicts by checkpoint event id, kept even if the checkpoint event is missing."""
+    flags: deque[FlagRow] = field(default_factory=lambda: deque(maxlen=FLAGS_CAP))
+    commands: dict[str, CommandRow] = field(default_factory=dict)
+    markers: deque[Marker] = field(default_factory=lambda: deque(maxlen=MARKERS_CAP))
+    events: int = 0
+    version: int = 0
+    """Bumped by every event, so snapshots can be reused while nothing changed."""
+
+
+@dataclass
+class DashboardState:
+    """All runs, plus what the reader saw that was not a valid event."""
+
+    runs: dict[str, RunView] = field(default_factory=dict)
+    best: dict[str, str] = field(default_factory=dict)
+    """Run id -> verdict event id of its ``best`` checkpoint (the audit gate's bucket pointer)."""
+    invalid_events: int = 0
+    invalid_recent: deque[str] = field(default_factory=lambda: deque(maxlen=INVALID_SHOWN))
+    """Subject and error of the last few invalid events."""
+    newer_events: int = 0
+    """Events a newer trainbus wrote (a higher ``schema_version``): skipped, not invalid."""
+    newer_runs: set[str] = field(default_factory=set)
+    last_stream_seq: int = 0
+    events: int = 0
+
+
+def handle(event: Event, state: DashboardState, stream_seq: int = 0) -> DashboardState:
+    """Fold ``event`` into ``state`` (mutated and returned). Events at or below the last stream
+    sequence seen are redeliveries and ignored (pass ``stream_seq=0`` to skip that check)."""
+    if stream_seq:
+        if stream_seq <= state.last_stream_seq:
+            return state
+        state.last_stream_seq = stream_seq
+    run = state.runs.get(event.run_id)
+    if run is None:
+        run = state.runs[event.run_id] = RunView(run_id=event.run_id, first_event_time=event.time.timestamp())
+    state.events += 1
+    run.events += 1
+    run.version += 1
+    if event.source == "trainer":
+        if event.attempt > run.attempt and not isinstance(event, RunStarted):
+            run.attempt = event.attempt  # a resumed attempt whose run.started we did not see
+        if event.attempt == run.attempt:
+            run.last_event_time = max(run.last_event_time, event.time.timestamp())
+        elif event.attempt < run.attempt:
+            return state  # a straggler of an attempt that was replaced
+    _apply(event, run)
+    return state
+
+
+def count_invalid(state: DashboardState, subject: str, error: str | None, stream_seq: int = 0) -> DashboardState:
+    """Count one message that is not a valid event (shown as a small warning, never raised)."""
+    if stream_seq:
+        if stream_seq <= state.last_stream_seq:
+            return state
+        state.last_stream_seq = stream_seq
+    state.invalid_events += 1
+    state.invalid_recent.append(f"{subject}: {error or 'invalid'}")
+    return state
+
+
+def count_newer(state: DashboardState, run_id: str, stream_seq: int = 0) -> bool:
+    """Count one event skipped because a newer trainbus wrote it; True the first time for its run
+    (the reader logs it once per run)."""
+    if stream_seq:
+        if stream_seq <= state.last_stream_seq:
+            return False
+        state.last_stream_seq = stream_seq
+    state.newer_events += 1
+    first = run_id not in state.newer_runs
+    state.newer_runs.add(run_id)
+    return first
+
+
+def _apply(event: Event, run: RunView) -> None:
+    if isinstance(event, RunStarted):
+        _on_started(event, run)
+    elif isinstance(event, RunState):
+        if not run.finished:
+            run.state, run.reason = event.state, event.reason
+        run.step = event.step
+    elif isinstance(event, RunFinished):
+        run.state, run.finished, run.step, run.reason = event.status, True, event.step, event.error or event.reason
+    elif isinstance(event, TrainStep):
+        _on_step(event, run)
+    elif isinstance(event, Evaluation):
+        _on_eval(event, run)
+    elif isinstance(event, Checkpoint):
+        _on_checkpoint(event, run)
+    elif isinstance(event, AuditVerdict):
+        run.verdicts[event.checkpoint_event_id] = event
+        while len(run.verdicts) > CHECKPOINTS_CAP:
+            del run.verdicts[next(iter(run.verdicts))]
+        row = run.checkpoints.get(event.checkpoint_event_id)
+        if row is not None:
+            _judge(row, event)
+    elif isinstance(event, AuditFlag):
+        run.flags.append(
+            FlagRow(
+                event.time,
+                event.step,
+                event.rule,
+                event.severity,
+                event.message,
+                event.value,
+                event.threshold,
+                tuple(event.actions_taken),
+            )
+        )
+        if event.step is not None:
+            run.markers.append(Marker(float(event.step), "flag", f"{event.severity}: {event.rule}"))
+    elif isinstance(event, CommandResult):
+        _on_command(event, run)
+    elif isinstance(event, Heartbeat):
+        run.step = max(run.step, event.step) if not run.finished else run.step
+
+
+def _on_started(event: RunStarted, run: RunView) -> None:
+    resumed = event.attempt > 1 or event.resumed_from_step is not None
+    run.attempt = max(run.attempt, event.attempt)
+    run.state, run.finished, run.reason = "running", False, ""
+    run.model, run.adapter = event.model, event.adapter
+    run.config, run.config_hash = dict(event.config), event.config_hash
+    run.max_steps = event.max_steps
+    run.hyperparameters = event.hyperparameters.model_dump()
+    run.step = event.resumed_from_step or 0
+    if resumed:
+        start = float(event.resumed_from_step or 0)
+        for series in run.series.values():
+            series.truncate_after(start)
+        run.markers.append(Marker(start, "resume", f"attempt {event.attempt} resumed"))
+
+
+def _on_step(event: TrainStep, run: RunView) -> None:
+    run.step = event.step
+    x = float(event.step)
+    for name in TRAIN_METRICS:
+        value = getattr(event, name)
+        if value is not None:
+            run.series[name].append(x, float(value))
+    if event.hyperparameters is not None:
+        run.hyperparameters = event.hyperparameters.model_dump()
+
+
+def _on_eval(event: Evaluation, run: RunView) -> None:
+    run.evals.append(
+        EvalPoint(
+            event_id=event.event_id,
+            step=event.step,
+            attempt=event.attempt,
+            time=event.time,
+            trigger=event.trigger,
+            metrics={name: getattr(event, name) for name in EVAL_METRICS},
+            per_label_f1=dict(event.per_label_f1),
+            labels=tuple(event.labels),
+            confusion_matrix=tuple(tuple(row) for row in event.confusion_matrix),
+            num_samples=event.num_samples,
+        )
+    )
+
+
+def _on_checkpoint(event: Checkpoint, run: RunView) -> None:
+    row = CheckpointRow(
+        event.event_id, event.step, event.attempt, event.time, event.trigger,
+        event.path, event.sha256, event.size_bytes, dict(event.metrics),
+    )  # fmt: skip
+    verdict = run.verdicts.get(event.event_id)
+    if verdict is not None:
+        _judge(row, verdict)
+    run.checkpoints[event.event_id] = row
+    while len(run.checkpoints) > CHECKPOINTS_CAP:
+        del run.checkpoints[next(iter(run.checkpoints))]
+
+
+def _judge(row: CheckpointRow, verdict: AuditVerdict) -> None:
+    row.verdict, row.reasons = verdict.verdict, tuple(verdict.reasons)
+    row.verdict_metrics, row.verdict_event_id = dict(verdict.metrics), verdict.event_id
+
+
+def _on_command(event: CommandResult, run: RunView) -> None:
+    row = run.commands.get(event.command_id)
+    if row is None:
+        row = run.commands[event.command_id] = CommandRow(
+            event.command_id, event.command, event.issued_by, event.time, event.status
+        )
+        while len(run.commands) > COMMANDS_CAP:
+            del run.commands[next(iter(run.commands))]
+    if row.status != "applied":  # an applied command stays applied whatever straggles in
+        row.status = event.status
+    row.code, row.message = event.code or row.code, event.message or row.message
+    if event.status == "accepted":
+        row.accepted_step = event.step
+    elif event.status == "applied":
+        row.applied_step, row.applied = event.step, dict(event.applied)
+        if event.step is not None:
+            run.markers.append(Marker(float(event.step), "command", _command_label(event)))
+        if event.command == "set":
+            run.hyperparameters.update({k: v for k, v in event.applied.items() if k in SETTABLE})
+
+
+def _command_label(event: CommandResult) -> str:
+    if event.command == "set":
+        changes = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.applied.items() if k in SETTABLE
+        )
+        return f"set {changes}" if changes else "set"
+    return event.command

@@ -1,0 +1,180 @@
+"""The Run page: one run, live: state and progress, control, charts with markers, evaluation
+(confusion matrix, per-label F1), config and live hyper-parameters, and the command history.
+
+Opened as ``/run?run=<run_id>``. The header and the open tab are fragments that rerun on
+their own; only the open tab is drawn. Control goes through ``dashboards.app.control``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from dashboards.app import connection, control
+from dashboards.app.charts import EVAL_CHARTS, TRAIN_CHARTS, Chart, confusion_chart, eval_chart, train_chart
+from dashboards.app.reader import BusReader
+from dashboards.app.snapshot import RunSnapshot
+from dashboards.app.tables import (
+    STATE_ICONS,
+    age,
+    commands_table,
+    eval_table,
+    hyperparameters_table,
+    per_label_table,
+    state_of,
+)
+
+TABS = ["Training", "Evaluation", "Config", "Commands"]
+MARKERS_NOTE = (
+    "Dashed rules: commands applied (blue), resumed attempts (green), audit flags (red), non-finite values (purple)."
+)
+
+
+def _draw(chart: Chart, key: str) -> None:
+    if chart.points == 0 and len(chart.spec.get("layer", [])) < 2:
+        st.caption(f"{chart.title}: no data yet")
+        return
+    st.vega_lite_chart(chart.data, chart.spec, key=key, width="stretch", height=chart.spec.get("height", "content"))
+
+
+def _grid(charts: list[tuple[str, Chart]], per_row: int = 2) -> None:
+    for start in range(0, len(charts), per_row):
+        for column, (key, chart) in zip(st.columns(per_row), charts[start : start + per_row], strict=False):
+            with column:
+                _draw(chart, key)
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+@connection.live(connection.LIVE_SECONDS)
+def header(reader: BusReader, run_id: str) -> None:
+    """State, progress and the latest values; the outcome of commands sent from this session."""
+    snap = reader.run(run_id)
+    if snap is None:
+        return
+    run, now = snap.summary, time.time()
+    state = state_of(run, now)
+    st.subheader(f"{STATE_ICONS.get(state, '')} {run_id} · {state}")
+    if run.max_steps:
+        st.progress(min(1.0, run.step / run.max_steps), text=f"step {run.step} of {run.max_steps}")
+    columns = st.columns(6)
+    with columns[0], st.container(key="live-step"):
+        st.metric("step", run.step)
+    columns[1].metric("loss", _fmt(run.loss))
+    columns[2].metric("learning rate", _fmt(snap.hyperparameters.get("learning_rate"), ".3g"))
+    columns[3].metric("best accuracy", _fmt(run.best_accuracy, ".3f"))
+    columns[4].metric("attempt", run.attempt)
+    columns[5].metric("last event", f"{age(now - run.last_event_time)} ago" if run.last_event_time else "–")
+    if state == "stalled":
+        st.warning(
+            f"No event from the trainer for {age(now - run.last_event_time)} (no heartbeat, no `run.finished`): "
+            "it may have died. `trainbus train … --resume` continues it from its last checkpoint."
+        )
+    elif snap.reason and state != "running":
+        st.caption(f"{state}: {snap.reason}")
+    control.show_outcomes(snap)
+
+
+@connection.live(connection.CHART_SECONDS)
+def training(reader: BusReader, run_id: str) -> None:
+    """Loss, learning rate, grad norm, throughput and memory, thinned for display, with markers."""
+    snap = reader.run(run_id)
+    if snap is None:
+        return
+    _grid([(f"train-{name}", train_chart(snap, name)) for name in TRAIN_CHARTS])
+    st.caption(MARKERS_NOTE)
+
+
+def _pick_eval(snap: RunSnapshot) -> int:
+    labels = ["latest"] + [f"step {e.step} ({e.trigger}, attempt {e.attempt})" for e in reversed(snap.evals)]
+    choice = st.selectbox("Evaluation", labels, key=f"eval-pick-{snap.run_id}")
+    return len(snap.evals) - 1 if choice in (None, "latest") else len(snap.evals) - labels.index(str(choice))
+
+
+@connection.live(connection.CHART_SECONDS)
+def evaluation(reader: BusReader, run_id: str) -> None:
+    """Eval metrics over steps; the latest (or a chosen) eval's confusion matrix and per-label F1."""
+    snap = reader.run(run_id)
+    if snap is None:
+        return
+    if not snap.evals:
+        st.info("No evaluation yet: the trainer evaluates every `eval_steps`, or press Evaluate.")
+        return
+    _grid([(f"eval-{name}", eval_chart(snap, name)) for name in EVAL_CHARTS], per_row=3)
+    point = snap.evals[_pick_eval(snap)]
+    left, right = st.columns([3, 2])
+    with left:
+        _draw(confusion_chart(point), "confusion")
+    with right:
+        st.markdown(f"**Per-label F1 at step {point.step}** ({point.num_samples} examples)")
+        st.dataframe(per_label_table(point), hide_index=True, width="stretch")
+    with st.expander("Every evaluation"):
+        st.dataframe(eval_table(snap.evals), hide_index=True, width="stretch")
+
+
+@connection.live(connection.CHART_SECONDS)
+def config(reader: BusReader, run_id: str) -> None:
+    """Live hyper-parameters, then the run's config as it started."""
+    snap = reader.run(run_id)
+    if snap is None:
+        return
+    left, right = st.columns([1, 2])
+    with left:
+        st.markdown("**Live hyper-parameters**")
+        st.dataframe(hyperparameters_table(snap), hide_index=True, width="stretch")
+        st.caption(f"model {snap.summary.model} · adapter {snap.summary.adapter} · config {snap.config_hash[:12]}")
+    with right:
+        st.markdown("**Config**")
+        st.json(snap.summary.config, expanded=1)
+
+
+@connection.live(connection.CHART_SECONDS)
+def commands(reader: BusReader, run_id: str) -> None:
+    """Every command sent to the run (from anyone), from the stream."""
+    snap = reader.run(run_id)
+    if snap is None:
+        return
+    table = commands_table(snap)
+    if table.empty:
+        st.info("No command sent to this run yet.")
+    else:
+        st.dataframe(table, hide_index=True, width="stretch", key="command-history")
+
+
+def choose_run(reader: BusReader) -> str | None:
+    """The run in ``?run=``, else the newest; a select box switches (and updates the URL)."""
+    runs = sorted(reader.overview().runs, key=lambda r: r.first_event_time, reverse=True)
+    ids = [r.run_id for r in runs]
+    wanted = st.query_params.get("run")
+    if wanted and wanted not in ids:
+        connection.wait_for_run(reader, wanted, f"Waiting for run **{wanted}** to appear on the bus…")
+        return None
+    if not ids:
+        connection.wait_for_run(reader, None, "No runs yet. Start one with `trainbus train configs/tiny.yaml`.")
+        return None
+    current = wanted or ids[0]
+    picked = st.selectbox("Run", ids, index=ids.index(current))
+    if picked is not None and picked != wanted:
+        st.query_params["run"] = picked
+    return str(picked) if picked is not None else current
+
+
+def render() -> None:
+    reader = connection.reader()
+    run_id = choose_run(reader)
+    if run_id is None:
+        return
+    header(reader, run_id)
+    control.panel(reader, run_id)
+    parts = {"Training": training, "Evaluation": evaluation, "Config": config, "Commands": commands}
+    for tab, name in zip(st.tabs(TABS, key="tab", bind="query-params"), TABS, strict=True):
+        if tab.open:
+            with tab:
+                parts[name](reader, run_id)
+
+
+if __name__ == "__main__":
+    connection.guarded(render)

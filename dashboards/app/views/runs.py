@@ -1,0 +1,56 @@
+"""The Runs page: every run with its state, progress, loss, accuracy and checkpoints; click one to open it."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from dashboards.app import connection
+from dashboards.app.reader import BusReader
+from dashboards.app.tables import STATES, filter_runs, runs_table
+
+RUN_PAGE = "views/run.py"
+
+COLUMNS = {
+    "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+    "loss": st.column_config.NumberColumn("loss", format="%.4f"),
+    "best accuracy": st.column_config.NumberColumn("best accuracy", format="%.3f"),
+}
+
+
+@connection.live(connection.CHART_SECONDS)
+def runs_list(reader: BusReader, states: tuple[str, ...], name: str) -> None:
+    """The table, refreshed every second; selecting a row opens the Run page."""
+    overview = reader.overview()
+    if not overview.runs:
+        st.info("No runs yet. Start one with `trainbus train configs/tiny.yaml`; it appears here live.")
+        return
+    now = time.time()
+    table = runs_table(filter_runs(overview.runs, now, states=states, name=name), now)
+    st.caption(f"{len(table)} of {len(overview.runs)} runs · select a row to open it")
+    picked = st.dataframe(
+        table,
+        key="runs-table",
+        on_select="rerun",
+        selection_mode="single-row",
+        hide_index=True,
+        column_config=COLUMNS,
+        width="stretch",
+    )
+    rows = picked.selection.rows if picked is not None else []
+    if rows and rows[0] < len(table):
+        st.switch_page(RUN_PAGE, query_params={"run": str(table.iloc[rows[0]]["run"])})
+
+
+def render() -> None:
+    st.title("Runs")
+    reader = connection.reader()
+    left, right = st.columns([3, 2])
+    states = left.multiselect("State", STATES, key="runs-states", placeholder="every state")
+    name = right.text_input("Run name contains", key="runs-name", placeholder="e.g. demo")
+    runs_list(reader, tuple(states), name)
+
+
+if __name__ == "__main__":
+    connection.guarded(render)

@@ -1,0 +1,145 @@
+"""Charts and tables of the dashboard are pure functions of snapshots: what each one shows."""
+
+from __future__ import annotations
+
+from dashboards.app.charts import (
+    EVAL_CHARTS,
+    compare_eval_chart,
+    compare_train_chart,
+    confusion_chart,
+    eval_chart,
+    train_chart,
+)
+from dashboards.app.snapshot import snapshot_run
+from dashboards.app.state import DashboardState
+from dashboards.app.tables import (
+    age,
+    checkpoints_table,
+    commands_table,
+    config_diff,
+    filter_runs,
+    flags_table,
+    runs_table,
+    state_of,
+)
+from runtime.liveness import STALL_AFTER_SECONDS
+from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, RunStarted
+from tests.unit.test_dashboard_state import SHA, Run, fold
+
+LABELS = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
+
+
+def _state(run_id: str = "r1", lr: float = 1e-3, steps: int = 30) -> DashboardState:
+    r = Run(run_id)
+    events = [
+        r(
+            RunStarted,
+            config={"training": {"learning_rate": lr, "seed": 1}, "adapter": {"r": 8}},
+            config_hash="h",
+            model="tiny",
+            adapter="lora",
+            data_fingerprint="d",
+            hyperparameters={"learning_rate": lr},
+            max_steps=100,
+        ),
+        *[r.step(s, 2.0 / s) for s in range(1, steps + 1)],
+        r(
+            Evaluation,
+            step=10,
+            loss=0.5,
+            accuracy=0.75,
+            macro_f1=0.7,
+            labels=LABELS,
+            per_label_f1={"HIGH_RISK": 1.0, "NO_RISK": 0.5},
+            confusion_matrix=[[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 4]],
+        ),
+        r(Evaluation, step=20, loss=0.4, accuracy=0.8),
+    ]
+    ckpt = r(Checkpoint, step=20, path="/runs/c20", sha256=SHA, size_bytes=1 << 20, metrics={"accuracy": 0.8})
+    events += [
+        ckpt,
+        r.audit(
+            AuditVerdict,
+            checkpoint_event_id=ckpt.event_id,
+            checkpoint_step=20,
+            checkpoint_path="/runs/c20",
+            verdict="rejected",
+            reasons=["critical_error_cost 0.7 > 0.5"],
+            metrics={"accuracy": 0.8},
+        ),
+        r.audit(
+            AuditFlag,
+            rule="grad_norm_explosion",
+            severity="warning",
+            step=12,
+            message="grad norm 300",
+            judged_event_id="x",
+        ),
+        r(CommandResult, command_id="c1", command="pause", status="accepted", issued_by="alice", step=15),
+        r(CommandResult, command_id="c1", command="pause", status="applied", issued_by="alice", step=16),
+    ]
+    return fold(*events)
+
+
+def test_train_chart_has_one_point_per_step_and_marks_commands_and_flags() -> None:
+    snap = snapshot_run(_state().runs["r1"])
+    chart = train_chart(snap, "loss")
+    assert chart.points == 30 and list(chart.data["step"][:3]) == [1.0, 2.0, 3.0]
+    rules = chart.spec["layer"][1]["data"]["values"]
+    assert {(m["kind"], m["step"]) for m in rules} == {("flag", 12.0), ("command", 16.0)}
+    memory = train_chart(snap, "memory_bytes")
+    assert memory.title == "memory (MiB)"
+
+
+def test_eval_charts_and_the_labelled_confusion_matrix() -> None:
+    snap = snapshot_run(_state().runs["r1"])
+    assert eval_chart(snap, "accuracy").data["value"].tolist() == [0.75, 0.8]
+    assert eval_chart(snap, "ece").points == 0  # never reported: an empty chart, not a crash
+    matrix = confusion_chart(snap.evals[0])
+    assert matrix.spec["encoding"]["x"]["sort"] == LABELS
+    cell = matrix.data[(matrix.data["true"] == "HIGH_RISK") & (matrix.data["predicted"] == "MEDIUM_RISK")]
+    assert cell["count"].tolist() == [1] and len(matrix.data) == 16
+    assert set(EVAL_CHARTS) >= {"loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost"}
+
+
+def test_compare_overlays_runs_and_lists_only_differing_settings() -> None:
+    a = snapshot_run(_state("a", lr=1e-3, steps=30).runs["a"])
+    b = snapshot_run(_state("b", lr=5e-4, steps=20).runs["b"])
+    chart = compare_train_chart([a, b], "loss")
+    assert chart.data.groupby("run").size().to_dict() == {"a": 30, "b": 20}
+    assert compare_eval_chart([a, b], "accuracy").data.groupby("run").size().to_dict() == {"a": 2, "b": 2}
+    diff = config_diff({"a": a.summary.config, "b": b.summary.config})
+    assert list(diff.index) == ["training.learning_rate"] and diff.loc["training.learning_rate"].tolist() == [
+        "0.001",
+        "0.0005",
+    ]
+
+
+def test_runs_table_shows_stalled_when_heartbeats_stop() -> None:
+    state = _state()
+    summary = snapshot_run(state.runs["r1"]).summary
+    then = summary.last_event_time
+    assert state_of(summary, then + 1) == "running"
+    assert state_of(summary, then + STALL_AFTER_SECONDS + 1) == "stalled"
+    row = runs_table([summary], then + STALL_AFTER_SECONDS + 1).iloc[0]
+    assert row["state"] == "stalled" and row["step"] == "30 / 100" and row["progress"] == 0.3
+    assert row["checkpoints"] == "0 approved, 1 rejected" and row["best accuracy"] == 0.8
+    assert filter_runs([summary], then + 1, states=["stalled"]) == []
+    assert filter_runs([summary], then + 1, name="R1") == [summary]
+    assert age(90) == "2 min" and age(3) == "3 s"
+
+
+def test_checkpoint_flag_and_command_tables() -> None:
+    snap = snapshot_run(_state().runs["r1"])
+    row = checkpoints_table([snap]).iloc[0]
+    assert (row["verdict"], row["reasons"], row["accuracy"], row["sha256"]) == (
+        "rejected",
+        "critical_error_cost 0.7 > 0.5",
+        0.8,
+        SHA,
+    )
+    flags = flags_table([snap])
+    assert flags[["rule", "severity", "step"]].values.tolist() == [["grad_norm_explosion", "warning", 12]]
+    assert flags_table([snap], ["critical"]).empty
+    history = commands_table(snap)
+    assert history[["who", "what", "result"]].values.tolist() == [["alice", "pause", "applied at step 16"]]
