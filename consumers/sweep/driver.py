@@ -33,7 +33,7 @@ from nats.js import api
 from consumers.control import NoTrainer, build_command, send_command
 from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
 from consumers.sweep.space import Space
-from consumers.sweep.study import LEASE_RENEW, STATES, abandoned, describe_best, driver_identity
+from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_identity, record_outcome
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
@@ -224,23 +224,8 @@ class Sweep:
 
     def _tell(self, number: int, result: Outcome) -> bool:
         """Record the judgement in the study; False when the trial was already finished there."""
-        trial = trial_handle(self.study, number)
-        try:
-            for key, text in (
-                ("reason", result.reason),
-                ("checkpoint", result.checkpoint),
-                ("verdict", result.verdict),
-            ):
-                if text is not None:
-                    trial.set_user_attr(key, text)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-        # this driver decides when the study has enough trials (--trials); the grid sampler's
-        # after_trial would call study.stop(), which Optuna allows only inside study.optimize()
-        self.study.sampler = optuna.samplers.RandomSampler()
-        value = result.value if result.state == "complete" else None
-        self.study.tell(number, value, state=STATES[result.state], skip_if_finished=True)
-        return True
+        attrs = {"reason": result.reason, "checkpoint": result.checkpoint, "verdict": result.verdict}
+        return record_outcome(self.study, number, result.state, result.value, **attrs)
 
     # ---- one trial -----------------------------------------------------------------------
 

@@ -56,11 +56,15 @@ def abandoned(trial: FrozenTrial, me: dict[str, Any], now: float, lease: float =
     return now - float(trial.user_attrs.get("lease", 0.0)) > lease
 
 
-def default_storage(state_dir: str) -> str:
+def storage_url(state_dir: str) -> str:
     """``sqlite:///<state_dir>/sweeps.db`` (absolute, so every process names the same file)."""
-    folder = Path(state_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / DB_FILE}"
+    return f"sqlite:///{Path(state_dir).resolve() / DB_FILE}"
+
+
+def default_storage(state_dir: str) -> str:
+    """``storage_url`` of the state folder, which is created for the SQLite file."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return storage_url(state_dir)
 
 
 def _storage(url: str) -> optuna.storages.BaseStorage:
@@ -104,6 +108,55 @@ def load(name: str, storage: str) -> optuna.Study:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False))
         hint = f" (sweeps there: {', '.join(names[:20])})" if names else " (it holds no sweeps)"
         raise NotFound(f"no sweep {name!r} in {redact_url(storage)}{hint}") from None
+
+
+def record_outcome(study: optuna.Study, number: int, state: str, value: float | None, **attrs: str | None) -> bool:
+    """Tell the study how trial ``number`` ended (``state``: complete, pruned or fail) with its
+    ``reason``/``checkpoint``/``verdict``; False when it was already finished there."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    trial = optuna.trial.Trial(study, frozen._trial_id)  # Optuna's own key of an asked trial
+    try:
+        for key, text in attrs.items():
+            if text is not None:
+                trial.set_user_attr(key, text)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    # the driver decides when the study has enough trials (--trials); the grid sampler's
+    # after_trial would call study.stop(), which Optuna allows only inside study.optimize()
+    study.sampler = optuna.samplers.RandomSampler()
+    study.tell(number, value if state == "complete" else None, state=STATES[state], skip_if_finished=True)
+    return True
+
+
+def study_names(url: str) -> list[str]:
+    """The sweeps stored at ``url`` (none when its SQLite file does not exist yet: never create it)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return []
+    summaries = optuna.get_all_study_summaries(_storage(url), include_best_trial=False)
+    return sorted(s.study_name for s in summaries)
+
+
+def sweep_data(url: str, name: str) -> dict[str, Any] | None:
+    """What the dashboard's Sweep page shows of sweep ``name``: objective, parameters (with their
+    scale) and every trial's row; None when the storage holds no such sweep. Plain data, cacheable."""
+    if name not in study_names(url):
+        return None
+    study = optuna.load_study(study_name=name, storage=_storage(url))
+    trials = study.get_trials(deepcopy=False)
+    scales: dict[str, str] = {}
+    for trial in trials:
+        for key, dist in trial.distributions.items():
+            categorical = isinstance(dist, optuna.distributions.CategoricalDistribution)
+            scales[key] = "nominal" if categorical else ("log" if getattr(dist, "log", False) else "linear")
+    top = best(study)
+    return {
+        "name": name,
+        "metric": study.user_attrs.get("metric", "objective"),
+        "direction": study.direction.name.lower(),
+        "parameters": scales,
+        "trials": [trial_row(t) for t in trials],
+        "best": top.number if top is not None else None,
+    }
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
