@@ -14,6 +14,7 @@ import streamlit as st
 
 from consumers.sweep.study import storage_url, study_names, sweep_data
 from dashboards.app import connection
+from dashboards.app.charts import Chart
 from dashboards.app.reader import BusReader
 from dashboards.app.sweeps import objective_chart, parameter_chart, trials_table
 from dashboards.app.tables import sweep_names
@@ -33,6 +34,13 @@ def _names(url: str) -> list[str]:
 @st.cache_data(ttl=STUDY_SECONDS, show_spinner=False, max_entries=32)
 def _data(url: str, name: str) -> dict[str, Any] | None:
     return sweep_data(url, name)
+
+
+def _draw(chart: Chart) -> None:
+    if chart.points:
+        st.vega_lite_chart(chart.data, chart.spec, key=f"sweep-{chart.title}", width="stretch")
+    else:
+        st.caption(f"{chart.title}: no trial has an objective yet")
 
 
 def _link(trial: int | None, run_id: str, state: str) -> None:
@@ -57,14 +65,11 @@ def trials(reader: BusReader, url: str, name: str) -> None:
     best = f" · best: trial {data['best']}" if data["best"] is not None else ""
     st.caption(f"{len(table)} trials · {data['direction']} {data['metric']}{best}")
     st.dataframe(table, hide_index=True, key="sweep-trials", width="stretch")
-    charts = [objective_chart(data), *(parameter_chart(data, key) for key in data["parameters"])]
-    for start in range(0, len(charts), 2):
-        for column, chart in zip(st.columns(2), charts[start : start + 2], strict=False):
-            with column:
-                if chart.points:
-                    st.vega_lite_chart(chart.data, chart.spec, key=f"sweep-{chart.title}", width="stretch")
-                else:
-                    st.caption(f"{chart.title}: no trial has an objective yet")
+    _draw(objective_chart(data))
+    columns = st.columns(max(1, min(3, len(data["parameters"]))))  # one parameter chart beside the next
+    for index, key in enumerate(data["parameters"]):
+        with columns[index % len(columns)]:
+            _draw(parameter_chart(data, key))
     st.markdown("**Open a trial's run**")
     for row in data["trials"]:
         if row["run_id"]:
