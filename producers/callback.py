@@ -50,6 +50,7 @@ from schemas import (
     RunFinished,
     RunStarted,
     RunState,
+    SweepTag,
     TrainStep,
 )
 
@@ -100,6 +101,7 @@ class TrainbusCallback(TrainerCallback):
         adapter: str | None = None,
         data_fingerprint: str = "",
         outbox_dir: Path | None = None,
+        sweep: SweepTag | None = None,
     ) -> None:
         self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.rank, self.world_size = world()
@@ -113,6 +115,7 @@ class TrainbusCallback(TrainerCallback):
         self.adapter = adapter
         self.data_fingerprint = data_fingerprint
         self.outbox_dir = outbox_dir
+        self.sweep = sweep
         self.trainer: Trainer | None = None
         self.phase = "starting"
         self.paused = False
@@ -187,6 +190,7 @@ class TrainbusCallback(TrainerCallback):
             total_parameters=total,
             resumed_from_step=state.global_step or None,
             host=socket.gethostname(),
+            sweep=self.sweep,
         )
         self.phase = "training"
         self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)

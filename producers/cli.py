@@ -8,6 +8,7 @@ from typing import Any
 
 from runtime.logs import console_output, setup_logging
 from runtime.settings import load_config, packaged
+from schemas import SweepTag
 
 
 def register_train(sub: Any) -> None:
@@ -46,6 +47,8 @@ def register_train(sub: Any) -> None:
         action="store_true",
         help="train even when the bus is unreachable: events wait in the run's outbox and are sent once it connects",
     )
+    p.add_argument("--sweep", metavar="NAME", help="tag run.started as a trial of sweep NAME (set by `trainbus sweep`)")
+    p.add_argument("--trial", metavar="K", type=int, help="with --sweep: the trial number")
     p.set_defaults(func=cmd_train)
 
 
@@ -75,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from producers.train import run
 
     resume = ResumeFrom(args.resume, args.from_checkpoint, args.from_approved) if args.resume else None
-    return run(cfg, run_id=args.run_id, resume=resume)
+    return run(cfg, run_id=args.run_id, resume=resume, sweep=_sweep_tag(args.sweep, args.trial))
 
 
 def quiet_libraries(cfg: Any) -> None:
@@ -87,6 +90,23 @@ def quiet_libraries(cfg: Any) -> None:
     if not console_output(cfg.log.format) or cfg.model.name_or_path == "tiny":
         hf_logging.disable_progress_bar()
         disable_progress_bars()
+
+
+def _sweep_tag(name: str | None, trial: int | None) -> SweepTag | None:
+    from pydantic import ValidationError
+
+    from runtime.errors import ConfigError
+
+    if name is None and trial is None:
+        return None
+    if name is None or trial is None:
+        raise ConfigError("--sweep NAME and --trial K go together")
+    try:
+        return SweepTag(name=name, trial=trial)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--sweep" if err["loc"][0] == "name" else "--trial"
+        raise ConfigError(f"{flag}: {err['msg']}") from None
 
 
 def register_sample_data(sub: Any) -> None:

@@ -47,7 +47,7 @@ from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.logs import console_output, get_logger, status
 from runtime.outbox import dead_letter_path
 from runtime.sinks import EventSink, NullSink, PublisherStats
-from schemas import check_run_id
+from schemas import SweepTag, check_run_id
 
 LIVE_FILE = "trainbus-live.json"
 
@@ -189,8 +189,10 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
     return trainer
 
 
-def run_callback(prep: Prepared, sink: EventSink, channel: ControlChannel | None) -> TrainbusCallback:
-    """The trainbus callback of a prepared run, publishing to ``sink``."""
+def run_callback(
+    prep: Prepared, sink: EventSink, channel: ControlChannel | None, sweep: SweepTag | None = None
+) -> TrainbusCallback:
+    """The trainbus callback of a prepared run, publishing to ``sink`` (``sweep``: the trial it is)."""
     cfg = prep.cfg
     return TrainbusCallback(
         prep.run_id,
@@ -203,6 +205,7 @@ def run_callback(prep: Prepared, sink: EventSink, channel: ControlChannel | None
         model_name=cfg.model.name_or_path,
         adapter=cfg.adapter.method,
         data_fingerprint=prep.fingerprint,
+        sweep=sweep,
     )
 
 
@@ -217,8 +220,10 @@ def run(
     run_id: str | None = None,
     resume: ResumeFrom | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    sweep: SweepTag | None = None,
 ) -> int:
-    """Train one run end to end; returns the process exit code. ``callbacks`` run after trainbus's own."""
+    """Train one run end to end; returns the process exit code. ``callbacks`` run after trainbus's own;
+    ``sweep`` tags ``run.started`` as a trial of a sweep."""
     init_if_launched()
     prep = prepare(cfg, run_id=run_id, resume=resume)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
@@ -240,7 +245,7 @@ def run(
                 {"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}, indent=2
             )
         )
-    callback = run_callback(prep, sink, channel)
+    callback = run_callback(prep, sink, channel, sweep)
 
     def remember(effective: dict[str, Any]) -> None:
         live.update({k: v for k, v in effective.items() if k != "current_learning_rate"})

@@ -34,6 +34,7 @@ from schemas.events import (
     RunStarted,
     RunState,
     RunTag,
+    SweepTag,
     TrainStep,
     parse_event,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "SaveCheckpoint",
     "SetHyperparameters",
     "Stop",
+    "SweepTag",
     "TrainStep",
     "check_run_id",
     "control_subject",

@@ -26,6 +26,8 @@ SCHEMA_VERSION = 1
 removed, renamed, retyped or given a new meaning); adding a field or an event type keeps it.
 A reader skips events whose version is higher than the one it knows (docs/architecture.md)."""
 RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SWEEP_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,48}$"
+"""A sweep name: its trials' run ids ``<name>-t<k>`` must still be run ids."""
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
 
 RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
 from schemas.common import (
     SCHEMA_VERSION,
+    SWEEP_NAME_PATTERN,
     Envelope,
     JsonDict,
     MetricFloat,
@@ -45,6 +46,14 @@ class Hyperparameters(Model):
     logging_steps: Annotated[int, Field(ge=1)] = 1
 
 
+class SweepTag(Model):
+    """The sweep a run is a trial of (``trainbus sweep``), so any consumer can group its runs."""
+
+    name: Annotated[str, StringConstraints(pattern=SWEEP_NAME_PATTERN)]
+    trial: Annotated[int, Field(ge=0)]
+    """The Optuna trial number: the run id is ``<name>-t<trial>``."""
+
+
 class RunStarted(Envelope):
     """A run (or a resumed attempt of it) began; carries what is needed to reproduce it."""
 
@@ -61,6 +70,8 @@ class RunStarted(Envelope):
     total_parameters: Count | None = None
     resumed_from_step: Step | None = None
     host: str = ""
+    sweep: SweepTag | None = None
+    """Set when the run is a trial of a hyper-parameter sweep; absent in events of older trainers."""
 
 
 class RunState(Envelope):

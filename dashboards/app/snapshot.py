@@ -34,6 +34,8 @@ class RunSummary:
     first_event_time: float
     last_event_time: float
     config: dict[str, Any]
+    sweep: str | None = None
+    trial: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def summarise(run: RunView) -> RunSummary:
         first_event_time=run.first_event_time,
         last_event_time=run.last_event_time,
         config=run.config,
+        sweep=run.sweep,
+        trial=run.trial,
     )
 
 

@@ -140,6 +140,9 @@ class RunView:
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     max_steps: int | None = None
+    sweep: str | None = None
+    """The sweep this run is a trial of (``run.started``'s sweep tag), and the trial's number."""
+    trial: int | None = None
     step: int = 0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     first_event_time: float = 0.0
@@ -273,6 +276,8 @@ def _on_started(event: RunStarted, run: RunView) -> None:
     run.model, run.adapter = event.model, event.adapter
     run.config, run.config_hash = dict(event.config), event.config_hash
     run.max_steps = event.max_steps
+    if event.sweep is not None:
+        run.sweep, run.trial = event.sweep.name, event.sweep.trial
     run.hyperparameters = event.hyperparameters.model_dump()
     run.step = event.resumed_from_step or 0
     if resumed:

@@ -51,11 +51,21 @@ def _num(value: float | None) -> float | None:
 
 
 def filter_runs(
-    runs: Iterable[RunSummary], now: float, *, states: Sequence[str] = (), name: str = ""
+    runs: Iterable[RunSummary], now: float, *, states: Sequence[str] = (), name: str = "", sweep: str = ""
 ) -> list[RunSummary]:
-    """Runs whose shown state is one of ``states`` (all when empty) and whose id contains ``name``."""
+    """Runs whose shown state is one of ``states`` (all when empty), whose id contains ``name`` and
+    that are trials of ``sweep`` (any run when empty)."""
     needle = name.strip().lower()
-    return [r for r in runs if (not states or state_of(r, now) in states) and needle in r.run_id.lower()]
+    return [
+        r
+        for r in runs
+        if (not states or state_of(r, now) in states) and needle in r.run_id.lower() and (not sweep or r.sweep == sweep)
+    ]
+
+
+def sweep_names(runs: Iterable[RunSummary]) -> list[str]:
+    """The sweeps that runs on the bus are trials of, by name."""
+    return sorted({r.sweep for r in runs if r.sweep})
 
 
 def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
@@ -78,6 +88,7 @@ def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
                 + (f", {r.pending} pending" if r.pending else ""),
                 "last event": f"{age(now - r.last_event_time)} ago" if r.last_event_time else "",
                 "model": f"{r.model} ({r.adapter})" if r.adapter else r.model,
+                "sweep": f"{r.sweep} #{r.trial}" if r.sweep else "",
             }
         )
     columns = [
@@ -92,6 +103,8 @@ def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
         "last event",
         "model",
     ]
+    if any(row["sweep"] for row in rows):  # a column for the trials of sweeps only when there are some
+        columns.append("sweep")
     return pd.DataFrame(rows, columns=columns)
 
 

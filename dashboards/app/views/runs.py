@@ -8,7 +8,7 @@ import streamlit as st
 
 from dashboards.app import connection
 from dashboards.app.reader import BusReader
-from dashboards.app.tables import STATES, filter_runs, runs_table
+from dashboards.app.tables import STATES, filter_runs, runs_table, sweep_names
 
 RUN_PAGE = "views/run.py"
 
@@ -20,14 +20,14 @@ COLUMNS = {
 
 
 @connection.live(connection.CHART_SECONDS)
-def runs_list(reader: BusReader, states: tuple[str, ...], name: str) -> None:
+def runs_list(reader: BusReader, states: tuple[str, ...], name: str, sweep: str = "") -> None:
     """The table, refreshed every second; selecting a row opens the Run page."""
     overview = reader.overview()
     if not overview.runs:
         st.info("No runs yet. Start one with `trainbus train configs/tiny.yaml`; it appears here live.")
         return
     now = time.time()
-    table = runs_table(filter_runs(overview.runs, now, states=states, name=name), now)
+    table = runs_table(filter_runs(overview.runs, now, states=states, name=name, sweep=sweep), now)
     st.caption(f"{len(table)} of {len(overview.runs)} runs · select a row to open it")
     picked = st.dataframe(
         table,
@@ -46,10 +46,12 @@ def runs_list(reader: BusReader, states: tuple[str, ...], name: str) -> None:
 def render() -> None:
     st.title("Runs")
     reader = connection.reader()
-    left, right = st.columns([3, 2])
+    left, middle, right = st.columns([3, 2, 2])
     states = left.multiselect("State", STATES, key="runs-states", placeholder="every state")
-    name = right.text_input("Run name contains", key="runs-name", placeholder="e.g. demo")
-    runs_list(reader, tuple(states), name)
+    name = middle.text_input("Run name contains", key="runs-name", placeholder="e.g. demo")
+    sweeps = sweep_names(reader.overview().runs)
+    sweep = right.selectbox("Sweep", ["", *sweeps], key="runs-sweep", format_func=lambda s: s or "every run")
+    runs_list(reader, tuple(states), name, sweep or "")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,325 @@
+"""The sweep driver: Optuna asks, each trial is an ordinary ``trainbus train`` run, the bus judges it.
+
+Optuna keeps the search (sampler, pruner, storage); the driver owns each trial's work
+(``study.ask()``/``study.tell()``): it starts ``trainbus train CONFIG --run-id <name>-t<k>
+--sweep <name> --trial <k> --set key=value …`` as a subprocess (in its own session, so it
+outlives the driver), then only reads the run's events from the stream — it never imports the
+trainer. Evaluations go to ``trial.report``; when the pruner says so the run gets a ``stop``
+command (recorded in the stream like any other). ``consumers.sweep.judge`` decides the outcome.
+
+Each trial carries the driver watching it and a lease that driver renews. A driver adopts every
+running trial whose driver is gone (killed: its process no longer runs on this host, or its lease
+expired) and judges it from the stream, so a restart continues where the last driver stopped,
+while several live drivers of one study leave each other's trials alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+import optuna
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from consumers.control import NoTrainer, build_command, send_command
+from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
+from consumers.sweep.space import Space
+from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_identity, record_outcome
+from runtime.errors import ConfigError
+from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.logs import get_logger
+from runtime.render import fmt
+from runtime.stream import decode
+from schemas import EVENTS_STREAM, run_events
+
+EXIT_GRACE = 5.0
+"""Seconds after its trainer process exited for the run's last events to reach us."""
+STOP_GRACE = 60.0
+"""Seconds a judged trial's trainer gets to exit by itself before it is sent SIGTERM."""
+
+
+@dataclass
+class SweepOptions:
+    """What ``trainbus sweep`` was asked to do."""
+
+    name: str
+    config: str
+    space: Space
+    trials: int
+    parallel: int = 1
+    overrides: list[str] = field(default_factory=list)
+    """``--set`` items applied to every trial (the sampled values come after them, and win)."""
+    verdict_timeout: float = 60.0
+    stall_after: float = STALL_AFTER_SECONDS
+    log_dir: Path = Path(".trainbus/sweeps")
+    bus_url: str = ""
+    """``NATS_URL`` for the trials: the bus the driver itself uses."""
+
+
+@dataclass
+class Running:
+    """A trial this driver watches (and, unless adopted, started)."""
+
+    number: int
+    watch: TrialWatch
+    task: asyncio.Task[Outcome | None]
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.watch.run_id
+
+
+def frozen_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def trial_handle(study: optuna.Study, number: int) -> optuna.trial.Trial:
+    """A live ``Trial`` for trial ``number`` of ``study``: what ``study.ask()`` returns, for a trial
+    asked by an earlier driver (Optuna has no public call for it; ``_trial_id`` is its key)."""
+    return optuna.trial.Trial(study, frozen_trial(study, number)._trial_id)
+
+
+def _last_line(log: Path | None) -> str:
+    """The trainer's own error line from its log (``trainbus train: …``), else its last line."""
+    if log is None or not log.exists():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    mine = [line for line in lines if line.startswith("trainbus train:")]
+    return (mine or lines or [""])[-1][:500]
+
+
+class Sweep:
+    """One driver process working on one study."""
+
+    def __init__(self, opts: SweepOptions, study: optuna.Study, nc: NATS, out: Callable[..., None] = print) -> None:
+        self.opts, self.study, self.nc, self.out = opts, study, nc, out
+        self.js = nc.jetstream()
+        self.issuer = f"sweep:{opts.name}"
+        self.running: dict[int, Running] = {}
+        self.bad_input: str | None = None
+        self.log = get_logger(sweep=opts.name)
+        self.me = driver_identity()
+
+    def say(self, number: int, run_id: str, text: str) -> None:
+        self.out(f"trial {number} (run {run_id}): {text}", flush=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Adopt abandoned trials, start new ones up to ``trials``, judge each; returns the exit code."""
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                self._adopt()
+                total = len(self.study.get_trials(deepcopy=False))
+                if self.bad_input is None and total < self.opts.trials and len(self.running) < self.opts.parallel:
+                    await self._start()
+                    continue
+                if not self.running:
+                    break
+                tasks = {r.task for r in self.running.values()}
+                # wake up now and then to adopt the trials of a driver that died meanwhile
+                await asyncio.wait({*tasks, stopper}, timeout=LEASE_RENEW, return_when=asyncio.FIRST_COMPLETED)
+                for number, item in list(self.running.items()):
+                    if item.task.done():
+                        del self.running[number]
+                        await self._finish(item, item.task.result())
+        finally:
+            stopper.cancel()
+            for item in self.running.values():
+                item.task.cancel()
+            # wait for the watches to unsubscribe before the caller closes the connection
+            await asyncio.gather(*(item.task for item in self.running.values()), return_exceptions=True)
+        if stop.is_set():
+            left = ", ".join(r.run_id for r in self.running.values())
+            self.out(
+                f"sweep {self.opts.name}: stopped watching"
+                + (f"; {left} keep running: the same command again judges them" if left else ""),
+                flush=True,
+            )
+            return 130
+        if self.bad_input is not None:
+            raise ConfigError(self.bad_input)
+        for line in describe_best(self.study):
+            self.out(line, flush=True)
+        done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return 0 if done else 1
+
+    def _adopt(self) -> None:
+        """Watch every running trial of the study that has lost its driver."""
+        now = time.time()
+        for frozen in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            run_id = frozen.user_attrs.get("run_id")
+            if frozen.number in self.running or not run_id or not abandoned(frozen, self.me, now):
+                continue
+            trial = trial_handle(self.study, frozen.number)
+            trial.set_user_attr("driver", self.me)
+            trial.set_user_attr("lease", now)
+            self.say(frozen.number, run_id, "watching its run from the stream (its driver is gone)")
+            self._track(frozen.number, run_id, None, None, int(frozen.user_attrs.get("stream_seq", 1)))
+
+    async def _start(self) -> None:
+        """Ask Optuna for a trial and start its run."""
+        opts = self.opts
+        self.study.sampler = opts.space.make_sampler(offset=len(self.study.get_trials(deepcopy=False)))
+        trial = self.study.ask(dict(opts.space.parameters))
+        run_id = f"{opts.name}-t{trial.number}"
+        info = await self.js.stream_info(EVENTS_STREAM)
+        start_seq = info.state.last_seq + 1  # a run id reused from an older sweep: its old events are not ours
+        # owner first: another driver adopts a trial with a run id and no live owner
+        trial.set_user_attr("driver", self.me)
+        trial.set_user_attr("lease", time.time())
+        trial.set_user_attr("stream_seq", start_seq)
+        trial.set_user_attr("run_id", run_id)
+        sampled = opts.space.overrides(trial.params)
+        argv = [sys.executable, "-m", "runtime.cli", "train", opts.config, "--run-id", run_id]
+        argv += ["--sweep", opts.name, "--trial", str(trial.number)]
+        for item in [*opts.overrides, *sampled]:
+            argv += ["--set", item]
+        opts.log_dir.mkdir(parents=True, exist_ok=True)
+        log = opts.log_dir / f"{run_id}.log"
+        env = {**os.environ, "NATS_URL": opts.bus_url} if opts.bus_url else dict(os.environ)
+        with log.open("wb") as handle:
+            # its own session: Ctrl-C or a kill of the driver leaves the run going; a new driver judges it
+            process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.say(trial.number, run_id, f"started: {' '.join(sampled)} (pid {process.pid}, log {log})")
+        self._track(trial.number, run_id, process, log, start_seq)
+
+    def _track(self, number: int, run_id: str, process: subprocess.Popen[bytes] | None, log: Path | None, seq: int) -> None:  # fmt: skip
+        watch = TrialWatch(run_id, self.opts.space.metric, self.issuer)
+        task = asyncio.ensure_future(self._watch(number, watch, process, log, seq))
+        self.running[number] = Running(number, watch, task, process, log)
+
+    async def _finish(self, item: Running, result: Outcome | None) -> None:
+        """Tell Optuna the judgement; wait for the trainer to exit so the next trial gets its CPU."""
+        if result is None or not self._tell(item.number, result):
+            # another driver watched the same run and told Optuna first (the same stream gives the
+            # same judgement): nothing to add
+            self.say(item.number, item.run_id, "judged by another driver of this sweep")
+        elif result.state == "complete":
+            where = f" (checkpoint {result.checkpoint}, {result.verdict})" if result.checkpoint else ""
+            self.say(item.number, item.run_id, f"complete: {self.opts.space.metric} {fmt(result.value)}{where}")
+        else:
+            self.say(
+                item.number, item.run_id, result.reason if result.state == "pruned" else f"failed: {result.reason}"
+            )
+        process = item.process
+        if process is not None:
+            await _reap(process)
+            # exit 2 before run.started: the trainer refused its input (a bad key or value in the
+            # space or --set); every other trial would fail the same way
+            if process.returncode == 2 and not item.watch.started and self.bad_input is None:
+                self.bad_input = f"trial {item.number} ({item.run_id}): {_last_line(item.log)}"
+
+    def _tell(self, number: int, result: Outcome) -> bool:
+        """Record the judgement in the study; False when the trial was already finished there."""
+        attrs = {"reason": result.reason, "checkpoint": result.checkpoint, "verdict": result.verdict}
+        return record_outcome(self.study, number, result.state, result.value, **attrs)
+
+    # ---- one trial -----------------------------------------------------------------------
+
+    async def _watch(
+        self, number: int, watch: TrialWatch, process: subprocess.Popen[bytes] | None, log: Path | None, start_seq: int
+    ) -> Outcome | None:
+        """Follow the run's events from ``start_seq`` until ``judge.outcome`` has a judgement
+        (None: another driver of the study judged the trial first)."""
+        opts, run_id = self.opts, watch.run_id
+        trial = trial_handle(self.study, number)
+        reported = set(frozen_trial(self.study, number).intermediate_values)
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        sub = await self.js.subscribe(run_events(run_id), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
+        loop = asyncio.get_running_loop()
+        heard = renewed = loop.time()
+        finished_at: float | None = None
+        exited_at: float | None = None
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msg = None
+                now = loop.time()
+                if now - renewed >= LEASE_RENEW:
+                    renewed = now
+                    try:
+                        trial.set_user_attr("lease", time.time())
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        return None
+                if msg is not None:
+                    item = decode(msg, msg.metadata.sequence.stream)
+                    if item.event is not None:
+                        heard = now if item.event.type in TRAINER_EVENTS else heard
+                        for action in handle(item.event, watch):
+                            await self._act(action, number, watch, trial, reported)
+                    if msg.metadata.num_pending:
+                        continue  # judge on the whole stored history, not half of it
+                finished_at = (finished_at or now) if watch.finished is not None else None
+                gone = None
+                if process is not None and process.poll() is not None:
+                    exited_at = exited_at or now
+                    if now - exited_at >= EXIT_GRACE:
+                        gone = f"trainbus train exited with {process.returncode}: {_last_line(log)}"
+                elif process is None and now - heard >= opts.stall_after:
+                    gone = f"no event from its trainer for {opts.stall_after:g} s (it died without finishing)"
+                waited = finished_at is not None and now - finished_at >= opts.verdict_timeout
+                result = outcome(watch, verdict_waited=waited, gone=gone)
+                if result is not None:
+                    if waited and watch.checkpoint is not None and watch.last_verdict is None:
+                        self.log.warning(
+                            "no audit verdict on the last checkpoint; judged without one (is the audit gate running?)",
+                            run_id=run_id,
+                            waited_seconds=opts.verdict_timeout,
+                        )
+                    return result
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _act(
+        self, action: Report | StopRun, number: int, watch: TrialWatch, trial: optuna.trial.Trial, reported: set[int]
+    ) -> None:
+        if isinstance(action, StopRun):
+            await self._stop(number, watch, action.reason)
+            return
+        if action.step not in reported:  # a restarted driver replays what the last one reported
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # told by another driver
+                trial.report(action.value, action.step)
+            reported.add(action.step)
+        if not action.last and watch.stop_requested is None and watch.finished is None and trial.should_prune():
+            metric = self.opts.space.metric
+            await self._stop(number, watch, f"pruned at step {action.step} ({metric} {fmt(action.value)})")
+
+    async def _stop(self, number: int, watch: TrialWatch, reason: str) -> None:
+        """Send ``stop`` (no checkpoint: the trial is over) like ``trainbus ctl stop --no-save``."""
+        if watch.stop_requested is not None:
+            return
+        watch.stop_requested = reason
+        command = build_command("stop", watch.run_id, issued_by=self.issuer, reason=reason[:500], save=False)
+        try:
+            reply, _ = await send_command(self.nc, command)
+        except NoTrainer as exc:
+            self.say(number, watch.run_id, f"{reason}; could not stop it: {exc}")
+            return
+        self.say(number, watch.run_id, f"stop {reply.status}: {reason}")
+
+
+async def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a judged trial's trainer to exit; after ``STOP_GRACE`` ask it to (SIGTERM saves and stops)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STOP_GRACE
+    while process.poll() is None:
+        if loop.time() > deadline:
+            process.terminate()
+            deadline = loop.time() + STOP_GRACE
+        await asyncio.sleep(0.5)
