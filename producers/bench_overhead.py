@@ -2,21 +2,30 @@
 
 Run from the repository root::
 
-    trainbus bench overhead                      # configs/tiny.yaml, 200 steps in turns of 10
-    trainbus bench overhead --logging-steps 1    # the worst case: a train.step event every step
+    trainbus bench overhead                      # configs/tiny.yaml, 200 steps a variant and phase, a train.step every step
+    trainbus bench overhead --logging-steps 10   # the config's cadence instead of the worst case
 
 The same config is trained by (A) the bare ``transformers.Trainer`` of ``build_trainer(prep, [])``
 and (B) the same trainer with a ``TrainbusCallback`` publishing to an embedded nats-server while
-a live consumer (``trainbus events --follow --json``) reads the run's events. Both log at the
-config's ``logging_steps`` (``--logging-steps`` overrides it for both; ``1`` has B publish a
-``train.step`` every step, the worst case); eval and save are off.
+a live consumer (``trainbus events --follow --json``) reads the run's events; eval and save are
+off, torch keeps its default thread count. Two phases, each with A and B, tell apart the two costs
+a user can tell apart:
+
+- **own cores** (a): what trainbus costs inside the training process. A and B run on all cores
+  but one (``sched_setaffinity`` before Python starts, so torch's default thread count follows);
+  nats-server, the consumer and B's publisher process, if it has one, run on the last core. On a
+  2-core machine that leaves the trainer one core and torch one thread: the only way to keep the
+  bus off the trainer's cores there. Targets: steps/s B/A >= 0.99, CPU per step (the training
+  process's own CPU time, all its threads) <= +1 %, peak RSS <= +50 MB.
+- **shared cores** (b): what running the bus and the consumer on the same machine costs: nothing
+  pinned, torch at its default threads over every core, the bus processes competing for them.
 
 Each variant trains in a process of its own (``producers.bench_worker``, so its peak RSS is its
 own), and the two take turns block by block, A B then B A, while the other waits at a step
 boundary. Machine speed on a shared host drifts by tens of percent over seconds; turns of about
 a second put A and B through the same drift, and block *i* of both trains on the same batches
-(same seed). The first block is a warm-up and is left out. The ratio is total A time over total
-B time; a bootstrap over the block pairs gives its 95% interval, the resolution of this run.
+(same seed). The first block is a warm-up and is left out. A ratio is the total over the block
+pairs; a bootstrap over the pairs gives its 95% interval, the resolution of this run.
 """
 
 from __future__ import annotations
@@ -33,8 +42,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from producers.config import RunConfig
 from producers.sampledata import write_sample_data
@@ -49,6 +62,7 @@ from runtime.stream import ensure_stream
 VARIANTS = ("plain", "trainbus")  # A, B
 LABELS = {"plain": "A plain Trainer", "trainbus": "B trainbus + consumer"}
 RATIO_TARGET = 0.99
+CPU_TARGET = 0.01
 RSS_TARGET_MB = 50.0
 
 
@@ -62,9 +76,16 @@ def register(sub: Any) -> None:
     """Add ``overhead`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("overhead", help="steps/s and peak RSS: plain Trainer vs trainbus with a live bus and consumer")
     p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per variant (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant and phase (default: %(default)s)")
     p.add_argument("--block", type=int, default=10, help="steps per turn (default: %(default)s)")
-    p.add_argument("--logging-steps", type=int, metavar="N", help="log (and publish train.step) every N steps in both")
+    p.add_argument(
+        "--logging-steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="log (and publish train.step) every N steps in both (default: 1)",
+    )
+    p.add_argument("--phases", default="own,shared", help="own (a), shared (b) or both (default: %(default)s)")
     p.set_defaults(func=bench_overhead)
 
 
@@ -98,12 +119,16 @@ def _count_lines(path: Path) -> int:
 class Worker:
     """One ``producers.bench_worker`` process and the two pipes that pace it."""
 
-    def __init__(self, variant: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, variant: str, argv: list[str], log_path: Path, env: dict[str, str], cpus: list[int] | None
+    ) -> None:
         self.variant = variant
         self.log_path = log_path
         control_r, self._control = os.pipe()
         self._report, report_w = os.pipe()
         argv = [*argv, "--control-fd", str(control_r), "--report-fd", str(report_w)]
+        # pinned before Python starts, so that torch's default thread count follows the cores it has
+        pin: Callable[[], None] | None = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -112,6 +137,7 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 pass_fds=(control_r, report_w),
+                preexec_fn=pin,  # one syscall; the coordinator runs no threads
             )
         os.close(control_r)
         os.close(report_w)
@@ -162,31 +188,124 @@ def _start_consumer(run_id: str, work: Path, env: dict[str, str]) -> tuple[subpr
     return proc, events_path
 
 
-def _interleave(workers: dict[str, Worker], blocks: int, block: int) -> dict[str, list[list[float]]]:
-    """Give the workers alternate turns, A B then B A; returns each one's step seconds, block by block."""
-    for worker in workers.values():
-        worker.receive(START_TIMEOUT_S)  # loaded and waiting before step 1
-    times: dict[str, list[list[float]]] = {v: [] for v in workers}
+@dataclass
+class Phase:
+    """One phase: where its processes run, and per variant the wall and CPU seconds of each step, block by block."""
+
+    name: str
+    trainer_cpus: list[int] | None
+    bus_cpus: list[int] | None
+    wall: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+    cpu: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+    about: dict[str, dict[str, Any]] = field(default_factory=dict)
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bus_cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each bus process used while the variants took turns."""
+
+    def pairs(self, kind: str) -> list[tuple[float, float]]:
+        """(A, B) seconds per timed block, ``wall`` or ``cpu``; the first block is the warm-up."""
+        table = self.wall if kind == "wall" else self.cpu
+        return [(sum(a), sum(b)) for a, b in zip(table["plain"][1:], table["trainbus"][1:], strict=True)]
+
+    def step_pairs(self) -> list[tuple[float, float]]:
+        """(A, B) wall seconds of each timed step."""
+        blocks = zip(self.wall["plain"][1:], self.wall["trainbus"][1:], strict=True)
+        return [p for a, b in blocks for p in zip(a, b, strict=True)]
+
+
+def _cores(phase: str) -> tuple[list[int] | None, list[int] | None]:
+    """(trainer cores, bus cores) of a phase; (None, None): nothing pinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if phase == "shared" or len(cpus) < 2:
+        return None, None
+    return cpus[:-1], cpus[-1:]
+
+
+def _pin(pids: list[int], cpus: list[int] | None) -> None:
+    every = cpus or sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, every)
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def _interleave(phase: Phase, workers: dict[str, Worker], blocks: int, block: int, bus: dict[str, int]) -> None:
+    """Give the workers alternate turns, A B then B A; keeps each one's step seconds, and the bus's CPU."""
+    for variant, worker in workers.items():
+        phase.about[variant] = worker.receive(START_TIMEOUT_S)  # loaded and waiting before step 1
+    publisher = phase.about["trainbus"].get("publisher_pid")
+    if publisher is not None:
+        bus = {**bus, "publisher process": publisher}
+    before = _cpu_seconds(bus)
     for i in range(blocks):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
         for variant in order:
             time.sleep(SETTLE_S)
             workers[variant].go()
-            times[variant].append(workers[variant].receive(BLOCK_TIMEOUT_S)["steps"])
-        a, b = sum(times["plain"][i]), sum(times["trainbus"][i])
+            report = workers[variant].receive(BLOCK_TIMEOUT_S)
+            phase.wall[variant].append(report["steps"])
+            phase.cpu[variant].append(report["cpu"])
+        a, b = sum(phase.wall["plain"][i]), sum(phase.wall["trainbus"][i])
         warm = "  (warm-up, left out)" if i == 0 else ""
         print(
-            f"block {i + 1:>3}  steps {i * block + 1:>4}-{(i + 1) * block:<4}  A {a * 1000:8.1f} ms  "
+            f"{phase.name:<6} block {i + 1:>3}  steps {i * block + 1:>4}-{(i + 1) * block:<4}  A {a * 1000:8.1f} ms  "
             f"B {b * 1000:8.1f} ms  B/A steps/s {a / b:6.3f}{warm}",
             flush=True,
         )
-    return times
+    after = _cpu_seconds(bus)
+    phase.bus_cpu = {name: after[name] - before[name] for name in before if name in after}
+
+
+def _run_phase(
+    phase: Phase, args: argparse.Namespace, work: Path, overrides: list[str], server_pid: int, env: dict[str, str]
+) -> None:
+    run_ids = {v: f"bench-{v}-{phase.name}-{time.strftime('%H%M%S')}" for v in VARIANTS}
+    consumer, events_path = _start_consumer(run_ids["trainbus"], work, env)
+    _pin([server_pid, consumer.pid, os.getpid()], phase.bus_cpus)
+    workers: dict[str, Worker] = {}
+    try:
+        for variant in VARIANTS:
+            argv = [sys.executable, "-m", "producers.bench_worker", variant, args.config]
+            argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
+            if phase.bus_cpus:
+                argv += ["--bus-cpus", ",".join(map(str, phase.bus_cpus))]
+            for item in overrides:
+                argv += ["--set", item]
+            log = work / f"{phase.name}-{variant}.log"
+            workers[variant] = Worker(variant, argv, log, env, phase.trainer_cpus)
+        bus = {"nats-server": server_pid, "consumer": consumer.pid}
+        _interleave(phase, workers, args.steps // args.block, args.block, bus)
+        for variant, worker in workers.items():  # one at a time: neither is timed any more
+            worker.go()
+            phase.final[variant] = worker.receive(START_TIMEOUT_S)
+        deadline = time.monotonic() + 15
+        while _count_lines(events_path) < phase.final["trainbus"]["published"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        phase.final["trainbus"]["consumed"] = _count_lines(events_path)
+    finally:
+        for worker in workers.values():
+            worker.close()
+        consumer.terminate()
+        consumer.wait(10)
+        _pin([server_pid, os.getpid()], None)
 
 
 def bench_overhead(args: argparse.Namespace) -> int:
     """Run the overhead benchmark and print its figures."""
     if args.block < 1 or args.steps < 2 * args.block or args.steps % args.block:
         raise ConfigError("--steps must be a multiple of --block and at least two blocks (one is the warm-up)")
+    names = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not names or any(p not in ("own", "shared") for p in names):
+        raise ConfigError("--phases: own, shared or own,shared")
+    phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="trainbus-bench-overhead-") as tmp:
         work = Path(tmp)
         overrides = _overrides(work, args.steps, args.logging_steps)
@@ -195,42 +314,25 @@ def bench_overhead(args: argparse.Namespace) -> int:
         write_sample_data(work / "data")
         server = start_server(cfg.server, work / "nats")
         env = {**os.environ, "NATS_URL": server.url}
-        stamp = time.strftime("%H%M%S")
-        run_ids = {v: f"bench-{v}-{stamp}" for v in VARIANTS}
-        consumer, events_path = None, work / "none"
-        workers: dict[str, Worker] = {}
         try:
             asyncio.run(_provision(server.url, cfg))
             print(
-                f"trainbus bench overhead: {args.config}, {args.steps} steps per variant in turns of {args.block}, "
-                f"logging_steps={cfg.training.logging_steps} in both, eval/save off"
+                f"trainbus bench overhead: {args.config}, {args.steps} steps per variant and phase in turns of "
+                f"{args.block}, logging_steps={cfg.training.logging_steps} in both, eval/save off; embedded "
+                f"nats-server; B's live consumer: trainbus events --follow --json; load average {_load()}"
             )
-            print(f"embedded nats-server {server.url}; B's live consumer: trainbus events --follow --json")
-            consumer, events_path = _start_consumer(run_ids["trainbus"], work, env)
-            for variant in VARIANTS:
-                argv = [sys.executable, "-m", "producers.bench_worker", variant, args.config]
-                argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
-                for item in overrides:
-                    argv += ["--set", item]
-                workers[variant] = Worker(variant, argv, work / f"{variant}.log", env)
-            times = _interleave(workers, args.steps // args.block, args.block)
-            final: dict[str, dict[str, Any]] = {}
-            for variant, worker in workers.items():  # one at a time: neither is timed any more
-                worker.go()
-                final[variant] = worker.receive(START_TIMEOUT_S)
-            deadline = time.monotonic() + 15
-            while _count_lines(events_path) < final["trainbus"]["published"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            final["trainbus"]["consumed"] = _count_lines(events_path)
+            for name in names:
+                phase = Phase(name, *_cores(name))
+                _run_phase(phase, args, work, overrides, server.pid, env)
+                phases.append(phase)
         finally:
-            for worker in workers.values():
-                worker.close()
-            if consumer is not None:
-                consumer.terminate()
-                consumer.wait(10)
             server.stop()
-    _summary(times, final)
+    _summary(phases)
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _interval(values: list[Any], statistic: Any) -> tuple[float, float]:
@@ -245,32 +347,77 @@ def _total_ratio(pairs: list[tuple[float, float]]) -> float:
     return sum(a for a, _ in pairs) / sum(b for _, b in pairs)
 
 
+def _extra_cpu(pairs: list[tuple[float, float]]) -> float:
+    """B's CPU per step over A's, minus 1, over ``pairs`` of (A CPU seconds, B CPU seconds)."""
+    return sum(b for _, b in pairs) / sum(a for a, _ in pairs) - 1
+
+
 def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     return statistics.median(a / b for a, b in pairs)
 
 
-def _summary(times: dict[str, list[list[float]]], final: dict[str, dict[str, Any]]) -> None:
-    timed = {v: blocks[1:] for v, blocks in times.items()}  # the first block is the warm-up
-    blocks = [(sum(a), sum(b)) for a, b in zip(timed["plain"], timed["trainbus"], strict=True)]
-    steps = [p for a, b in zip(timed["plain"], timed["trainbus"], strict=True) for p in zip(a, b, strict=True)]
-    rate = {v: len(steps) / sum(sum(block) for block in t) for v, t in timed.items()}
-    ratio, (low, high) = _total_ratio(blocks), _interval(blocks, _total_ratio)
-    median, (mlow, mhigh) = _median_ratio(steps), _interval(steps, _median_ratio)
-    rss = {v: f["peak_rss_mb"] for v, f in final.items()}
-    extra = rss["trainbus"] - rss["plain"]
-    b = final["trainbus"]
-    print(f"A plain Trainer        {rate['plain']:7.2f} steps/s  peak RSS {rss['plain']:7.1f} MB")
-    print(
-        f"B trainbus + consumer  {rate['trainbus']:7.2f} steps/s  peak RSS {rss['trainbus']:7.1f} MB  "
-        f"published {b['published']} events, consumer read {b['consumed']}, outbox {b['outbox_pending']}"
+TITLES = {"own": "(a) own cores", "shared": "(b) shared cores"}
+
+
+def _row(label: str, cells: list[str]) -> None:
+    print(f"{label:<38}" + "".join(f"{c:<38}" for c in cells))
+
+
+def _summary(phases: list[Phase]) -> None:
+    """Both phases side by side, then the verdicts on (a)."""
+    _row("", [TITLES[p.name] for p in phases])
+    _row("trainer cores / torch threads", [_where(p) for p in phases])
+    for variant in VARIANTS:
+        cells = []
+        for p in phases:
+            wall = sum(sum(block) for block in p.wall[variant][1:])
+            seconds = sum(sum(block) for block in p.cpu[variant][1:])
+            steps = sum(len(block) for block in p.wall[variant][1:])
+            cells.append(f"{steps / wall:6.2f} steps/s  CPU {seconds / steps * 1000:6.1f} ms/step")
+        _row(LABELS[variant], cells)
+    ratio = [(_total_ratio(p.pairs("wall")), _interval(p.pairs("wall"), _total_ratio)) for p in phases]
+    _row("steps/s B/A (95% interval)", [f"{r:6.3f}  ({lo:.3f}-{hi:.3f})" for r, (lo, hi) in ratio])
+    median = [(_median_ratio(p.step_pairs()), _interval(p.step_pairs(), _median_ratio)) for p in phases]
+    _row("  median step pair", [f"{r:6.3f}  ({lo:.3f}-{hi:.3f})" for r, (lo, hi) in median])
+    cpu = [(_extra_cpu(p.pairs("cpu")), _interval(p.pairs("cpu"), _extra_cpu)) for p in phases]
+    _row("CPU per step B-A (95% interval)", [f"{c:+6.2%}  ({lo:+.2%} to {hi:+.2%})" for c, (lo, hi) in cpu])
+    rss = [p.final["trainbus"]["peak_rss_mb"] - p.final["plain"]["peak_rss_mb"] for p in phases]
+    _row("peak RSS B-A", [f"{r:+6.1f} MB" for r in rss])
+    _row("B: Python threads / switch interval", [_threads(p) for p in phases])
+    _row("B events: published / read / outbox", [_events(p) for p in phases])
+    _row("bus CPU per B step", [_bus(p) for p in phases])
+    for p, (r, (lo, hi)), (c, (clo, chi)), extra in zip(phases, ratio, cpu, rss, strict=True):
+        if p.name != "own":
+            continue
+        if p.trainer_cpus is None:
+            print("(a) could not move the bus off the trainer's cores: this machine has one core")
+        print(f"(a) target steps/s B/A >= {RATIO_TARGET}: {_verdict(r >= RATIO_TARGET, lo < RATIO_TARGET <= hi)}")
+        print(f"(a) target CPU per step <= +{CPU_TARGET:.0%}: {_verdict(c <= CPU_TARGET, clo <= CPU_TARGET < chi)}")
+        print(f"(a) target peak RSS <= +{RSS_TARGET_MB:.0f} MB: {'met' if extra <= RSS_TARGET_MB else 'NOT met'}")
+
+
+def _verdict(met: bool, straddles: bool) -> str:
+    return ("met" if met else "NOT met") + (
+        "; the interval straddles the target: more --steps narrow it" if straddles else ""
     )
-    print(f"ratio B/A steps/s      {ratio:6.3f}  95% interval {low:.3f}-{high:.3f} over {len(blocks)} turns")
-    print(f"  median step pair     {median:6.3f}  95% interval {mlow:.3f}-{mhigh:.3f} over {len(steps)} steps")
-    verdict = "met" if ratio >= RATIO_TARGET else "NOT met"
-    if low < RATIO_TARGET <= high:
-        verdict += f"; the interval holds {RATIO_TARGET} too: more --steps narrow it"
-    print(f"  target >= {RATIO_TARGET}: {verdict}")
-    print(
-        f"peak RSS B-A       {extra:>+8.1f} MB  target <= +{RSS_TARGET_MB:.0f} MB  "
-        f"({'met' if extra <= RSS_TARGET_MB else 'NOT met'})"
-    )
+
+
+def _where(p: Phase) -> str:
+    about = p.about["trainbus"]
+    bus = f"; bus on {','.join(map(str, p.bus_cpus))}" if p.bus_cpus else "; bus anywhere"
+    return f"{','.join(map(str, about['cpus']))} / {about['torch_threads']}{bus}"
+
+
+def _threads(p: Phase) -> str:
+    about = {v: p.about[v] for v in VARIANTS}
+    return f"{about['trainbus']['threads']} (A {about['plain']['threads']}) / {about['trainbus']['switch_interval_ms']:g} ms"
+
+
+def _events(p: Phase) -> str:
+    b = p.final["trainbus"]
+    return f"{b['published']} / {b['consumed']} / {b['outbox_pending']}"
+
+
+def _bus(p: Phase) -> str:
+    steps = sum(len(block) for block in p.wall["trainbus"][1:]) + len(p.wall["trainbus"][0])
+    return ", ".join(f"{name} {seconds / steps * 1000:.2f} ms" for name, seconds in p.bus_cpu.items())
