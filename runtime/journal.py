@@ -26,8 +26,11 @@ from pathlib import Path
 
 from runtime.outbox import Outbox, Record, encode
 
-# seq, step, published, attempt, close timeout (s), sealed, finished, state
-_LAYOUT = struct.Struct("<qqqqdBBB")
+# one 8-byte slot per field, each written on its own: a read-modify-write of the whole state
+# would put back a field the other process changed in between (a seq given out twice)
+_FIELDS = ("seq", "step", "published", "attempt", "close_timeout", "sealed", "finished", "state")
+_SLOT = 8
+_INT, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
 _STATES = ("running", "paused", "stopping")
 
 
@@ -47,9 +50,10 @@ class Journal:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if fresh else 0)
         sfd = os.open(state, flags, 0o644)
         try:
-            if os.fstat(sfd).st_size < _LAYOUT.size:
-                os.ftruncate(sfd, _LAYOUT.size)
-            self._map = mmap.mmap(sfd, _LAYOUT.size)
+            size = _SLOT * len(_FIELDS)
+            if os.fstat(sfd).st_size < size:
+                os.ftruncate(sfd, size)
+            self._map = mmap.mmap(sfd, size)
         finally:
             os.close(sfd)
         self._mutex = threading.RLock()
@@ -92,13 +96,12 @@ class Journal:
     # ---- the shared state ------------------------------------------------------------------
 
     def _get(self, index: int) -> int | float:
-        value: int | float = _LAYOUT.unpack_from(self._map)[index]
+        kind = _FLOAT if index == 4 else _INT
+        value: int | float = kind.unpack_from(self._map, index * _SLOT)[0]
         return value
 
     def _set(self, index: int, value: int | float) -> None:
-        fields = list(_LAYOUT.unpack_from(self._map))
-        fields[index] = value
-        _LAYOUT.pack_into(self._map, 0, *fields)
+        (_FLOAT if index == 4 else _INT).pack_into(self._map, index * _SLOT, value)
 
     @property
     def value(self) -> int:

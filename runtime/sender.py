@@ -85,7 +85,7 @@ class Sender:
         nc: NATS | None = None
         try:
             if len(self._outbox):
-                self.log.info("outbox from an earlier attempt will be sent first", pending=len(self._outbox))
+                self.log.info("events waiting in the outbox will be sent first", pending=len(self._outbox))
             nc = await self._connect()
             if nc is not None:
                 await self._pump(nc, nc.jetstream(timeout=self.settings.bus.ack_timeout))

@@ -50,6 +50,17 @@ def _pipe(size: int = 1 << 20) -> tuple[int, int]:
     return r, w
 
 
+def _pending(path: Path) -> int:
+    """Events in the outbox at ``path`` not yet acknowledged."""
+    if not path.exists():
+        return 0
+    outbox = Outbox(path)
+    try:
+        return len(outbox)
+    finally:
+        outbox.close()
+
+
 class SidecarSink:
     """Event sink of a training process; see the module docstring."""
 
@@ -263,7 +274,7 @@ class SidecarSink:
         self.stats.published = max(published, self.stats.published)
         if self.failure is not None:
             self.stats.failure = self.failure
-            self.stats.outbox_pending = len(Outbox(self.outbox_path)) if self.outbox_path.exists() else 0
+            self.stats.outbox_pending = _pending(self.outbox_path)
         if self.stats.outbox_pending:
             self.log.warning("events left in the outbox", pending=self.stats.outbox_pending, path=str(self.outbox_path))  # fmt: skip
         return self.stats
@@ -283,10 +294,12 @@ class SidecarSink:
                 if not chunk:
                     break
                 out += chunk
-        if proc.poll() is None:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
             self.failure = self.failure or f"the publisher process did not finish within {timeout:.0f}s"
-        proc.wait()
         self._relay_logs(final=True)
         for line in reversed(out.decode(errors="replace").splitlines()):
             if line.startswith("{"):
