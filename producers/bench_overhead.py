@@ -35,20 +35,18 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import select
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from producers.bench_report import VARIANTS, Phase, summary
 from producers.config import RunConfig
 from producers.sampledata import write_sample_data
 from runtime.bench import log_tail
@@ -59,17 +57,9 @@ from runtime.natsserver import start_server
 from runtime.settings import Settings, load_config
 from runtime.stream import ensure_stream
 
-VARIANTS = ("plain", "trainbus")  # A, B
-LABELS = {"plain": "A plain Trainer", "trainbus": "B trainbus + consumer"}
-RATIO_TARGET = 0.99
-CPU_TARGET = 0.01
-RSS_TARGET_MB = 50.0
-
-
 SETTLE_S = 0.05  # between turns, so one variant's last event is handled before the other's clock starts
 START_TIMEOUT_S = 300.0
 BLOCK_TIMEOUT_S = 120.0
-BOOTSTRAP = 2000
 
 
 def register(sub: Any) -> None:
@@ -188,31 +178,6 @@ def _start_consumer(run_id: str, work: Path, env: dict[str, str]) -> tuple[subpr
     return proc, events_path
 
 
-@dataclass
-class Phase:
-    """One phase: where its processes run, and per variant the wall and CPU seconds of each step, block by block."""
-
-    name: str
-    trainer_cpus: list[int] | None
-    bus_cpus: list[int] | None
-    wall: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
-    cpu: dict[str, list[list[float]]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
-    about: dict[str, dict[str, Any]] = field(default_factory=dict)
-    final: dict[str, dict[str, Any]] = field(default_factory=dict)
-    bus_cpu: dict[str, float] = field(default_factory=dict)
-    """CPU seconds each bus process used while the variants took turns."""
-
-    def pairs(self, kind: str) -> list[tuple[float, float]]:
-        """(A, B) seconds per timed block, ``wall`` or ``cpu``; the first block is the warm-up."""
-        table = self.wall if kind == "wall" else self.cpu
-        return [(sum(a), sum(b)) for a, b in zip(table["plain"][1:], table["trainbus"][1:], strict=True)]
-
-    def step_pairs(self) -> list[tuple[float, float]]:
-        """(A, B) wall seconds of each timed step."""
-        blocks = zip(self.wall["plain"][1:], self.wall["trainbus"][1:], strict=True)
-        return [p for a, b in blocks for p in zip(a, b, strict=True)]
-
-
 def _cores(phase: str) -> tuple[list[int] | None, list[int] | None]:
     """(trainer cores, bus cores) of a phase; (None, None): nothing pinned."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -262,6 +227,9 @@ def _interleave(phase: Phase, workers: dict[str, Worker], blocks: int, block: in
         )
     after = _cpu_seconds(bus)
     phase.bus_cpu = {name: after[name] - before[name] for name in before if name in after}
+    if publisher is not None:
+        with contextlib.suppress(psutil.Error):
+            phase.publisher_rss_mb = psutil.Process(publisher).memory_info().rss / 2**20
 
 
 def _run_phase(
@@ -327,97 +295,9 @@ def bench_overhead(args: argparse.Namespace) -> int:
                 phases.append(phase)
         finally:
             server.stop()
-    _summary(phases)
+    summary(phases)
     return 0
 
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _interval(values: list[Any], statistic: Any) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of ``statistic`` over ``values`` (seeded: the same run, the same figures)."""
-    rng = random.Random(0)
-    boot = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
-    return boot[int(0.025 * BOOTSTRAP)], boot[int(0.975 * BOOTSTRAP) - 1]
-
-
-def _total_ratio(pairs: list[tuple[float, float]]) -> float:
-    """B/A steps/s over ``pairs`` of (A seconds, B seconds) for the same steps."""
-    return sum(a for a, _ in pairs) / sum(b for _, b in pairs)
-
-
-def _extra_cpu(pairs: list[tuple[float, float]]) -> float:
-    """B's CPU per step over A's, minus 1, over ``pairs`` of (A CPU seconds, B CPU seconds)."""
-    return sum(b for _, b in pairs) / sum(a for a, _ in pairs) - 1
-
-
-def _median_ratio(pairs: list[tuple[float, float]]) -> float:
-    return statistics.median(a / b for a, b in pairs)
-
-
-TITLES = {"own": "(a) own cores", "shared": "(b) shared cores"}
-
-
-def _row(label: str, cells: list[str]) -> None:
-    print(f"{label:<38}" + "".join(f"{c:<38}" for c in cells))
-
-
-def _summary(phases: list[Phase]) -> None:
-    """Both phases side by side, then the verdicts on (a)."""
-    _row("", [TITLES[p.name] for p in phases])
-    _row("trainer cores / torch threads", [_where(p) for p in phases])
-    for variant in VARIANTS:
-        cells = []
-        for p in phases:
-            wall = sum(sum(block) for block in p.wall[variant][1:])
-            seconds = sum(sum(block) for block in p.cpu[variant][1:])
-            steps = sum(len(block) for block in p.wall[variant][1:])
-            cells.append(f"{steps / wall:6.2f} steps/s  CPU {seconds / steps * 1000:6.1f} ms/step")
-        _row(LABELS[variant], cells)
-    ratio = [(_total_ratio(p.pairs("wall")), _interval(p.pairs("wall"), _total_ratio)) for p in phases]
-    _row("steps/s B/A (95% interval)", [f"{r:6.3f}  ({lo:.3f}-{hi:.3f})" for r, (lo, hi) in ratio])
-    median = [(_median_ratio(p.step_pairs()), _interval(p.step_pairs(), _median_ratio)) for p in phases]
-    _row("  median step pair", [f"{r:6.3f}  ({lo:.3f}-{hi:.3f})" for r, (lo, hi) in median])
-    cpu = [(_extra_cpu(p.pairs("cpu")), _interval(p.pairs("cpu"), _extra_cpu)) for p in phases]
-    _row("CPU per step B-A (95% interval)", [f"{c:+6.2%}  ({lo:+.2%} to {hi:+.2%})" for c, (lo, hi) in cpu])
-    rss = [p.final["trainbus"]["peak_rss_mb"] - p.final["plain"]["peak_rss_mb"] for p in phases]
-    _row("peak RSS B-A", [f"{r:+6.1f} MB" for r in rss])
-    _row("B: Python threads / switch interval", [_threads(p) for p in phases])
-    _row("B events: published / read / outbox", [_events(p) for p in phases])
-    _row("bus CPU per B step", [_bus(p) for p in phases])
-    for p, (r, (lo, hi)), (c, (clo, chi)), extra in zip(phases, ratio, cpu, rss, strict=True):
-        if p.name != "own":
-            continue
-        if p.trainer_cpus is None:
-            print("(a) could not move the bus off the trainer's cores: this machine has one core")
-        print(f"(a) target steps/s B/A >= {RATIO_TARGET}: {_verdict(r >= RATIO_TARGET, lo < RATIO_TARGET <= hi)}")
-        print(f"(a) target CPU per step <= +{CPU_TARGET:.0%}: {_verdict(c <= CPU_TARGET, clo <= CPU_TARGET < chi)}")
-        print(f"(a) target peak RSS <= +{RSS_TARGET_MB:.0f} MB: {'met' if extra <= RSS_TARGET_MB else 'NOT met'}")
-
-
-def _verdict(met: bool, straddles: bool) -> str:
-    return ("met" if met else "NOT met") + (
-        "; the interval straddles the target: more --steps narrow it" if straddles else ""
-    )
-
-
-def _where(p: Phase) -> str:
-    about = p.about["trainbus"]
-    bus = f"; bus on {','.join(map(str, p.bus_cpus))}" if p.bus_cpus else "; bus anywhere"
-    return f"{','.join(map(str, about['cpus']))} / {about['torch_threads']}{bus}"
-
-
-def _threads(p: Phase) -> str:
-    about = {v: p.about[v] for v in VARIANTS}
-    return f"{about['trainbus']['threads']} (A {about['plain']['threads']}) / {about['trainbus']['switch_interval_ms']:g} ms"
-
-
-def _events(p: Phase) -> str:
-    b = p.final["trainbus"]
-    return f"{b['published']} / {b['consumed']} / {b['outbox_pending']}"
-
-
-def _bus(p: Phase) -> str:
-    steps = sum(len(block) for block in p.wall["trainbus"][1:]) + len(p.wall["trainbus"][0])
-    return ", ".join(f"{name} {seconds / steps * 1000:.2f} ms" for name, seconds in p.bus_cpu.items())

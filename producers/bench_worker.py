@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from producers.bench_overhead import VARIANTS
+from producers.bench_report import VARIANTS
 from producers.config import RunConfig
 from runtime.errors import TrainbusError
 from runtime.logs import setup_logging

@@ -143,9 +143,12 @@ class SidecarSink:
             log_level=self.settings.log.level, log_format=self._log_format(), restart=self.restarts,
         )  # fmt: skip
         fds = (self._wake_r, self.commands_w) if self.control else (self._wake_r,)
+        # a session of its own: Ctrl-C (or a signal to the process group) stops training, which then
+        # closes the wake pipe; the sidecar must live on to send what the trainer handed over
         self._proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds
-        )
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds,
+            start_new_session=True,
+        )  # fmt: skip
         assert self._proc.stdin is not None and self._proc.stdout is not None and self._proc.stderr is not None
         self._proc.stdin.write(spec.model_dump_json().encode())
         self._proc.stdin.close()
