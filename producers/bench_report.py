@@ -97,6 +97,8 @@ def summary(phases: list[Phase]) -> None:
     _row("B: Python threads / switch interval", [_threads(p) for p in phases])
     _row("B events: published / read / outbox", [_events(p) for p in phases])
     _row("bus CPU per B step", [_bus(p) for p in phases])
+    for v in VARIANTS:
+        _row(f"{v[0].upper()}: Python GC runs (gen 0/1/2), seconds", [_gc(p.final[v]) for p in phases])
     for p, (r, (lo, hi)), (c, (clo, chi)), extra in zip(phases, ratio, cpu, rss, strict=True):
         if p.name != "own":
             continue
@@ -127,6 +129,11 @@ def _threads(p: Phase) -> str:
 def _events(p: Phase) -> str:
     b = p.final["trainbus"]
     return f"{b['published']} / {b['consumed']} / {b['outbox_pending']}"
+
+
+def _gc(final: dict[str, Any]) -> str:
+    gc = final.get("gc") or {"count": [0, 0, 0], "seconds": [0.0]}
+    return f"{'/'.join(str(int(c)) for c in gc['count'])}, {sum(gc['seconds']):.2f} s"
 
 
 def _bus(p: Phase) -> str:

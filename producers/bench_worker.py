@@ -19,6 +19,7 @@ process's cores (the coordinator pins this one with ``sched_setaffinity`` before
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -88,6 +89,33 @@ class Pacer(TrainerCallback):
             self._boundary()
 
 
+class GcTimer:
+    """Python's cyclic garbage collections during training, per generation: how many, and their seconds.
+
+    More Python objects per step (events being built) mean more collections; a full one walks every
+    object of a process that holds torch and transformers, so this says whether that is where time goes.
+    """
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def figures(self) -> dict[str, list[float]]:
+        return {"count": list(map(float, self.count)), "seconds": self.seconds}
+
+
 def describe(sink: EventSink, bus_cpus: list[int] | None) -> dict[str, Any]:
     """How this process runs, for the benchmark's header: torch threads, its cores, the GIL switch
     interval, and the publisher's own process (moved to ``bus_cpus``) when the sink has one."""
@@ -125,7 +153,9 @@ def train_variant(
     if callback is not None:
         callback.trainer = trainer
     pacer.about = describe(sink, bus_cpus)
+    collections = GcTimer()
     trainer.train()
+    collections.stop()
     stats = sink.close(timeout=cfg.publish.close_timeout)  # after the timed blocks: the run is over by then
     return {
         "variant": variant,
@@ -134,6 +164,7 @@ def train_variant(
         "step_seconds": pacer.times,
         "peak_rss_mb": peak_rss_mb(),
         "published": stats.published,
+        "gc": collections.figures(),
         "outbox_pending": stats.outbox_pending,
     }
 

@@ -103,7 +103,9 @@ class PipeLink:
 
     The sidecar only writes (``write_fd``); the training process reads (``read_fd``) and writes the
     commands it issues itself (a SIGTERM's stop). A command is accepted only if the pipe has room for
-    it, so a write never blocks while the journal lock is held.
+    it, so a write never blocks while the journal lock is held. Each write also counts in the shared
+    state, so the training thread's ``receive`` at a step boundary is one read of shared memory
+    unless a command came.
     """
 
     def __init__(self, journal: Journal, *, read_fd: int | None = None, write_fd: int | None = None) -> None:
@@ -111,6 +113,7 @@ class PipeLink:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self._buffer = b""
+        self._taken = journal.commands
 
     def locked(self) -> AbstractContextManager[object]:
         return self.journal.locked()
@@ -152,8 +155,11 @@ class PipeLink:
         data = memoryview(_line(command))
         while data:
             data = data[os.write(self.write_fd, data) :]
+        self.journal.commands += 1  # under the journal lock, as every decision
 
     def receive(self, timeout: float) -> list[Command]:
+        if timeout <= 0 and self.journal.commands == self._taken:
+            return []  # the usual step boundary: nothing came
         out = self._read()
         if not out and timeout > 0 and self.read_fd is not None:
             select.select([self.read_fd], [], [], timeout)
@@ -167,6 +173,7 @@ class PipeLink:
             while chunk := os.read(self.read_fd, 1 << 16):
                 self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
+        self._taken += len(lines)
         return [parse_command(line) for line in lines if line]
 
 
@@ -220,6 +227,14 @@ class ControlChannel:
                 self.on_reply(None, reply)
             return reply.model_dump_json().encode()
         return self.submit(command).model_dump_json().encode()
+
+    def refuse(self, data: bytes, code: Any, message: str) -> bytes:
+        """A ``rejected`` reply to a request, decided by the caller and recorded nowhere (no run to record it in)."""
+        return (
+            CommandReply(command_id=_command_id(data), status="rejected", code=code, message=message)
+            .model_dump_json()
+            .encode()
+        )
 
     def submit(self, command: Command) -> CommandReply:
         """Decide on ``command`` (from a request, or from inside the process: a SIGTERM becomes ``stop``).

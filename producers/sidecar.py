@@ -34,7 +34,13 @@ def main() -> int:
                 stamper.emit(CommandResult, **result_fields(command, reply))
 
         channel = ControlChannel(run_id, record, PipeLink(journal, write_fd=spec.commands_fd))
-        return {control_subject(run_id): channel.handle}
+
+        def handle(data: bytes) -> bytes:
+            if sink.closing:  # the training process is gone or closing: nothing would apply it
+                return channel.refuse(data, "finished", "the run's training process has ended")
+            return channel.handle(data)
+
+        return {control_subject(run_id): handle}
 
     return serve(spec, journal, responders)
 

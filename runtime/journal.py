@@ -28,7 +28,7 @@ from runtime.outbox import Outbox, Record, encode
 
 # one 8-byte slot per field, each written on its own: a read-modify-write of the whole state
 # would put back a field the other process changed in between (a seq given out twice)
-_FIELDS = ("seq", "step", "published", "attempt", "close_timeout", "sealed", "finished", "state")
+_FIELDS = ("seq", "step", "published", "attempt", "close_timeout", "sealed", "finished", "state", "commands")
 _SLOT = 8
 _INT, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
 _STATES = ("running", "paused", "stopping")
@@ -77,16 +77,15 @@ class Journal:
 
     def append(self, records: list[Record]) -> None:
         """Append ``records`` in one write; on an error (a full disk) nothing of them stays."""
-        data = encode(records)
+        view = memoryview(encode(records))
+        written = 0
         with self.locked():
-            start = os.fstat(self.fd).st_size
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
+                while written < len(view):
+                    written += os.write(self.fd, view[written:])
             except OSError:
-                with contextlib.suppress(OSError):
-                    os.truncate(self.path, start)
+                with contextlib.suppress(OSError):  # no fstat before the write: this is the hot path
+                    os.truncate(self.path, os.fstat(self.fd).st_size - written)
                 raise
 
     def close(self) -> None:
@@ -171,6 +170,15 @@ class Journal:
     @state.setter
     def state(self, name: str) -> None:
         self._set(7, _STATES.index(name))
+
+    @property
+    def commands(self) -> int:
+        """Commands written to the training process's pipe so far: it reads the pipe only when this moved."""
+        return int(self._get(8))
+
+    @commands.setter
+    def commands(self, n: int) -> None:
+        self._set(8, n)
 
 
 class JournalOutbox(Outbox):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -69,6 +70,8 @@ class JournalSink:
         self.journal = journal
         self.counter = journal
         self.wake = wake
+        self.closing = False
+        """The training process closed the sink or died: nothing would apply a command any more."""
 
     def publish(self, event: Event) -> None:
         self.journal.append([record_of(event)])
@@ -82,6 +85,11 @@ def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Resp
     """Run the sidecar until the training process closes the wake pipe (or dies); returns the exit code."""
     setup_logging(spec.log_level, spec.log_format)
     log = get_logger(component="sidecar", pid=os.getpid())
+    # one sidecar per journal at a time: the one of a killed attempt may still be sending when
+    # `--resume` starts the next; this one waits for it (at most its close timeout) and lives on
+    # with the lock until it exits
+    lock = os.open(f"{spec.journal}.sidecar", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     settings = Settings.model_validate(spec.settings)
     handoff = Handoff()
     stats = PublisherStats()
@@ -105,6 +113,7 @@ def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Resp
         journal.published = base + stats.published
         if not data:  # every writer is gone: the training process closed the sink, or died
             asyncio.get_running_loop().remove_reader(spec.wake_fd)
+            sink.closing = True
             _closing(handoff, journal)
         handoff.wake_up()
 
@@ -112,7 +121,7 @@ def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Resp
         loop = asyncio.get_running_loop()
         os.set_blocking(spec.wake_fd, False)
         loop.add_reader(spec.wake_fd, on_wake)
-        watch = loop.create_task(_watch_parent(spec.parent_pid, handoff, journal))
+        watch = loop.create_task(_watch_parent(spec.parent_pid, handoff, journal, sink))
         try:
             await sender.run()
         finally:
@@ -137,11 +146,12 @@ def _closing(handoff: Handoff, journal: Journal) -> None:
         handoff.closing = True
 
 
-async def _watch_parent(pid: int, handoff: Handoff, journal: Journal) -> None:
+async def _watch_parent(pid: int, handoff: Handoff, journal: Journal, sink: JournalSink) -> None:
     """A training process killed while a forked child of it (a data loader worker) still holds the
     wake pipe: the end of file would wait for that child, so the parent is watched too."""
     while os.getppid() == pid:
         await asyncio.sleep(1.0)
+    sink.closing = True
     _closing(handoff, journal)
     handoff.wake_up()
 

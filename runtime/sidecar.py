@@ -39,6 +39,8 @@ from runtime.sinks import PublisherStats
 from schemas import Event
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the fcntl module only from Python 3.12 on
+CHECK_EVERY_S = 1.0
+"""How often ``publish`` looks whether the sidecar is alive and copies its log lines (not every event: each costs syscalls)."""
 START_GRACE_S = 60.0
 """Beyond the connect timeout, how long a starting sidecar may take (Python's start-up on a loaded machine)."""
 
@@ -102,6 +104,7 @@ class SidecarSink:
         self._backlog: list[Record] = []
         self._closing = False
         self._err = b""
+        self._next_check = 0.0
 
     @property
     def counter(self) -> Journal:
@@ -208,9 +211,12 @@ class SidecarSink:
             self._backlog.append(record)
         with contextlib.suppress(OSError):  # full: the sidecar has a wake-up waiting; gone: seen below
             os.write(self._wake_w, b"\0")
-        self._relay_logs()
-        if self._proc is not None and self._proc.poll() is not None and not self._closing:
-            self._died()
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY_S
+            self._relay_logs()
+            if self._proc is not None and self._proc.poll() is not None and not self._closing:
+                self._died()
 
     def _died(self) -> None:
         assert self._proc is not None
@@ -220,6 +226,7 @@ class SidecarSink:
         if self.restarts < self.max_restarts:
             self.restarts += 1
             self.log.warning("publisher process ended; starting it again", how=how, restart=self.restarts)
+            self._close_streams()
             self._spawn()  # not waited for: it connects in the background, offline if it must
             return
         self._proc = None
@@ -319,14 +326,17 @@ class SidecarSink:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _discard(self) -> None:
-        """Close this side's pipes and the journal; the state file goes with the attempt."""
-        for name in ("_wake_r", "_wake_w", "commands_fd", "commands_w"):
-            self._close_fd(name)
+    def _close_streams(self) -> None:
         if self._proc is not None:
             for stream in (self._proc.stdout, self._proc.stderr):
                 if stream is not None:
                     stream.close()
+
+    def _discard(self) -> None:
+        """Close this side's pipes and the journal; the state file goes with the attempt."""
+        for name in ("_wake_r", "_wake_w", "commands_fd", "commands_w"):
+            self._close_fd(name)
+        self._close_streams()
         if self.journal is not None:
             self.journal.close()
             self.journal = None

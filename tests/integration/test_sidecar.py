@@ -146,8 +146,11 @@ def test_a_killed_sidecar_is_started_again_and_the_run_loses_nothing(
         steps(stamper, 1, 50)
         first = sink.pid
         kill(first)
-        steps(stamper, 51, 50)  # the next event finds the sidecar gone and starts another
-        assert sink.pid != first and sink.restarts == 1
+        sent = iter(range(51, 1000))
+        # publishing finds the sidecar gone (it looks once a second) and starts another
+        wait_until(lambda: steps(stamper, next(sent), 1) or sink.restarts == 1, timeout=30, what="a restart")
+        last = next(sent) - 1
+        assert sink.pid != first
         command = {"type": "pause", "command_id": "after-restart", "run_id": run, "issued_by": "test"}
         wait_until(lambda: _answers(url, run), timeout=60, what="the new sidecar to answer commands")
         assert request(url, control_subject(run), command).status == "accepted"
@@ -157,7 +160,7 @@ def test_a_killed_sidecar_is_started_again_and_the_run_loses_nothing(
     assert stats.outbox_pending == 0 and stats.failure is None
     events = stored(url, run)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert [e.step for e in events if e.type == "train.step"] == list(range(1, 101))
+    assert [e.step for e in events if e.type == "train.step"] == list(range(1, last + 1))
     assert len(logs.said("publisher process ended; starting it again")) == 1
 
 
@@ -177,16 +180,21 @@ def test_a_sidecar_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_e
     argv = [sys.executable, "-m", "producers.sidecar"]
     sink = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False, max_restarts=1).start()  # fmt: skip
     stamper = Stamper(sink, run)
-    steps(stamper, 1, 10)
-    kill(sink.pid)
-    steps(stamper, 11, 1)  # restarted once
-    kill(sink.pid)
-    steps(stamper, 12, 10)  # no more restarts: every event stays in the outbox
+    sent = iter(range(1, 1000))
+    steps(stamper, next(sent), 1)
+    for restarts in (1, 2):
+        kill(sink.pid)
+        # publishing finds it gone (it looks once a second): once it is started again, the second time not
+        wait_until(lambda r=restarts: steps(stamper, next(sent), 1) or sink.restarts == r or sink.failure, timeout=30, what="the death to be seen")  # fmt: skip
+    assert sink.restarts == 1 and sink.failure is not None
+    lost_from = next(sent)
+    steps(stamper, lost_from, 10)  # no more restarts: every event stays in the outbox
+    total = lost_from + 9
     stats = sink.close()
     assert stats.failure is not None and "ended" in stats.failure
     assert len(logs.said("this run no longer publishes")) == 1
-    assert not {e.seq for e in stored(url, run)} & set(range(12, 22))  # nothing after the last death went out
+    assert not {e.seq for e in stored(url, run)} & set(range(lost_from, total + 1))  # none went out after
     assert stats.outbox_pending >= 10
     again = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False).start()  # fmt: skip
     assert again.close().outbox_pending == 0  # the next start sends what was kept
-    assert [e.seq for e in stored(url, run)] == list(range(1, 22))
+    assert [e.seq for e in stored(url, run)] == list(range(1, total + 1))
