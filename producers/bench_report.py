@@ -98,7 +98,7 @@ def summary(phases: list[Phase]) -> None:
     _row("B events: published / read / outbox", [_events(p) for p in phases])
     _row("bus CPU per B step", [_bus(p) for p in phases])
     for v in VARIANTS:
-        _row(f"{v[0].upper()}: Python GC runs (gen 0/1/2), seconds", [_gc(p.final[v]) for p in phases])
+        _row(f"{LABELS[v][0]}: GC runs gen 0/1/2, seconds", [_gc(p.final[v]) for p in phases])
     for p, (r, (lo, hi)), (c, (clo, chi)), extra in zip(phases, ratio, cpu, rss, strict=True):
         if p.name != "own":
             continue
