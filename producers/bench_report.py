@@ -96,6 +96,7 @@ def summary(phases: list[Phase]) -> None:
     )
     _row("B: Python threads / switch interval", [_threads(p) for p in phases])
     _row("B events: published / read / outbox", [_events(p) for p in phases])
+    _row("B: trainbus's own CPU per step", [_own(p) for p in phases])
     _row("bus CPU per B step", [_bus(p) for p in phases])
     for v in VARIANTS:
         _row(f"{LABELS[v][0]}: GC runs gen 0/1/2, seconds", [_gc(p.final[v]) for p in phases])
@@ -129,6 +130,16 @@ def _threads(p: Phase) -> str:
 def _events(p: Phase) -> str:
     b = p.final["trainbus"]
     return f"{b['published']} / {b['consumed']} / {b['outbox_pending']}"
+
+
+def _own(p: Phase) -> str:
+    """Trainbus's CPU inside the training process per step, counted directly, and as a share of A's CPU per step."""
+    b, own = p.final["trainbus"], p.final["trainbus"].get("own_cpu")
+    if not own:
+        return "not measured"
+    per_step = (own["hooks_s"] + own["threads_s"]) / max(1, b["steps"])
+    a_cpu = sum(sum(block) for block in p.cpu["plain"][1:]) / max(1, sum(len(block) for block in p.cpu["plain"][1:]))
+    return f"{per_step * 1000:.2f} ms ({per_step / a_cpu:+.2%}; threads {own['threads_s'] * 1000 / max(1, b['steps']):.2f} ms)"
 
 
 def _gc(final: dict[str, Any]) -> str:

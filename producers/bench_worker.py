@@ -116,6 +116,40 @@ class GcTimer:
         return {"count": list(map(float, self.count)), "seconds": self.seconds}
 
 
+class OwnCpu:
+    """CPU time trainbus itself takes in this process, counted directly: its callback's per-step hooks
+    on the training thread, and every other Python thread (the heartbeat, an in-process publisher thread).
+
+    The A/B difference of whole-process CPU carries the noise of the training itself; this is the
+    part that is trainbus's by construction (what it adds to the interpreter, e.g. GIL hand-offs, is
+    not in it, and is in the A/B ratios).
+    """
+
+    def __init__(self, callback: TrainerCallback) -> None:
+        self.hooks = 0.0
+        once = {"on_init_end", "on_train_begin", "on_train_end"}  # not per step: run.started, run.finished
+        for name in dir(TrainerCallback):
+            if name.startswith("on_") and name not in once and name in type(callback).__dict__:
+                setattr(callback, name, self._timed(getattr(callback, name)))
+
+    def _timed(self, hook: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.hooks += time.thread_time() - start
+
+        return timed
+
+    def figures(self) -> dict[str, float]:
+        import psutil
+
+        main = threading.main_thread().native_id
+        others = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id != main)
+        return {"hooks_s": self.hooks, "threads_s": others}
+
+
 def describe(sink: EventSink, bus_cpus: list[int] | None) -> dict[str, Any]:
     """How this process runs, for the benchmark's header: torch threads, its cores, the GIL switch
     interval, and the publisher's own process (moved to ``bus_cpus``) when the sink has one."""
@@ -150,12 +184,14 @@ def train_variant(
         callback = run_callback(prep, sink, channel)
         callbacks.append(callback)
     trainer = build_trainer(prep, [*callbacks, pacer])
+    own = OwnCpu(callback) if callback is not None else None
     if callback is not None:
         callback.trainer = trainer
     pacer.about = describe(sink, bus_cpus)
     collections = GcTimer()
     trainer.train()
     collections.stop()
+    own_cpu = own.figures() if own is not None else None  # before close: its thread may end there
     stats = sink.close(timeout=cfg.publish.close_timeout)  # after the timed blocks: the run is over by then
     return {
         "variant": variant,
@@ -165,6 +201,7 @@ def train_variant(
         "peak_rss_mb": peak_rss_mb(),
         "published": stats.published,
         "gc": collections.figures(),
+        "own_cpu": own_cpu,
         "outbox_pending": stats.outbox_pending,
     }
 
