@@ -76,6 +76,7 @@ def register(sub: Any) -> None:
         help="log (and publish train.step) every N steps in both (default: 1)",
     )
     p.add_argument("--phases", default="own,shared", help="own (a), shared (b) or both (default: %(default)s)")
+    p.add_argument("--aa", action="store_true", help="B trains plain too: the noise floor of every figure (A/A)")
     p.set_defaults(func=bench_overhead)
 
 
@@ -241,7 +242,8 @@ def _run_phase(
     workers: dict[str, Worker] = {}
     try:
         for variant in VARIANTS:
-            argv = [sys.executable, "-m", "producers.bench_worker", variant, args.config]
+            trains = "plain" if args.aa else variant
+            argv = [sys.executable, "-m", "producers.bench_worker", trains, args.config]
             argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
             if phase.bus_cpus:
                 argv += ["--bus-cpus", ",".join(map(str, phase.bus_cpus))]
@@ -288,6 +290,7 @@ def bench_overhead(args: argparse.Namespace) -> int:
                 f"trainbus bench overhead: {args.config}, {args.steps} steps per variant and phase in turns of "
                 f"{args.block}, logging_steps={cfg.training.logging_steps} in both, eval/save off; embedded "
                 f"nats-server; B's live consumer: trainbus events --follow --json; load average {_load()}"
+                + ("; A/A: B trains a plain Trainer too (the noise floor)" if args.aa else "")
             )
             for name in names:
                 phase = Phase(name, *_cores(name))
