@@ -33,6 +33,7 @@ from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.journal import Journal, state_path
 from runtime.logs import get_logger
 from runtime.outbox import Outbox, Record, record_of
+from runtime.publisher import owned_server
 from runtime.relay import Spec
 from runtime.settings import Settings
 from runtime.sinks import PublisherStats
@@ -258,11 +259,8 @@ class SidecarSink:
 
         With ``owns_server`` the embedded server in ``target`` stops too, once the events are in its store.
         """
-        try:
+        with owned_server(self.target, self.owns_server):
             return self._close(timeout)
-        finally:
-            if self.owns_server and self.target.server is not None:
-                self.target.server.stop()
 
     def _close(self, timeout: float) -> PublisherStats:
         journal = self.journal

@@ -27,6 +27,7 @@ from runtime.sinks import Stamper
 from schemas import CommandReply, TrainStep, control_subject
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of as stored
+from tests.integration.test_publisher_faults import Logs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,26 +51,15 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-class Logs:
-    """The JSON log lines written so far (the sidecar's lines are copied to this process's stderr)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-        self.seen: list[dict[str, Any]] = []
-
-    def __call__(self) -> list[dict[str, Any]]:
-        err = self.capsys.readouterr().err
-        self.seen += [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-        return self.seen
-
-    def said(self, start: str) -> list[dict[str, Any]]:
-        return [line for line in self() if line["event"].startswith(start)]
-
-
 @pytest.fixture
 def logs(capsys: pytest.CaptureFixture[str]) -> Logs:
     setup_logging("info", "json")
     return Logs(capsys)
+
+
+def said(logs: Logs, start: str) -> list[dict[str, Any]]:
+    """The log lines so far (the sidecar's are copied to this process's stderr) that start with ``start``."""
+    return [line for line in logs() if line["event"].startswith(start)]
 
 
 def steps(stamper: Stamper, first: int, n: int) -> None:
@@ -161,7 +151,7 @@ def test_a_killed_sidecar_is_started_again_and_the_run_loses_nothing(
     events = stored(url, run)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert [e.step for e in events if e.type == "train.step"] == list(range(1, last + 1))
-    assert len(logs.said("publisher process ended; starting it again")) == 1
+    assert len(said(logs, "publisher process ended; starting it again")) == 1
 
 
 def _answers(url: str, run: str) -> bool:
@@ -192,7 +182,7 @@ def test_a_sidecar_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_e
     total = lost_from + 9
     stats = sink.close()
     assert stats.failure is not None and "ended" in stats.failure
-    assert len(logs.said("this run no longer publishes")) == 1
+    assert len(said(logs, "this run no longer publishes")) == 1
     assert not {e.seq for e in stored(url, run)} & set(range(lost_from, total + 1))  # none went out after
     assert stats.outbox_pending >= 10
     again = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False).start()  # fmt: skip
