@@ -11,12 +11,19 @@ save out of the way, a ``train.step`` every step, ``max_steps`` far off), waits 
 time with ``send_command(..., wait=True)``. Each command goes out at a random point within a
 training step, so the wait for the next step boundary is sampled uniformly.
 
-A command is applied at the first step boundary after it arrives, so it waits at most the step
-that was running: "applied within one step time + 5 ms" holds for a command when its request →
-``applied`` latency is at most that step's time + 5 ms. The step's time is the trainer's own
-``step_time_seconds`` in the ``train.step`` event of the step the command was applied at. It prints
-the request → ``accepted`` reply round trip, the request → ``applied`` latency and that latency
-minus its step's time (p50/p99). Finally ``stop`` (save=False) ends the trainer.
+Three figures decide (issue 13), each over every timed command:
+
+- applied at the first step boundary after it was accepted: the ``applied`` result's step is at
+  most the step in the ``accepted`` reply + 1 (the reply names the last boundary the trainer
+  passed; the command is taken at that boundary if it came just before the take, else at the next);
+- the request → ``accepted`` reply round trip, p99 <= 5 ms;
+- that step boundary → the ``applied`` event at this client, p99 <= 5 ms: the event's ``time`` is
+  stamped at the boundary, when the command is applied, and this client reads it on a core
+  subscription (same host, same clock).
+
+It also prints the request → ``applied`` latency, which waits for the step that was running, and
+that latency minus the step's time (the trainer's own ``step_time_seconds`` in its ``train.step``
+event). Finally ``stop`` (save=False) ends the trainer.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from schemas import CommandResult, TrainStep, event_subject
 
 ISSUER = "bench-control"
 SLACK_MS = 5.0
+ACCEPTED_P99_MS = 5.0
+DELIVERY_P99_MS = 5.0
 
 
 def register(sub: Any) -> None:
@@ -87,6 +96,17 @@ class Timing:
     applied_ms: float
     delivery_ms: float
     result: CommandResult
+    accepted_step: int | None = None
+    """The last step boundary the trainer had passed when it accepted the command."""
+
+    @property
+    def at_first_boundary(self) -> bool:
+        """Applied at the first step boundary after it was accepted."""
+        return (
+            self.accepted_step is not None
+            and self.result.step is not None
+            and self.result.step <= self.accepted_step + 1
+        )
 
 
 @dataclass
@@ -118,6 +138,7 @@ async def _send(timed: _TimedRequests, run_id: str, i: int, wait_timeout: float 
         applied_ms=(done - start) * 1000,
         delivery_ms=(wall - result.time.timestamp()) * 1000,
         result=result,
+        accepted_step=reply.step,
     )
 
 
@@ -266,14 +287,23 @@ def _report(args: argparse.Namespace, figures: Figures, code: int | None) -> Non
     print(f"  the steps the commands waited in         {line(steps)}")
     print(f"accepted  request -> reply                 {line(accepted)}")
     print(f"applied   request -> command.result        {line(applied)}")
-    print(f"          of which trainer emit -> client  {line(delivery)}")
+    print(f"          step boundary -> client          {line(delivery)}")
     print(f"          minus the step it waited in      {line(slack)}")
-    p99 = percentile(slack, 0.99)
-    within = sum(s <= SLACK_MS for s in slack)
-    verdict = "met" if p99 <= SLACK_MS else "NOT met"
+    at_first = sum(x.at_first_boundary for x in t)
     print(
-        f"applied within one step time + {SLACK_MS:g} ms: p99 {p99:+.2f} ms vs +{SLACK_MS:g} ms ({verdict}); "
-        f"{within}/{len(slack)} commands within"
+        f"1. applied at the first step boundary after accepted: {at_first}/{len(t)} "
+        f"({'met' if at_first == len(t) else 'NOT met'})"
     )
+    for n, (name, values, target) in enumerate(
+        (
+            ("accepted round trip", accepted, ACCEPTED_P99_MS),
+            ("step boundary -> applied event", delivery, DELIVERY_P99_MS),
+        ),
+        2,
+    ):
+        p99 = percentile(values, 0.99)
+        print(f"{n}. {name} p99 {p99:.2f} ms, target <= {target:g} ms ({'met' if p99 <= target else 'NOT met'})")
+    within = sum(s <= SLACK_MS for s in slack)
+    print(f"applied within its step time + {SLACK_MS:g} ms: {within}/{len(slack)} commands")
     exited = f"exited with {code}" if code is not None else "did not exit within 120 s (terminated)"
     print(f"trainer stopped (stop, save=False) at step {figures.stop_step}; {exited}")

@@ -2,21 +2,30 @@
 
 Run from the repository root::
 
-    trainbus bench overhead                      # configs/tiny.yaml, 200 steps in turns of 10
-    trainbus bench overhead --logging-steps 1    # the worst case: a train.step event every step
+    trainbus bench overhead                      # configs/tiny.yaml, 200 steps a variant and phase, a train.step every step
+    trainbus bench overhead --logging-steps 10   # the config's cadence instead of the worst case
 
 The same config is trained by (A) the bare ``transformers.Trainer`` of ``build_trainer(prep, [])``
 and (B) the same trainer with a ``TrainbusCallback`` publishing to an embedded nats-server while
-a live consumer (``trainbus events --follow --json``) reads the run's events. Both log at the
-config's ``logging_steps`` (``--logging-steps`` overrides it for both; ``1`` has B publish a
-``train.step`` every step, the worst case); eval and save are off.
+a live consumer (``trainbus events --follow --json``) reads the run's events; eval and save are
+off, torch keeps its default thread count. Two phases, each with A and B, tell apart the two costs
+a user can tell apart:
+
+- **own cores** (a): what trainbus costs inside the training process. A and B run on all cores
+  but one (``sched_setaffinity`` before Python starts, so torch's default thread count follows);
+  nats-server, the consumer and B's publisher process, if it has one, run on the last core. On a
+  2-core machine that leaves the trainer one core and torch one thread: the only way to keep the
+  bus off the trainer's cores there. Targets: steps/s B/A >= 0.99, CPU per step (the training
+  process's own CPU time, all its threads) <= +1 %, peak RSS <= +50 MB.
+- **shared cores** (b): what running the bus and the consumer on the same machine costs: nothing
+  pinned, torch at its default threads over every core, the bus processes competing for them.
 
 Each variant trains in a process of its own (``producers.bench_worker``, so its peak RSS is its
 own), and the two take turns block by block, A B then B A, while the other waits at a step
 boundary. Machine speed on a shared host drifts by tens of percent over seconds; turns of about
 a second put A and B through the same drift, and block *i* of both trains on the same batches
-(same seed). The first block is a warm-up and is left out. The ratio is total A time over total
-B time; a bootstrap over the block pairs gives its 95% interval, the resolution of this run.
+(same seed). The first block is a warm-up and is left out. A ratio is the total over the block
+pairs; a bootstrap over the pairs gives its 95% interval, the resolution of this run.
 """
 
 from __future__ import annotations
@@ -26,16 +35,18 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import select
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from producers.bench_report import VARIANTS, Phase, summary
 from producers.config import RunConfig
 from producers.sampledata import write_sample_data
 from runtime.bench import log_tail
@@ -46,25 +57,26 @@ from runtime.natsserver import start_server
 from runtime.settings import Settings, load_config
 from runtime.stream import ensure_stream
 
-VARIANTS = ("plain", "trainbus")  # A, B
-LABELS = {"plain": "A plain Trainer", "trainbus": "B trainbus + consumer"}
-RATIO_TARGET = 0.99
-RSS_TARGET_MB = 50.0
-
-
 SETTLE_S = 0.05  # between turns, so one variant's last event is handled before the other's clock starts
 START_TIMEOUT_S = 300.0
 BLOCK_TIMEOUT_S = 120.0
-BOOTSTRAP = 2000
 
 
 def register(sub: Any) -> None:
     """Add ``overhead`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("overhead", help="steps/s and peak RSS: plain Trainer vs trainbus with a live bus and consumer")
     p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per variant (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant and phase (default: %(default)s)")
     p.add_argument("--block", type=int, default=10, help="steps per turn (default: %(default)s)")
-    p.add_argument("--logging-steps", type=int, metavar="N", help="log (and publish train.step) every N steps in both")
+    p.add_argument(
+        "--logging-steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="log (and publish train.step) every N steps in both (default: 1)",
+    )
+    p.add_argument("--phases", default="own,shared", help="own (a), shared (b) or both (default: %(default)s)")
+    p.add_argument("--aa", action="store_true", help="B trains plain too: the noise floor of every figure (A/A)")
     p.set_defaults(func=bench_overhead)
 
 
@@ -98,12 +110,16 @@ def _count_lines(path: Path) -> int:
 class Worker:
     """One ``producers.bench_worker`` process and the two pipes that pace it."""
 
-    def __init__(self, variant: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, variant: str, argv: list[str], log_path: Path, env: dict[str, str], cpus: list[int] | None
+    ) -> None:
         self.variant = variant
         self.log_path = log_path
         control_r, self._control = os.pipe()
         self._report, report_w = os.pipe()
         argv = [*argv, "--control-fd", str(control_r), "--report-fd", str(report_w)]
+        # pinned before Python starts, so that torch's default thread count follows the cores it has
+        pin: Callable[[], None] | None = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -112,6 +128,7 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 pass_fds=(control_r, report_w),
+                preexec_fn=pin,  # one syscall; the coordinator runs no threads
             )
         os.close(control_r)
         os.close(report_w)
@@ -162,31 +179,103 @@ def _start_consumer(run_id: str, work: Path, env: dict[str, str]) -> tuple[subpr
     return proc, events_path
 
 
-def _interleave(workers: dict[str, Worker], blocks: int, block: int) -> dict[str, list[list[float]]]:
-    """Give the workers alternate turns, A B then B A; returns each one's step seconds, block by block."""
-    for worker in workers.values():
-        worker.receive(START_TIMEOUT_S)  # loaded and waiting before step 1
-    times: dict[str, list[list[float]]] = {v: [] for v in workers}
+def _cores(phase: str) -> tuple[list[int] | None, list[int] | None]:
+    """(trainer cores, bus cores) of a phase; (None, None): nothing pinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if phase == "shared" or len(cpus) < 2:
+        return None, None
+    return cpus[:-1], cpus[-1:]
+
+
+def _pin(pids: list[int], cpus: list[int] | None) -> None:
+    every = cpus or sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, every)
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def _interleave(phase: Phase, workers: dict[str, Worker], blocks: int, block: int, bus: dict[str, int]) -> None:
+    """Give the workers alternate turns, A B then B A; keeps each one's step seconds, and the bus's CPU."""
+    for variant, worker in workers.items():
+        phase.about[variant] = worker.receive(START_TIMEOUT_S)  # loaded and waiting before step 1
+    publisher = phase.about["trainbus"].get("publisher_pid")
+    if publisher is not None:
+        bus = {**bus, "publisher process": publisher}
+    before = _cpu_seconds(bus)
     for i in range(blocks):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
         for variant in order:
             time.sleep(SETTLE_S)
             workers[variant].go()
-            times[variant].append(workers[variant].receive(BLOCK_TIMEOUT_S)["steps"])
-        a, b = sum(times["plain"][i]), sum(times["trainbus"][i])
+            report = workers[variant].receive(BLOCK_TIMEOUT_S)
+            phase.wall[variant].append(report["steps"])
+            phase.cpu[variant].append(report["cpu"])
+        a, b = sum(phase.wall["plain"][i]), sum(phase.wall["trainbus"][i])
         warm = "  (warm-up, left out)" if i == 0 else ""
         print(
-            f"block {i + 1:>3}  steps {i * block + 1:>4}-{(i + 1) * block:<4}  A {a * 1000:8.1f} ms  "
+            f"{phase.name:<6} block {i + 1:>3}  steps {i * block + 1:>4}-{(i + 1) * block:<4}  A {a * 1000:8.1f} ms  "
             f"B {b * 1000:8.1f} ms  B/A steps/s {a / b:6.3f}{warm}",
             flush=True,
         )
-    return times
+    after = _cpu_seconds(bus)
+    phase.bus_cpu = {name: after[name] - before[name] for name in before if name in after}
+    if publisher is not None:
+        with contextlib.suppress(psutil.Error):
+            phase.publisher_rss_mb = psutil.Process(publisher).memory_info().rss / 2**20
+
+
+def _run_phase(
+    phase: Phase, args: argparse.Namespace, work: Path, overrides: list[str], server_pid: int, env: dict[str, str]
+) -> None:
+    run_ids = {v: f"bench-{v}-{phase.name}-{time.strftime('%H%M%S')}" for v in VARIANTS}
+    consumer, events_path = _start_consumer(run_ids["trainbus"], work, env)
+    _pin([server_pid, consumer.pid, os.getpid()], phase.bus_cpus)
+    workers: dict[str, Worker] = {}
+    try:
+        for variant in VARIANTS:
+            trains = "plain" if args.aa else variant
+            argv = [sys.executable, "-m", "producers.bench_worker", trains, args.config]
+            argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
+            if phase.bus_cpus:
+                argv += ["--bus-cpus", ",".join(map(str, phase.bus_cpus))]
+            for item in overrides:
+                argv += ["--set", item]
+            log = work / f"{phase.name}-{variant}.log"
+            workers[variant] = Worker(variant, argv, log, env, phase.trainer_cpus)
+        bus = {"nats-server": server_pid, "consumer": consumer.pid}
+        _interleave(phase, workers, args.steps // args.block, args.block, bus)
+        for variant, worker in workers.items():  # one at a time: neither is timed any more
+            worker.go()
+            phase.final[variant] = worker.receive(START_TIMEOUT_S)
+        deadline = time.monotonic() + 15
+        while _count_lines(events_path) < phase.final["trainbus"]["published"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        phase.final["trainbus"]["consumed"] = _count_lines(events_path)
+    finally:
+        for worker in workers.values():
+            worker.close()
+        consumer.terminate()
+        consumer.wait(10)
+        _pin([server_pid, os.getpid()], None)
 
 
 def bench_overhead(args: argparse.Namespace) -> int:
     """Run the overhead benchmark and print its figures."""
     if args.block < 1 or args.steps < 2 * args.block or args.steps % args.block:
         raise ConfigError("--steps must be a multiple of --block and at least two blocks (one is the warm-up)")
+    names = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not names or any(p not in ("own", "shared") for p in names):
+        raise ConfigError("--phases: own, shared or own,shared")
+    phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="trainbus-bench-overhead-") as tmp:
         work = Path(tmp)
         overrides = _overrides(work, args.steps, args.logging_steps)
@@ -195,82 +284,23 @@ def bench_overhead(args: argparse.Namespace) -> int:
         write_sample_data(work / "data")
         server = start_server(cfg.server, work / "nats")
         env = {**os.environ, "NATS_URL": server.url}
-        stamp = time.strftime("%H%M%S")
-        run_ids = {v: f"bench-{v}-{stamp}" for v in VARIANTS}
-        consumer, events_path = None, work / "none"
-        workers: dict[str, Worker] = {}
         try:
             asyncio.run(_provision(server.url, cfg))
             print(
-                f"trainbus bench overhead: {args.config}, {args.steps} steps per variant in turns of {args.block}, "
-                f"logging_steps={cfg.training.logging_steps} in both, eval/save off"
+                f"trainbus bench overhead: {args.config}, {args.steps} steps per variant and phase in turns of "
+                f"{args.block}, logging_steps={cfg.training.logging_steps} in both, eval/save off; embedded "
+                f"nats-server; B's live consumer: trainbus events --follow --json; load average {_load()}"
+                + ("; A/A: B trains a plain Trainer too (the noise floor)" if args.aa else "")
             )
-            print(f"embedded nats-server {server.url}; B's live consumer: trainbus events --follow --json")
-            consumer, events_path = _start_consumer(run_ids["trainbus"], work, env)
-            for variant in VARIANTS:
-                argv = [sys.executable, "-m", "producers.bench_worker", variant, args.config]
-                argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
-                for item in overrides:
-                    argv += ["--set", item]
-                workers[variant] = Worker(variant, argv, work / f"{variant}.log", env)
-            times = _interleave(workers, args.steps // args.block, args.block)
-            final: dict[str, dict[str, Any]] = {}
-            for variant, worker in workers.items():  # one at a time: neither is timed any more
-                worker.go()
-                final[variant] = worker.receive(START_TIMEOUT_S)
-            deadline = time.monotonic() + 15
-            while _count_lines(events_path) < final["trainbus"]["published"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            final["trainbus"]["consumed"] = _count_lines(events_path)
+            for name in names:
+                phase = Phase(name, *_cores(name))
+                _run_phase(phase, args, work, overrides, server.pid, env)
+                phases.append(phase)
         finally:
-            for worker in workers.values():
-                worker.close()
-            if consumer is not None:
-                consumer.terminate()
-                consumer.wait(10)
             server.stop()
-    _summary(times, final)
+    summary(phases)
     return 0
 
 
-def _interval(values: list[Any], statistic: Any) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of ``statistic`` over ``values`` (seeded: the same run, the same figures)."""
-    rng = random.Random(0)
-    boot = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
-    return boot[int(0.025 * BOOTSTRAP)], boot[int(0.975 * BOOTSTRAP) - 1]
-
-
-def _total_ratio(pairs: list[tuple[float, float]]) -> float:
-    """B/A steps/s over ``pairs`` of (A seconds, B seconds) for the same steps."""
-    return sum(a for a, _ in pairs) / sum(b for _, b in pairs)
-
-
-def _median_ratio(pairs: list[tuple[float, float]]) -> float:
-    return statistics.median(a / b for a, b in pairs)
-
-
-def _summary(times: dict[str, list[list[float]]], final: dict[str, dict[str, Any]]) -> None:
-    timed = {v: blocks[1:] for v, blocks in times.items()}  # the first block is the warm-up
-    blocks = [(sum(a), sum(b)) for a, b in zip(timed["plain"], timed["trainbus"], strict=True)]
-    steps = [p for a, b in zip(timed["plain"], timed["trainbus"], strict=True) for p in zip(a, b, strict=True)]
-    rate = {v: len(steps) / sum(sum(block) for block in t) for v, t in timed.items()}
-    ratio, (low, high) = _total_ratio(blocks), _interval(blocks, _total_ratio)
-    median, (mlow, mhigh) = _median_ratio(steps), _interval(steps, _median_ratio)
-    rss = {v: f["peak_rss_mb"] for v, f in final.items()}
-    extra = rss["trainbus"] - rss["plain"]
-    b = final["trainbus"]
-    print(f"A plain Trainer        {rate['plain']:7.2f} steps/s  peak RSS {rss['plain']:7.1f} MB")
-    print(
-        f"B trainbus + consumer  {rate['trainbus']:7.2f} steps/s  peak RSS {rss['trainbus']:7.1f} MB  "
-        f"published {b['published']} events, consumer read {b['consumed']}, outbox {b['outbox_pending']}"
-    )
-    print(f"ratio B/A steps/s      {ratio:6.3f}  95% interval {low:.3f}-{high:.3f} over {len(blocks)} turns")
-    print(f"  median step pair     {median:6.3f}  95% interval {mlow:.3f}-{mhigh:.3f} over {len(steps)} steps")
-    verdict = "met" if ratio >= RATIO_TARGET else "NOT met"
-    if low < RATIO_TARGET <= high:
-        verdict += f"; the interval holds {RATIO_TARGET} too: more --steps narrow it"
-    print(f"  target >= {RATIO_TARGET}: {verdict}")
-    print(
-        f"peak RSS B-A       {extra:>+8.1f} MB  target <= +{RSS_TARGET_MB:.0f} MB  "
-        f"({'met' if extra <= RSS_TARGET_MB else 'NOT met'})"
-    )
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

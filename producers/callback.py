@@ -5,10 +5,10 @@ Add it to any ``transformers.Trainer`` or TRL ``SFTTrainer``::
     from producers import TrainbusCallback
     TrainbusCallback.attach(trainer, run_id="my-run")   # or Trainer(..., callbacks=[TrainbusCallback()])
 
-It never blocks on the network: events go to a ``NatsPublisher`` (in-memory queue, background
-thread, outbox), and it never stops training because the bus is down: it then starts offline
-(events wait in the outbox, the connection is retried in the background). Commands received on
-``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
+It never blocks on the network: events go to the run's outbox file and a publisher process of its
+own sends them (``producers.publishing``), and it never stops training because the bus is down: it
+then starts offline (events wait in the outbox, the connection is retried in the background).
+Commands received on ``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
 publishes. However the run ends — completed, a crash in ``train()``, interpreter exit, SIGTERM —
 it publishes ``run.finished`` and flushes (see ``producers.exits``); every command accepted but
 not applied by then is answered ``rejected`` (``finished``).
@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from producers import hyperparams
 from producers.checkpoints import fingerprint
-from producers.control import ControlChannel, internal_stop
+from producers.control import ControlChannel, internal_stop, result_fields
 from producers.distributed import release_command_group, share_commands, world
 from producers.exits import ExitGuard, wrap_train
 from producers.publishing import open_bus
@@ -164,7 +164,8 @@ class TrainbusCallback(TrainerCallback):
             self.channel = self.channel or ControlChannel(self.run_id, self._on_reply)
             outbox = (self.outbox_dir or Path(str(args.output_dir))) / f"outbox-{self.run_id}.jsonl"
             # someone's own script: a bus that is down must not stop their training
-            self.stamper.sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
+            sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
+            self.stamper = Stamper(sink, self.run_id, self.stamper.attempt)
             self._exit_guard.arm()
         model = kwargs.get("model")
         config = self.run_config if self.run_config is not None else args.to_sanitized_dict()
@@ -316,16 +317,7 @@ class TrainbusCallback(TrainerCallback):
     # ---- control -------------------------------------------------------------------------
 
     def _on_reply(self, command: Command | None, reply: CommandReply) -> None:
-        self.emit(
-            CommandResult,
-            command_id=reply.command_id or "unknown",
-            command=command.type if command is not None else "unknown",
-            status=reply.status,
-            code=reply.code,
-            message=reply.message,
-            issued_by=command.issued_by if command is not None else "",
-            step=reply.step,
-        )
+        self.emit(CommandResult, **result_fields(command, reply))
 
     def _take(self, timeout: float = 0.0) -> list[Command]:
         if self.signal_name and self.stop_command is None and self.channel is not None:

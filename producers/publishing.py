@@ -1,5 +1,8 @@
-"""``open_bus``: the run's ``NatsPublisher``, with the control responder, on the bus every command finds.
+"""``open_bus``: the run's publisher process, with the control responder, on the bus every command finds.
 
+The training process keeps none of the bus: ``SidecarSink`` (``runtime.sidecar``) appends events to
+the run's outbox file and a sidecar process (``producers.sidecar``) publishes them and answers
+commands, which reach the training thread through ``channel`` (its link becomes a ``PipeLink``).
 Used by ``trainbus train`` (which fails fast when the bus is unreachable, unless
 ``publish.offline_ok``) and by ``TrainbusCallback`` in someone's own script (which always may
 start offline).
@@ -8,14 +11,12 @@ start offline).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from producers.control import ControlChannel
+from producers.control import ControlChannel, PipeLink
 from runtime.bus import resolve_target
-from runtime.publisher import NatsPublisher
 from runtime.settings import Settings
-from schemas import control_subject
+from runtime.sidecar import SidecarSink
 
 
 def open_bus(
@@ -26,30 +27,31 @@ def open_bus(
     memory_limit: int = 10_000,
     *,
     offline_ok: bool = False,
-) -> NatsPublisher:
-    """Connect the run's publisher (and its control responder); ``BusUnavailable`` if unreachable,
-    unless ``offline_ok``: then it starts offline and connects in the background."""
-    responders: dict[str, Callable[[bytes], bytes]] = (
-        {control_subject(run_id): channel.handle} if channel is not None else {}
-    )
-    # The bus thread needs the GIL to answer a command or publish; with Python's default 5 ms
-    # switch interval it can wait that long behind the training thread's Python code.
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+) -> SidecarSink:
+    """Start the run's publisher process (and its control responder); ``BusUnavailable`` if the bus is
+    unreachable, unless ``offline_ok``: then it starts offline and connects in the background.
+
+    ``memory_limit`` is kept for callers: every event is in the outbox file from the start now.
+    """
+    del memory_limit
     target = resolve_target(settings)
-    publisher = NatsPublisher(
+    sink = SidecarSink(
         target,
         settings,
         outbox_path=outbox_path,
-        memory_limit=memory_limit,
+        argv=[sys.executable, "-m", "producers.sidecar"],
+        run_id=run_id,
         name=f"trainbus-{run_id}",
-        responders=responders,
+        control=channel is not None,
         offline_ok=offline_ok,
         owns_server=True,  # an embedded server started for this run stops with it; its store keeps the events
     )
     try:
-        publisher.start()
+        sink.start()
     except BaseException:
         if target.server is not None:
             target.server.stop()
         raise
-    return publisher
+    if channel is not None:
+        channel.link = PipeLink(sink.counter, read_fd=sink.commands_fd, write_fd=sink.commands_w)
+    return sink

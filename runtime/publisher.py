@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.bus import BusTarget, Credentials
@@ -33,6 +34,16 @@ from runtime.sender import Sender
 from runtime.settings import Settings
 from runtime.sinks import PublisherStats
 from schemas import Event
+
+
+@contextmanager
+def owned_server(target: BusTarget, owns: bool) -> Iterator[None]:
+    """On the way out, stop the embedded server in ``target`` if the sink owns it (its store keeps the events)."""
+    try:
+        yield
+    finally:
+        if owns and target.server is not None:
+            target.server.stop()
 
 
 class NatsPublisher:
@@ -118,11 +129,8 @@ class NatsPublisher:
 
         With ``owns_server`` the embedded server in ``target`` stops too, once the events are in its store.
         """
-        try:
+        with owned_server(self.target, self.owns_server):
             return self._close(timeout)
-        finally:
-            if self.owns_server and self.target.server is not None:
-                self.target.server.stop()
 
     def _close(self, timeout: float) -> PublisherStats:
         if self._thread is None:

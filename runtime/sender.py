@@ -4,8 +4,8 @@ The ``Handoff`` (``runtime.handoff``) is all the training thread and the sender 
 runs on the publisher's thread, in its own event loop: it connects (or, with ``offline_ok``,
 keeps trying in the background), takes events from the handoff into memory or the outbox, and
 publishes them in pipelined batches (see ``runtime.delivery`` for what each refusal means).
-Kept apart from the caller side so that the sender can move into another process (a sidecar)
-without touching the training thread's code.
+Kept apart from the caller side so that it also runs in a training run's publisher process
+(``runtime.relay``), where its outbox is the journal the training process appends to.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Sender:
         responders: dict[str, Callable[[bytes], bytes]],
         offline_ok: bool,
         on_ready: Callable[[], None],
+        open_outbox: Callable[[Path], Outbox] = Outbox,
     ) -> None:
         self.target, self.settings, self.handoff, self.stats, self.log = target, settings, handoff, stats, log
         self.outbox_path = outbox_path
@@ -68,6 +69,7 @@ class Sender:
         self.responders = responders
         self.offline_ok = offline_ok
         self.on_ready = on_ready
+        self.open_outbox = open_outbox  # a sidecar's is the journal another process appends to
         self.pending: deque[Item] = deque()
         self.backlog: list[Record] = []  # bound for the outbox, not written yet (the disk was full)
         self._set_aside: dict[str, str] = {}  # msg_id → why the next pass sets it aside
@@ -79,11 +81,11 @@ class Sender:
     async def run(self) -> None:
         """Until close: connect, then publish; whatever is unsent ends in the outbox."""
         self.handoff.loop = asyncio.get_running_loop()
-        self._outbox = Outbox(self.outbox_path)
+        self._outbox = self.open_outbox(self.outbox_path)
         nc: NATS | None = None
         try:
             if len(self._outbox):
-                self.log.info("outbox from an earlier attempt will be sent first", pending=len(self._outbox))
+                self.log.info("events waiting in the outbox will be sent first", pending=len(self._outbox))
             nc = await self._connect()
             while nc is not None and await self._pump(nc, nc.jetstream(timeout=self.settings.bus.ack_timeout)):
                 # the folder's bus moved (``_wait_connected``): the old address will not come back

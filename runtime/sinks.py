@@ -7,6 +7,7 @@ implementation, ``MemorySink`` keeps events for tests, ``NullSink`` drops them f
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,46 +73,96 @@ class MemorySink:
         return PublisherStats(published=len(self.events))
 
 
-class Stamper:
-    """Fills the envelope (event_id, seq, attempt, source) and hands events to a sink in seq order.
+class Counter(Protocol):
+    """Where a stamper's numbers live: the last seq given out, the attempt, whether it is sealed.
 
-    Thread-safe: the training thread and the heartbeat thread share one stamper, and the lock
-    makes sequence order and publish order the same. ``emit_last`` seals it: nothing is published
-    after an attempt's ``run.finished`` (a late heartbeat or command reply is dropped instead).
+    ``held`` serialises numbering and publishing. ``LocalCounter`` keeps them in this process; a
+    sink whose numbering another process shares (``runtime.sidecar``) brings its own as ``counter``.
     """
 
-    def __init__(self, sink: EventSink, run_id: str, attempt: int = 1, source: str = "trainer") -> None:
-        self.sink = sink
-        self.run_id = run_id
-        self.attempt = attempt
-        self.source = source
-        self.seq = 0
+    value: int
+    attempt: int
+    sealed: bool
+
+    def held(self) -> AbstractContextManager[object]: ...
+
+
+class LocalCounter:
+    """A counter for one process: a lock and three fields."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.attempt = 0
         self.sealed = False
         self._lock = threading.Lock()
 
+    def held(self) -> AbstractContextManager[object]:
+        return self._lock
+
+
+class Stamper:
+    """Fills the envelope (event_id, seq, attempt, source) and hands events to a sink in seq order.
+
+    Thread-safe: the training thread and the heartbeat thread share one stamper, and the counter's
+    lock makes sequence order and publish order the same (across processes, when the sink shares
+    its numbering with a sidecar). ``emit_last`` seals it: nothing is published after an attempt's
+    ``run.finished`` (a late heartbeat or command reply is dropped instead). ``attempt=None`` keeps
+    the attempt the counter has (a sidecar numbers for the trainer's attempt).
+    """
+
+    def __init__(
+        self,
+        sink: EventSink,
+        run_id: str,
+        attempt: int | None = 1,
+        source: str = "trainer",
+        counter: Counter | None = None,
+    ) -> None:
+        self.sink = sink
+        self.run_id = run_id
+        self.source = source
+        self.counter: Counter = counter or getattr(sink, "counter", None) or LocalCounter()
+        if attempt is not None:
+            with self.counter.held():
+                self.counter.attempt = attempt
+
+    @property
+    def attempt(self) -> int:
+        return self.counter.attempt
+
+    @property
+    def seq(self) -> int:
+        """The last seq given out."""
+        return self.counter.value
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self.counter.value = value
+
+    @property
+    def sealed(self) -> bool:
+        return self.counter.sealed
+
     def emit(self, cls: type[Any], **fields: Any) -> Event:
         """Build an event of type ``cls`` with the next seq and publish it (unless sealed)."""
-        with self._lock:
-            return self._emit(cls, fields)
+        return self._emit(cls, fields, last=False)
 
     def emit_last(self, cls: type[Any], **fields: Any) -> Event:
         """Publish the attempt's last event and seal the stamper."""
-        with self._lock:
-            event = self._emit(cls, fields)
-            self.sealed = True
-            return event
+        return self._emit(cls, fields, last=True)
 
-    def _emit(self, cls: type[Any], fields: dict[str, Any]) -> Event:
-        seq = self.seq + 1
-        prefix = (
-            f"{self.run_id}.{self.attempt}"
-            if self.source == "trainer"
-            else f"{self.run_id}.{self.source}.{self.attempt}"
-        )
-        event: Event = cls(
-            event_id=f"{prefix}.{seq}", run_id=self.run_id, attempt=self.attempt, seq=seq, source=self.source, **fields
-        )
-        if not self.sealed:
-            self.seq = seq
-            self.sink.publish(event)
-        return event
+    def _emit(self, cls: type[Any], fields: dict[str, Any], last: bool) -> Event:
+        c = self.counter
+        with c.held():
+            seq, attempt = c.value + 1, c.attempt
+            prefix = (
+                f"{self.run_id}.{attempt}" if self.source == "trainer" else f"{self.run_id}.{self.source}.{attempt}"
+            )
+            event: Event = cls(
+                event_id=f"{prefix}.{seq}", run_id=self.run_id, attempt=attempt, seq=seq, source=self.source, **fields
+            )
+            if not c.sealed:
+                c.value = seq
+                self.sink.publish(event)
+                c.sealed = last
+            return event
