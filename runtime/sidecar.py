@@ -31,7 +31,7 @@ from typing import IO
 from runtime.bus import BusTarget
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.journal import Journal, state_path
-from runtime.logs import get_logger
+from runtime.logs import get_logger, status
 from runtime.outbox import Outbox, Record, record_of
 from runtime.publisher import owned_server
 from runtime.relay import Spec
@@ -249,8 +249,8 @@ class SidecarSink:
         *lines, self._err = self._err.split(b"\n")
         if final and self._err:
             lines, self._err = [*lines, self._err], b""
-        for line in lines:
-            print(line.decode(errors="replace"), file=sys.stderr, flush=True)
+        for line in lines:  # above the training progress bar, when there is one
+            status.print_above(line.decode(errors="replace"))
 
     # ---- closing ---------------------------------------------------------------------------
 
