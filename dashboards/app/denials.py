@@ -36,8 +36,10 @@ class Denials:
 
     def on_error(self, text: str) -> None:
         """The connection's permission-error callback (runs on the reader's loop)."""
+        said = text.lower()  # nats-py lowercases the server's error: "$srv.info…" for "$SRV.INFO…"
         for subject, event in self.waiting.items():
-            if f'"{subject}"' in text or f"'{subject}'" in text or subject in text.split():
+            name = subject.lower()
+            if f'"{name}"' in said or f"'{name}'" in said or name in said.split():
                 self.detail[subject] = text.strip().strip("'\" ")
                 event.set()
 

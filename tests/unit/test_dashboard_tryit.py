@@ -3,13 +3,14 @@ alias list is refreshed, and that the dashboard process never loads the model co
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import subprocess
 import sys
 from typing import Any
 
 from consumers.predict.client import NoService, PredictFailed, ServedAlias
-from dashboards.app.denials import Denied
+from dashboards.app.denials import Denials, Denied
 from dashboards.app.predictions import DISCOVERY_SECONDS, Asked, Discoveries, Discovery, aliases_of, reply_of
 from runtime.errors import BusUnavailable, ConfigError
 from schemas.predict import Answer
@@ -94,3 +95,23 @@ def test_the_dashboard_never_imports_the_model_code() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     assert "dashboards.app.views.tryit" in modules and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_permission_error_names_the_subject_whatever_its_case() -> None:
+    async def go() -> str:
+        denials = Denials()
+
+        async def never() -> None:
+            await asyncio.sleep(60)
+
+        asking = asyncio.ensure_future(denials.guard(never(), ("$SRV.INFO.trainbus-predict",), "trainer"))
+        await asyncio.sleep(0)
+        denials.on_error("'nats: permissions violation for publish to \"$srv.info.trainbus-predict\"'")
+        try:
+            await asking
+        except Denied as exc:
+            return str(exc)
+        return "answered"
+
+    said = asyncio.run(go())
+    assert said.startswith("the server denied trainer publishing to $SRV.INFO.trainbus-predict (nats: permissions")
