@@ -243,23 +243,26 @@ def probability_chart(probabilities: dict[str, float], decision: str | None) -> 
         for name, p in probabilities.items()
     ]
     data = pd.DataFrame(rows, columns=["label", "probability", "decision"])
+    value = {"field": "probability", "type": "quantitative"}
     spec = {
         "title": {"text": "probability per label", "anchor": "start"},
-        "height": 30 * len(rows) + 10,
-        "mark": {"type": "bar", "cornerRadiusEnd": 3},
+        "height": {"step": 26},  # one band per label, however many labels the run has
         "encoding": {
             "y": {"field": "label", "type": "nominal", "sort": None, "title": None},
-            "x": {"field": "probability", "type": "quantitative", "scale": {"domain": [0, 1]}, "axis": {"format": "%"}},
-            "color": {
-                "field": "decision",
-                "type": "nominal",
-                "scale": {"domain": [True, False], "range": ["#1f77b4", "#c7c7c7"]},
-                "legend": None,
-            },
-            "tooltip": [
-                {"field": "label", "type": "nominal"},
-                {"field": "probability", "type": "quantitative", "format": ".2%"},
-            ],
+            "x": {**value, "scale": {"domain": [0, 1]}, "axis": {"format": "%"}},
         },
+        "layer": [
+            {
+                "mark": {"type": "bar", "cornerRadiusEnd": 3},
+                "encoding": {
+                    "color": {"condition": {"test": "datum.decision", "value": "#1f77b4"}, "value": "#c7c7c7"},
+                    "tooltip": [{"field": "label", "type": "nominal"}, {**value, "format": ".2%"}],
+                },
+            },
+            {
+                "mark": {"type": "text", "align": "left", "dx": 4, "fontSize": 12},
+                "encoding": {"text": {**value, "format": ".1%"}},
+            },
+        ],
     }
     return Chart("probability per label", data, spec)

@@ -451,6 +451,7 @@ def test_a_run_removed_with_runs_rm_leaves_the_running_dashboard(reader: BusRead
 def test_try_it_without_a_predictor_says_how_to_start_one(reader: BusReader) -> None:
     at = page("views/tryit.py")
     wait_until(lambda: at.run() and any("No predictor is serving" in i for i in texts(at.info)), what="the discovery")
+    assert [t.value for t in at.title] == ["Try it"] and not at.markdown  # nothing stray drawn around it
     message = next(i for i in texts(at.info) if "No predictor is serving" in i)
     assert (
         "`trainbus serve --run RUN`" in message and "`trainbus serve --run recorded`" in message

@@ -18,10 +18,10 @@ from dashboards.app.charts import probability_chart
 from dashboards.app.reader import BusReader
 from schemas.predict import Answer
 
+# Session-state keys (comments, not docstrings: Streamlit's magic would draw a bare string of a page
+# script): this session's ``predictions.Discoveries``, its latest ``predictions.Asked``, the alias picked.
 DISCOVERY = "trainbus-tryit-discovery"
-"""Session-state key: this session's latest ``predictions.Discovery``."""
 ASKED = "trainbus-tryit-asked"
-"""Session-state key: the latest ``predictions.Asked`` of this session."""
 ALIAS = "tryit-alias"
 RUN_PAGE = "views/run.py"
 
@@ -98,7 +98,7 @@ def _show(reader: BusReader, answer: Answer, alias: str) -> None:
             icon=":material/do_not_disturb_on:",
         )
     chart = probability_chart(answer.probabilities, answer.decision)
-    st.vega_lite_chart(chart.data, chart.spec, key="tryit-probabilities", width="stretch")
+    st.vega_lite_chart(chart.data, chart.spec, key="tryit-probabilities", width="stretch", height="content")
     st.markdown("**Rationale**")
     if answer.rationale is None:
         st.caption("Not asked for: tick “with a rationale”.")
