@@ -9,7 +9,9 @@ their own; only the open tab is drawn. Control goes through ``dashboards.app.con
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import pandas as pd
 import streamlit as st
 
 from dashboards.app import connection, control
@@ -143,30 +145,30 @@ def config(reader: BusReader, run_id: str) -> None:
         st.json(snap.summary.config, expanded=1)
 
 
-@connection.live(connection.CHART_SECONDS)
-def commands(reader: BusReader, run_id: str) -> None:
-    """Every command sent to the run (from anyone), from the stream."""
+def _history(
+    reader: BusReader, run_id: str, build: Callable[[RunSnapshot], pd.DataFrame], empty: str, key: str
+) -> None:
     snap = reader.run(run_id)
     if snap is None:
         return
-    table = commands_table(snap)
+    table = build(snap)
     if table.empty:
-        st.info("No command sent to this run yet.")
+        st.info(empty)
     else:
-        st.dataframe(table, hide_index=True, width="stretch", key="command-history")
+        st.dataframe(table, hide_index=True, width="stretch", key=key)
+
+
+@connection.live(connection.CHART_SECONDS)
+def commands(reader: BusReader, run_id: str) -> None:
+    """Every command sent to the run (from anyone), from the stream."""
+    _history(reader, run_id, commands_table, "No command sent to this run yet.", "command-history")
 
 
 @connection.live(connection.CHART_SECONDS)
 def notes(reader: BusReader, run_id: str) -> None:
     """The run's notes (`trainbus note`), newest first; each is an orange rule on the charts."""
-    snap = reader.run(run_id)
-    if snap is None:
-        return
-    table = notes_table(snap)
-    if table.empty:
-        st.info(f'No note yet: `trainbus note {run_id} "what you tried and why"` adds one.')
-    else:
-        st.dataframe(table, hide_index=True, width="stretch", key="notes")
+    empty = f'No note yet: `trainbus note {run_id} "what you tried and why"` adds one.'
+    _history(reader, run_id, notes_table, empty, "notes")
 
 
 def choose_run(reader: BusReader) -> str | None:
