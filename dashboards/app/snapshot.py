@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -38,7 +38,8 @@ class RunSummary:
     first_event_time: float
     last_event_time: float
     config: dict[str, Any]
-    tags: dict[str, str]
+    tags: dict[str, str] = field(default_factory=dict)
+    """``trainbus tag`` labels of the run."""
 
 
 @dataclass(frozen=True)
