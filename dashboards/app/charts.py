@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dashboards.app.rows import EvalPoint, Marker
 from dashboards.app.snapshot import RunSnapshot
-from dashboards.app.state import EvalPoint, Marker
 
 TRAIN_CHARTS: dict[str, str] = {
     "loss": "train loss",
@@ -29,18 +29,20 @@ TRAIN_CHARTS: dict[str, str] = {
 """Series name -> chart title, in page order."""
 EVAL_CHARTS: dict[str, str] = {
     "loss": "eval loss",
+    "perplexity": "perplexity",
     "accuracy": "accuracy",
     "macro_f1": "macro-F1",
     "abstain_rate": "abstention rate",
     "ece": "calibration error (ECE)",
     "critical_error_cost": "critical-error cost",
 }
-"""Eval metric -> chart title, in page order."""
+"""Eval metric -> chart title, in page order; a run's page draws those its evaluations report."""
 MARKER_COLOURS = {
     "command": "#1f77b4",
     "resume": "#2ca02c",
     "flag": "#d62728",
     "non-finite": "#9467bd",
+    "note": "#ff7f0e",
 }
 _SCALE = {"memory_bytes": 1 / (1 << 20)}
 _SI_AXIS = {"tokens_per_second", "samples_per_second", "memory_bytes"}
@@ -141,6 +143,15 @@ def eval_frame(evals: Sequence[EvalPoint], name: str) -> pd.DataFrame:
     return pd.DataFrame(kept, columns=["step", "value"]).astype({"step": "float64", "value": "float64"})
 
 
+def reported(evals: Iterable[EvalPoint]) -> list[str]:
+    """The eval metrics (``EVAL_CHARTS`` order) that at least one of ``evals`` reports: a chat
+    run's perplexity, a classifier's accuracy and the rest, never an empty chart."""
+    evals = list(evals)
+    return [
+        name for name in EVAL_CHARTS if any((v := e.metrics.get(name)) is not None and math.isfinite(v) for e in evals)
+    ]
+
+
 def eval_chart(snapshot: RunSnapshot, name: str) -> Chart:
     """One eval metric of a run over steps, with the run's markers."""
     title = EVAL_CHARTS[name]
@@ -215,3 +226,43 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({"run": pd.Series(dtype=str), "step": np.zeros(0), "value": np.zeros(0)})
     return pd.concat(frames, ignore_index=True)[["run", "step", "value"]]
+
+
+ABSTAIN = "null"
+"""The key of the model's own abstention in an answer's ``probabilities``."""
+
+
+def probability_chart(probabilities: dict[str, float], decision: str | None) -> Chart:
+    """An answer's probability per label (and of abstaining) as horizontal bars, its decision highlighted."""
+    rows = [
+        {
+            "label": "abstain (null)" if name == ABSTAIN else name,
+            "probability": float(p),
+            "decision": (name == ABSTAIN and decision is None) or name == decision,
+        }
+        for name, p in probabilities.items()
+    ]
+    data = pd.DataFrame(rows, columns=["label", "probability", "decision"])
+    value = {"field": "probability", "type": "quantitative"}
+    spec = {
+        "title": {"text": "probability per label", "anchor": "start"},
+        "height": {"step": 26},  # one band per label, however many labels the run has
+        "encoding": {
+            "y": {"field": "label", "type": "nominal", "sort": None, "title": None},
+            "x": {**value, "scale": {"domain": [0, 1]}, "axis": {"format": "%"}},
+        },
+        "layer": [
+            {
+                "mark": {"type": "bar", "cornerRadiusEnd": 3},
+                "encoding": {
+                    "color": {"condition": {"test": "datum.decision", "value": "#1f77b4"}, "value": "#c7c7c7"},
+                    "tooltip": [{"field": "label", "type": "nominal"}, {**value, "format": ".2%"}],
+                },
+            },
+            {
+                "mark": {"type": "text", "align": "left", "dx": 4, "fontSize": 12},
+                "encoding": {"text": {**value, "format": ".1%"}},
+            },
+        ],
+    }
+    return Chart("probability per label", data, spec)

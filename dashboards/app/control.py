@@ -1,7 +1,8 @@
 """The control panel of the Run page: pause, resume, stop (confirmed), save, evaluate and set.
 
 Commands are built by ``consumers.control.build_command`` (the code behind `trainbus ctl`) and
-sent on the bus reader's loop; the page keeps the future in session state and the live header
+sent by ``consumers.control.send_command`` on the bus reader's loop (``BusReader.submit``); the
+page keeps the future in session state and the live header
 shows what became of it: sending, the trainer's reply (accepted, or rejected and why), then
 ``applied at step N`` once the stream says so. A user the server does not allow to send
 commands (the viewer role) is told so in words, and no success is shown.
@@ -13,13 +14,17 @@ import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import nats.errors
 import streamlit as st
+from nats.aio.client import Client as NATS
 
-from consumers.control import build_command, default_issuer
+from consumers.control import NoTrainer, build_command, default_issuer, send_command
 from dashboards.app import connection
-from dashboards.app.reader import BusReader, Outcome
+from dashboards.app.denials import Denied
+from dashboards.app.reader import BusReader
 from dashboards.app.snapshot import RunSnapshot
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, TrainbusError
+from schemas import Command, control_subject
 
 ICONS = {
     "info": ":material/hourglass_top:",
@@ -27,6 +32,8 @@ ICONS = {
     "warning": ":material/warning:",
     "error": ":material/block:",
 }
+COMMAND_TIMEOUT = 5.0
+"""Seconds to wait for the trainer's answer to a command (as `trainbus ctl`)."""
 SENT = "trainbus-sent-commands"
 """Session-state key: the commands this browser session sent (newest last)."""
 KEEP = 4
@@ -38,6 +45,49 @@ SETTABLE_FIELDS: dict[str, tuple[str, str]] = {
     "save_steps": ("save steps", "int"),
     "logging_steps": ("logging steps", "int"),
 }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a command sent from the dashboard (before the stream says ``applied``)."""
+
+    command_id: str
+    command: str
+    status: str
+    """``accepted``, ``rejected``, ``denied`` (the server refused this user), ``no_trainer``, ``error``."""
+    message: str = ""
+    code: str = ""
+    step: int | None = None
+
+
+async def ask_trainer(nc: NATS, command: Command) -> Outcome:
+    """Send ``command`` as `trainbus ctl` does and say what the trainer answered (runs on the reader's loop)."""
+
+    def outcome(status: str, message: str) -> Outcome:
+        return Outcome(command.command_id, command.type, status, message)
+
+    try:
+        reply, _ = await send_command(nc, command, timeout=COMMAND_TIMEOUT)
+    except NoTrainer as exc:
+        return outcome("no_trainer", str(exc))
+    except TrainbusError as exc:
+        return outcome("error", str(exc))
+    except (nats.errors.Error, ValueError) as exc:
+        return outcome("error", str(exc) or type(exc).__name__)
+    return Outcome(command.command_id, command.type, reply.status, reply.message, reply.code, reply.step)
+
+
+def outcome_of(sent: Sent) -> Outcome | None:
+    """The command's outcome once the future is done (a denied or unsent command included); None before."""
+    if not sent.future.done():
+        return None
+    try:
+        return sent.future.result()
+    except Denied as exc:
+        why = f"the server denied {exc.user} sending commands to {exc.subject} ({exc.detail})"
+        return Outcome(sent.command_id, sent.what, "denied", why)
+    except TrainbusError as exc:
+        return Outcome(sent.command_id, sent.what, "error", str(exc))
 
 
 @dataclass
@@ -59,15 +109,16 @@ def send(reader: BusReader, action: str, run_id: str, *, settings: Sequence[str]
         return
     what = command.type + (" " + " ".join(settings) if settings else "")
     sent: list[Sent] = st.session_state.setdefault(SENT, [])
-    sent.append(Sent(run_id, command.command_id, what, reader.send(command)))
+    future = reader.submit(lambda nc: ask_trainer(nc, command), publishes=[control_subject(run_id)])
+    sent.append(Sent(run_id, command.command_id, what, future))
     del sent[:-KEEP]
 
 
 def describe(sent: Sent, snap: RunSnapshot) -> tuple[str, str]:
     """(kind, text) for one sent command: kind is ``info``, ``success``, ``warning`` or ``error``."""
-    if not sent.future.done():
+    outcome = outcome_of(sent)
+    if outcome is None:
         return "info", f"{sent.what}: sent, waiting for the trainer's answer…"
-    outcome = sent.future.result()
     if outcome.status == "denied":
         return (
             "error",

@@ -22,6 +22,7 @@ def pages() -> list[st.Page]:
         st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("views/checkpoints.py", title="Checkpoints & audit", icon=":material/verified:"),
         st.Page("views/sweep.py", title="Sweeps", icon=":material/tune:"),
+        st.Page("views/tryit.py", title="Try it", icon=":material/science:"),
     ]
 
 

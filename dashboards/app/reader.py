@@ -6,10 +6,13 @@ replays ``TRAINBUS_EVENTS`` from the start with an ordered consumer, then follow
 folding each into ``DashboardState`` under a lock; it also watches the audit gate's ``best``
 pointers. Pages call ``overview()`` / ``run()`` for immutable snapshots and never wait on the
 network. A lost bus is retried forever (``bus_status`` says so for the banner); after a
-reconnect the consumer resumes from the last stream sequence it applied.
+reconnect the consumer resumes from the last stream sequence it applied. JetStream delivers
+nothing when a run is purged (`trainbus runs rm`), so the reader looks at the stream's message
+count every few seconds and drops the runs whose events are gone.
 
-Commands go out through ``send``: the same ``consumers.control.send_command`` that
-`trainbus ctl` uses, run on this loop; the caller gets a future and polls it.
+Requests the pages make (a command to a trainer, a prediction, predictor discovery) run on this
+loop too, through ``submit``: the caller gets a future and polls it, so a page never waits on
+the network and no session opens a connection of its own.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -29,23 +33,25 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from consumers.control import NoTrainer, send_command
+from dashboards.app.denials import Denials
 from dashboards.app.snapshot import RunSnapshot, RunSummary, snapshot_run, summarise
-from dashboards.app.state import DashboardState, count_invalid, count_newer, handle
+from dashboards.app.state import DashboardState, count_invalid, count_newer, forget, handle
 from runtime.bus import BusTarget, Credentials, connect
-from runtime.errors import TrainbusError
+from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
 from runtime.stream import decode
-from schemas import ALL_EVENTS, EVENTS_STREAM, Command, control_subject
-from schemas.subjects import CHECKPOINTS_BUCKET, run_id_of
+from schemas import ALL_EVENTS, EVENTS_STREAM
+from schemas.subjects import CHECKPOINTS_BUCKET, EVENTS_PREFIX, run_id_of
+
+T = TypeVar("T")
 
 RETRY_SECONDS = 1.0
 """Pause between attempts to reach a lost bus or a missing stream."""
 CONNECTING = "connecting"
 """``BusStatus.detail`` before the first connection attempt has ended."""
-COMMAND_TIMEOUT = 5.0
-"""Seconds to wait for the trainer's answer to a command (as `trainbus ctl`)."""
+PURGE_CHECK_SECONDS = 2.0
+"""How often the reader looks whether runs were purged from the stream."""
 
 
 @dataclass(frozen=True)
@@ -74,33 +80,10 @@ class Overview:
     invalid_recent: tuple[str, ...]
     newer_events: int = 0
     """Events skipped because a newer trainbus wrote them (upgrade to read them)."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a command sent from the dashboard (before the stream says ``applied``)."""
-
-    command_id: str
-    command: str
-    status: str
-    """``accepted``, ``rejected``, ``denied`` (the server refused this user), ``no_trainer``, ``error``."""
-    message: str = ""
-    code: str = ""
-    step: int | None = None
-
-
-@dataclass
-class _Denials:
-    """Permission errors from the server, matched to the command waiting on that subject."""
-
-    waiting: dict[str, asyncio.Event] = field(default_factory=dict)
-    detail: dict[str, str] = field(default_factory=dict)
-
-    def on_error(self, text: str) -> None:
-        for subject, event in self.waiting.items():
-            if f'"{subject}"' in text or f"'{subject}'" in text or subject in text.split():
-                self.detail[subject] = text.strip().strip("'\" ")
-                event.set()
+    best_runs: tuple[str, ...] = ()
+    """Runs the audit gate named a best approved checkpoint for (what `trainbus serve` serves)."""
+    removed: tuple[str, ...] = ()
+    """Runs purged from the stream while the dashboard ran (`trainbus runs rm`)."""
 
 
 class BusReader:
@@ -127,9 +110,11 @@ class BusReader:
         self._nc: NATS | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
-        self._denials = _Denials()
+        self._denials = Denials()
         self._backlog_end = 0
         self._replay_started = 0.0
+        self._stored = (0, 0)
+        """(last stream sequence, messages) at the last look: messages gone missing mean a purge."""
 
     # ---- page side (any thread) ---------------------------------------------------------
 
@@ -142,8 +127,8 @@ class BusReader:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop following the stream and close the connection."""
-        if self._loop is not None and self._stop is not None:
+        """Stop following the stream and close the connection (again: nothing to do)."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -157,6 +142,8 @@ class BusReader:
                 invalid_events=self._state.invalid_events,
                 invalid_recent=tuple(self._state.invalid_recent),
                 newer_events=self._state.newer_events,
+                best_runs=tuple(self._state.best) if runs else (),
+                removed=tuple(self._state.removed) if runs else (),
             )
 
     def run(self, run_id: str) -> RunSnapshot | None:
@@ -176,14 +163,22 @@ class BusReader:
         with self._lock:
             return self._bus
 
-    def send(self, command: Command) -> concurrent.futures.Future[Outcome]:
-        """Send ``command`` on the reader's loop; the future holds the trainer's answer."""
+    def submit(
+        self, work: Callable[[NATS], Awaitable[T]], *, publishes: Iterable[str] = ()
+    ) -> concurrent.futures.Future[T]:
+        """Run ``work(nc)`` on the reader's loop and connection; the future holds its result.
+
+        It raises ``Denied`` as soon as the server refuses this user publishing to one of the
+        subjects in ``publishes`` (instead of waiting for a reply that cannot come), and
+        ``BusUnavailable`` while the bus is not connected.
+        """
         loop, nc = self._loop, self._nc
         if loop is None or nc is None or not nc.is_connected:
-            done: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
-            done.set_result(_outcome(command, "error", f"not connected to the bus at {self.target.display}"))
-            return done
-        return asyncio.run_coroutine_threadsafe(self._send(nc, command), loop)
+            failed: concurrent.futures.Future[T] = concurrent.futures.Future()
+            failed.set_exception(BusUnavailable(f"not connected to the bus at {self.target.display}"))
+            return failed
+        user = (self.credentials or Credentials.from_env()).identity() or "this user"
+        return asyncio.run_coroutine_threadsafe(self._denials.guard(work(nc), tuple(publishes), user), loop)
 
     # ---- reader thread --------------------------------------------------------------------
 
@@ -239,7 +234,10 @@ class BusReader:
     async def _follow(self, nc: NATS, stop: asyncio.Event) -> None:
         """Subscribe from the last applied sequence; resubscribe after every reconnect."""
         js = nc.jetstream()
-        best = asyncio.ensure_future(self._watch_best(js, stop))
+        watchers = [
+            asyncio.ensure_future(self._watch_best(js, stop)),
+            asyncio.ensure_future(self._watch_purges(js, stop)),
+        ]
         sub = None
         try:
             was_connected = False
@@ -256,7 +254,8 @@ class BusReader:
                     self._set_bus(False, "connection lost; reconnecting")
                 await _sleep(stop, 0.25)
         finally:
-            best.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             if sub is not None and nc.is_connected:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -278,6 +277,7 @@ class BusReader:
                 self._snapshots.clear()
             start = self._state.last_stream_seq + 1
         self._backlog_end = last_seq if info.state.messages else 0
+        self._stored = (last_seq, int(info.state.messages or 0))
         self._replay_started = time.monotonic()
         caught_up = self._backlog_end < start
         self._set_bus(True, "", caught_up=caught_up)
@@ -332,9 +332,13 @@ class BusReader:
                 kv = await js.key_value(CHECKPOINTS_BUCKET)
                 watcher = await kv.watch("*.best")
                 async for entry in watcher:
-                    if entry is None or not entry.value:
+                    if entry is None:
                         continue
                     run_id = entry.key.rsplit(".", 1)[0]
+                    if not entry.value:  # deleted or purged (`trainbus runs rm`)
+                        with self._lock:
+                            self._state.best.pop(run_id, None)
+                        continue
                     with contextlib.suppress(ValueError, AttributeError):
                         verdict_id = json.loads(entry.value).get("verdict_event_id")
                         if verdict_id:
@@ -346,34 +350,35 @@ class BusReader:
                 self.log.debug("best-pointer watch failed; retrying", error=str(exc) or type(exc).__name__)
             await _sleep(stop, 5 * RETRY_SECONDS)
 
-    async def _send(self, nc: NATS, command: Command) -> Outcome:
-        subject = control_subject(command.run_id)
-        denied = self._denials.waiting.setdefault(subject, asyncio.Event())
-        denied.clear()
-        sending = asyncio.ensure_future(send_command(nc, command, timeout=COMMAND_TIMEOUT))
-        refused = asyncio.ensure_future(denied.wait())
-        try:
-            await asyncio.wait({sending, refused}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            refused.cancel()
-        if denied.is_set():
-            sending.cancel()
-            user = (self.credentials or Credentials.from_env()).identity() or "this user"
-            why = self._denials.detail.get(subject, "permissions violation")
-            return _outcome(command, "denied", f"the server denied {user} sending commands to {subject} ({why})")
-        try:
-            reply, _ = sending.result()
-        except NoTrainer as exc:
-            return _outcome(command, "no_trainer", str(exc))
-        except TrainbusError as exc:
-            return _outcome(command, "error", str(exc))
-        except (nats.errors.Error, ValueError) as exc:
-            return _outcome(command, "error", str(exc) or type(exc).__name__)
-        return _outcome(command, reply.status, reply.message, code=reply.code, step=reply.step)
-
-
-def _outcome(command: Command, status: str, message: str, *, code: str = "", step: int | None = None) -> Outcome:
-    return Outcome(command.command_id, command.type, status, message, code, step)
+    async def _watch_purges(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """Drop runs purged from the stream. A purge delivers nothing, so compare the stream's
+        message count with the last look: when messages went missing (a purge, or the stream's
+        limits dropping old events), list the runs still stored and forget the others."""
+        while not stop.is_set():
+            await _sleep(stop, PURGE_CHECK_SECONDS)
+            try:
+                info = await js.stream_info(EVENTS_STREAM)
+                last, messages = int(info.state.last_seq or 0), int(info.state.messages or 0)
+                before_last, before_messages = self._stored
+                self._stored = (last, messages)
+                if messages >= before_messages + (last - before_last):
+                    continue
+                stored = await js.stream_info(EVENTS_STREAM, subjects_filter=f"{EVENTS_PREFIX}.>")
+            except nats.js.errors.NotFoundError:
+                continue  # the stream is gone: the follow loop waits for it and starts again
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.debug("purge check failed; retrying", error=str(exc) or type(exc).__name__)
+                continue
+            present = {run_id_of(subject) for subject in stored.state.subjects or {}}
+            upto = int(stored.state.last_seq or 0)
+            with self._lock:
+                # a run first seen after that listing may simply be newer than it
+                gone = [r.run_id for r in self._state.runs.values() if r.run_id not in present and r.first_seq <= upto]
+                for run_id in gone:
+                    forget(self._state, run_id, upto)
+                    self._snapshots.pop(run_id, None)
+            if gone:
+                self.log.info("runs purged from the stream are dropped", runs=gone)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

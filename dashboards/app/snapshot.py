@@ -6,12 +6,14 @@ of everything one run shows. The reader makes them under its lock (``summarise``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from dashboards.app.rows import CheckpointRow, CommandRow, EvalPoint, FlagRow, LoadRow, Marker, NoteRow
 from dashboards.app.series import Floats, for_display
-from dashboards.app.state import CheckpointRow, CommandRow, EvalPoint, FlagRow, Marker, RunView
+from dashboards.app.state import RunView
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class RunSummary:
     max_steps: int | None
     loss: float | None
     best_accuracy: float | None
+    best_perplexity: float | None
+    """Lowest eval perplexity (chat runs; None for a classifier)."""
     approved: int
     rejected: int
     pending: int
@@ -36,6 +40,8 @@ class RunSummary:
     config: dict[str, Any]
     sweep: str | None = None
     trial: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    """``trainbus tag`` labels of the run."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class RunSnapshot:
     flags: tuple[FlagRow, ...]
     commands: tuple[CommandRow, ...]
     markers: tuple[Marker, ...]
+    notes: tuple[NoteRow, ...]
+    serving: tuple[LoadRow, ...]
+    """The newest load of each (alias, replica) serving one of the run's checkpoints, oldest first."""
+    loads: tuple[LoadRow, ...]
 
     @property
     def run_id(self) -> str:
@@ -70,10 +80,10 @@ class RunSnapshot:
         return next((c for c in self.commands if c.command_id == command_id), None)
 
 
-def _best_accuracy(run: RunView) -> float | None:
-    values = [e.metrics.get("accuracy") for e in run.evals]
+def _best(run: RunView, metric: str, pick: Callable[[list[float]], float]) -> float | None:
+    values = [e.metrics.get(metric) for e in run.evals]
     finite = [v for v in values if v is not None and math.isfinite(v)]
-    return max(finite) if finite else None
+    return pick(finite) if finite else None
 
 
 def summarise(run: RunView) -> RunSummary:
@@ -86,7 +96,8 @@ def summarise(run: RunView) -> RunSummary:
         step=run.step,
         max_steps=run.max_steps,
         loss=run.series["loss"].latest,
-        best_accuracy=_best_accuracy(run),
+        best_accuracy=_best(run, "accuracy", max),
+        best_perplexity=_best(run, "perplexity", min),
         approved=verdicts.count("approved"),
         rejected=verdicts.count("rejected"),
         pending=verdicts.count("pending"),
@@ -97,6 +108,7 @@ def summarise(run: RunView) -> RunSummary:
         config=run.config,
         sweep=run.sweep,
         trial=run.trial,
+        tags=dict(run.tags),
     )
 
 
@@ -116,4 +128,7 @@ def snapshot_run(run: RunView, best_verdict: str | None = None) -> RunSnapshot:
         flags=tuple(run.flags),
         commands=tuple(CommandRow(**c.__dict__) for c in run.commands.values()),
         markers=tuple(run.markers),
+        notes=tuple(run.notes),
+        serving=tuple(run.serving.values()),
+        loads=tuple(run.loads),
     )

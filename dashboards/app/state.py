@@ -6,16 +6,17 @@ from its own thread; pages only ever see the immutable copies ``dashboards.app.s
 so a page never races the reader.
 
 Memory is bounded per run: metric series are capped (``dashboards.app.series``), and the
-low-volume history (evaluations, checkpoints, flags, commands, markers) is capped too.
+low-volume history (evaluations, checkpoints, flags, commands, notes, predictor loads, markers)
+is capped too. A run purged from the stream (`trainbus runs rm`) is dropped with ``forget``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
+from dashboards.app.rows import CheckpointRow, CommandRow, EvalPoint, FlagRow, LoadRow, Marker, NoteRow
 from dashboards.app.series import Series
 from schemas import (
     AuditFlag,
@@ -26,11 +27,14 @@ from schemas import (
     Event,
     Heartbeat,
     RunFinished,
+    RunNote,
     RunStarted,
     RunState,
+    RunTag,
     TrainStep,
 )
 from schemas.commands import SETTABLE
+from schemas.predict import PredictorLoaded
 
 TRAIN_METRICS = (
     "loss",
@@ -41,89 +45,17 @@ TRAIN_METRICS = (
     "memory_bytes",
 )
 """``train.step`` fields kept as series (the Run page charts)."""
-EVAL_METRICS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
-"""``eval`` fields kept per evaluation."""
+EVAL_METRICS = ("loss", "perplexity", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+"""``eval`` fields kept per evaluation (a chat run fills ``loss`` and ``perplexity`` only)."""
 EVALS_CAP = 500
 FLAGS_CAP = 2_000
 COMMANDS_CAP = 1_000
 MARKERS_CAP = 1_000
 CHECKPOINTS_CAP = 2_000
+NOTES_CAP = 500
+LOADS_CAP = 500
+REMOVED_CAP = 1_000
 INVALID_SHOWN = 5
-
-
-@dataclass(frozen=True)
-class EvalPoint:
-    """One evaluation of a run."""
-
-    event_id: str
-    step: int
-    attempt: int
-    time: datetime
-    trigger: str
-    metrics: dict[str, float | None]
-    per_label_f1: dict[str, float]
-    labels: tuple[str, ...]
-    confusion_matrix: tuple[tuple[int, ...], ...]
-    num_samples: int
-
-
-@dataclass
-class CheckpointRow:
-    """A checkpoint and, once the audit gate has ruled, its verdict."""
-
-    event_id: str
-    step: int
-    attempt: int
-    time: datetime
-    trigger: str
-    path: str
-    sha256: str
-    size_bytes: int
-    metrics: dict[str, float]
-    verdict: str = "pending"
-    reasons: tuple[str, ...] = ()
-    verdict_metrics: dict[str, float] = field(default_factory=dict)
-    verdict_event_id: str | None = None
-
-
-@dataclass
-class CommandRow:
-    """One control command as the stream tells it: who sent what, and what the trainer did."""
-
-    command_id: str
-    command: str
-    issued_by: str
-    time: datetime
-    status: str
-    code: str = ""
-    message: str = ""
-    accepted_step: int | None = None
-    applied_step: int | None = None
-    applied: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FlagRow:
-    """One audit flag."""
-
-    time: datetime
-    step: int | None
-    rule: str
-    severity: str
-    message: str
-    value: float | None
-    threshold: float | None
-    actions_taken: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Marker:
-    """A step worth a vertical rule on every chart of the run."""
-
-    step: float
-    kind: str
-    """``command``, ``resume`` or ``flag``."""
-    label: str
 
 
 @dataclass
@@ -156,6 +88,14 @@ class RunView:
     flags: deque[FlagRow] = field(default_factory=lambda: deque(maxlen=FLAGS_CAP))
     commands: dict[str, CommandRow] = field(default_factory=dict)
     markers: deque[Marker] = field(default_factory=lambda: deque(maxlen=MARKERS_CAP))
+    tags: dict[str, str] = field(default_factory=dict)
+    notes: deque[NoteRow] = field(default_factory=lambda: deque(maxlen=NOTES_CAP))
+    serving: dict[tuple[str, str], LoadRow] = field(default_factory=dict)
+    """The newest load of each (alias, replica) that loaded one of the run's checkpoints."""
+    loads: deque[LoadRow] = field(default_factory=lambda: deque(maxlen=LOADS_CAP))
+    """Every ``predictor.loaded`` of the run, oldest first."""
+    first_seq: int = 0
+    """Stream sequence of the run's first event (0 when folded without one)."""
     events: int = 0
     version: int = 0
     """Bumped by every event, so snapshots can be reused while nothing changed."""
@@ -174,6 +114,8 @@ class DashboardState:
     newer_events: int = 0
     """Events a newer trainbus wrote (a higher ``schema_version``): skipped, not invalid."""
     newer_runs: set[str] = field(default_factory=set)
+    removed: dict[str, int] = field(default_factory=dict)
+    """Runs purged from the stream -> the stream sequence they were purged at (events up to it are stale)."""
     last_stream_seq: int = 0
     events: int = 0
 
@@ -185,9 +127,13 @@ def handle(event: Event, state: DashboardState, stream_seq: int = 0) -> Dashboar
         if stream_seq <= state.last_stream_seq:
             return state
         state.last_stream_seq = stream_seq
+        if stream_seq <= state.removed.get(event.run_id, 0):
+            return state  # delivered before its run was purged, folded after: the run stays gone
     run = state.runs.get(event.run_id)
     if run is None:
-        run = state.runs[event.run_id] = RunView(run_id=event.run_id, first_event_time=event.time.timestamp())
+        run = state.runs[event.run_id] = RunView(
+            run_id=event.run_id, first_event_time=event.time.timestamp(), first_seq=stream_seq
+        )
     state.events += 1
     run.events += 1
     run.version += 1
@@ -199,6 +145,17 @@ def handle(event: Event, state: DashboardState, stream_seq: int = 0) -> Dashboar
         elif event.attempt < run.attempt:
             return state  # a straggler of an attempt that was replaced
     _apply(event, run)
+    return state
+
+
+def forget(state: DashboardState, run_id: str, purged_at: int) -> DashboardState:
+    """Drop a run whose events were purged from the stream by ``purged_at`` (a stream sequence)."""
+    state.runs.pop(run_id, None)
+    state.best.pop(run_id, None)
+    state.newer_runs.discard(run_id)
+    state.removed[run_id] = max(purged_at, state.removed.get(run_id, 0))
+    while len(state.removed) > REMOVED_CAP:
+        del state.removed[next(iter(state.removed))]
     return state
 
 
@@ -267,6 +224,14 @@ def _apply(event: Event, run: RunView) -> None:
         _on_command(event, run)
     elif isinstance(event, Heartbeat):
         run.step = max(run.step, event.step) if not run.finished else run.step
+    elif isinstance(event, RunTag):
+        run.tags.update(event.tags)
+        run.tags = {k: v for k, v in run.tags.items() if v}  # an empty value removes the tag
+    elif isinstance(event, RunNote):
+        run.notes.append(NoteRow(event.time, run.step, event.issued_by, event.text))
+        run.markers.append(Marker(float(run.step), "note", _short(event.text)))
+    elif isinstance(event, PredictorLoaded):
+        _on_loaded(event, run)
 
 
 def _on_started(event: RunStarted, run: RunView) -> None:
@@ -311,6 +276,7 @@ def _on_eval(event: Evaluation, run: RunView) -> None:
             labels=tuple(event.labels),
             confusion_matrix=tuple(tuple(row) for row in event.confusion_matrix),
             num_samples=event.num_samples,
+            num_abstained=event.num_abstained,
         )
     )
 
@@ -361,3 +327,20 @@ def _command_label(event: CommandResult) -> str:
         )
         return f"set {changes}" if changes else "set"
     return event.command
+
+
+def _on_loaded(event: PredictorLoaded, run: RunView) -> None:
+    row = LoadRow(
+        event.time, event.alias, event.instance, event.step, event.sha256, event.checkpoint_event_id,
+        event.verdict, event.forced, event.trigger, event.previous_step, event.host,
+    )  # fmt: skip
+    run.loads.append(row)
+    run.serving.pop((row.alias, row.instance), None)  # re-inserted last: the dict stays oldest first
+    run.serving[(row.alias, row.instance)] = row
+    while len(run.serving) > LOADS_CAP:
+        del run.serving[next(iter(run.serving))]
+
+
+def _short(text: str, most: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= most else line[: most - 1] + "…"

@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
+from dashboards.app.rows import CommandRow, EvalPoint, LoadRow
 from dashboards.app.snapshot import RunSnapshot, RunSummary
-from dashboards.app.state import EVAL_METRICS, CommandRow, EvalPoint
+from dashboards.app.state import EVAL_METRICS
 from runtime.liveness import shown_state
 
 STATES = ("running", "paused", "stalled", "stopping", "completed", "stopped", "failed", "unknown")
@@ -68,6 +69,11 @@ def sweep_names(runs: Iterable[RunSummary]) -> list[str]:
     return sorted({r.sweep for r in runs if r.sweep})
 
 
+def tags_text(tags: Mapping[str, str]) -> str:
+    """``team=risk, dataset=v2``: a run's tags (``trainbus tag``) in one cell."""
+    return ", ".join(f"{k}={v}" for k, v in tags.items())
+
+
 def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
     """The Runs page: one row per run, newest run first (a stable order, so a row stays put
     while the table refreshes under the user's click)."""
@@ -89,6 +95,7 @@ def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
                 "last event": f"{age(now - r.last_event_time)} ago" if r.last_event_time else "",
                 "model": f"{r.model} ({r.adapter})" if r.adapter else r.model,
                 "sweep": f"{r.sweep} #{r.trial}" if r.sweep else "",
+                "tags": tags_text(r.tags),
             }
         )
     columns = [
@@ -102,6 +109,7 @@ def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
         "checkpoints",
         "last event",
         "model",
+        "tags",
     ]
     if any(row["sweep"] for row in rows):  # a column for the trials of sweeps only when there are some
         columns.append("sweep")
@@ -146,11 +154,21 @@ def per_label_table(point: EvalPoint) -> pd.DataFrame:
 
 
 def eval_table(evals: Sequence[EvalPoint]) -> pd.DataFrame:
-    """Every evaluation of a run, newest first."""
+    """Every evaluation of a run, newest first: the metrics some evaluation reports (a chat run
+    has no accuracy column) and how many examples it abstained on (a classifier)."""
+    metrics = [k for k in EVAL_METRICS if any(e.metrics.get(k) is not None for e in evals)]
+    abstained = ["abstained"] if any(e.num_abstained is not None for e in evals) else []
     rows = [
-        {"step": e.step, "trigger": e.trigger, **{k: e.metrics.get(k) for k in EVAL_METRICS}} for e in reversed(evals)
+        {
+            "step": e.step,
+            "trigger": e.trigger,
+            **{k: e.metrics.get(k) for k in metrics},
+            "examples": e.num_samples,
+            "abstained": e.num_abstained,
+        }
+        for e in reversed(evals)
     ]
-    return pd.DataFrame(rows, columns=["step", "trigger", *EVAL_METRICS])
+    return pd.DataFrame(rows, columns=["step", "trigger", *metrics, "examples", *abstained])
 
 
 def _result(row: CommandRow) -> str:
@@ -175,6 +193,15 @@ def commands_table(snapshot: RunSnapshot) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["when", "who", "what", "result"])
 
 
+def notes_table(snapshot: RunSnapshot) -> pd.DataFrame:
+    """The run's notes (``trainbus note``), newest first, with the step the run was at."""
+    rows = [
+        {"when": n.time.strftime("%Y-%m-%d %H:%M:%S"), "step": n.step, "who": n.issued_by, "note": n.text}
+        for n in sorted(snapshot.notes, key=lambda n: n.time, reverse=True)
+    ]
+    return pd.DataFrame(rows, columns=["when", "step", "who", "note"])
+
+
 def _metric(metrics: Mapping[str, float], name: str) -> float | None:
     value = metrics.get(name)
     return float(value) if value is not None and math.isfinite(value) else None
@@ -186,6 +213,7 @@ def checkpoints_table(snapshots: Iterable[RunSnapshot]) -> pd.DataFrame:
     for snap in snapshots:
         for c in snap.checkpoints:
             metrics = {**c.metrics, **c.verdict_metrics}
+            aliases = sorted({s.alias for s in snap.serving if _same_checkpoint(s, c.event_id, c.sha256)})
             rows.append(
                 {
                     "run": snap.run_id,
@@ -194,6 +222,7 @@ def checkpoints_table(snapshots: Iterable[RunSnapshot]) -> pd.DataFrame:
                     "trigger": c.trigger,
                     "verdict": c.verdict,
                     "best": "★" if c.verdict_event_id is not None and c.verdict_event_id == snap.best_verdict else "",
+                    "loaded as": ", ".join(aliases),
                     "reasons": "; ".join(c.reasons),
                     "accuracy": _metric(metrics, "accuracy"),
                     "macro_f1": _metric(metrics, "macro_f1"),
@@ -210,6 +239,7 @@ def checkpoints_table(snapshots: Iterable[RunSnapshot]) -> pd.DataFrame:
         "trigger",
         "verdict",
         "best",
+        "loaded as",
         "reasons",
         "accuracy",
         "macro_f1",
@@ -239,3 +269,43 @@ def flags_table(snapshots: Iterable[RunSnapshot], severities: Sequence[str] = ()
             }
         )
     return pd.DataFrame(rows, columns=["time", "run", "step", "severity", "rule", "message", "actions"])
+
+
+def _same_checkpoint(load: LoadRow, event_id: str, sha256: str) -> bool:
+    return load.checkpoint_event_id == event_id if load.checkpoint_event_id else load.sha256 == sha256
+
+
+def _load_row(run_id: str, load: LoadRow) -> dict[str, Any]:
+    verdict = load.verdict + (" (--force)" if load.forced else "")
+    how = f"hot swap from step {load.previous_step}" if load.trigger == "hot_swap" else "start"
+    return {
+        "since": load.time.strftime("%Y-%m-%d %H:%M:%S"),
+        "alias": load.alias,
+        "run": run_id,
+        "step": load.step,
+        "verdict": verdict,
+        "how": how,
+        "replica": load.instance,
+        "host": load.host,
+        "sha256": load.sha256,
+    }
+
+
+LOAD_COLUMNS = ["since", "alias", "run", "step", "verdict", "how", "replica", "host", "sha256"]
+
+
+def serving_table(snapshots: Iterable[RunSnapshot]) -> pd.DataFrame:
+    """Which checkpoint each predictor replica loaded last, under which alias, since when: one row
+    per (alias, replica), newest first (``predictor.loaded`` events)."""
+    loads = [(snap.run_id, load) for snap in snapshots for load in snap.serving]
+    return _loads_frame(loads)
+
+
+def loads_table(snapshots: Iterable[RunSnapshot]) -> pd.DataFrame:
+    """Every ``predictor.loaded`` of the given runs, newest first."""
+    return _loads_frame([(snap.run_id, load) for snap in snapshots for load in snap.loads])
+
+
+def _loads_frame(loads: list[tuple[str, LoadRow]]) -> pd.DataFrame:
+    loads = sorted(loads, key=lambda item: item[1].time, reverse=True)
+    return pd.DataFrame([_load_row(run_id, load) for run_id, load in loads], columns=LOAD_COLUMNS)

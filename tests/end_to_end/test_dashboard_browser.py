@@ -1,13 +1,17 @@
 """The dashboard in a real browser (Debian's chromium, headless, driven by playwright) during a
-live tiny training run: the step moves, Pause/Resume/Set learning rate/Stop work from the page.
+live tiny training run: the step moves, Pause/Resume/Set learning rate/Save/Stop work from the
+page, and the Try-it page answers from the checkpoint saved there (`trainbus serve --force`).
 
-``TRAINBUS_SCREENSHOT=docs/dashboard-run.png`` also saves the Run page screenshot the README shows.
+``TRAINBUS_SCREENSHOT=docs/dashboard-run.png`` also saves the Run page screenshot the README
+shows, and the Try-it page's beside it (``docs/dashboard-tryit.png``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +23,10 @@ from dashboards.bench import Dashboard, browser, start_dashboard
 from runtime.natsserver import RunningServer
 from schemas import Event
 from tests.conftest import REPO, require_tool, wait_until
-from tests.end_to_end.conftest import Trainer, of_type, start_trainer, wait_events
+from tests.end_to_end.conftest import Trainer, of_type, start_trainer, trainbus_env, wait_events
 
 RUN = "browser-run"
+PICKER = '[data-testid="stSelectbox"]'
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,15 @@ def stream(until: Callable[[list[Event]], Any], url: str) -> list[Event]:
 def step_on_page(page: Any) -> int:
     text = page.locator('.st-key-live-step [data-testid="stMetricValue"]').inner_text(timeout=60_000)
     return int(re.sub(r"\D", "", text))
+
+
+def serve(url: str, step: int, log: Path) -> subprocess.Popen[str]:
+    """`trainbus serve` of the checkpoint saved from the page (not judged: no audit gate here)."""
+    argv = ["serve", "--run", RUN, "--alias", "browser", "--step", str(step), "--force"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", *argv],
+        cwd=REPO, env=trainbus_env(url), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
 
 def outcome(page: Any, text: str) -> None:
@@ -102,6 +116,11 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
         applied = [r for r in of_type(stream(lambda ev: True, url), "command.result") if r.command == "set"]
         assert applied[-1].status == "applied" and applied[-1].issued_by
 
+        page.get_by_role("button", name="Save checkpoint").click()
+        outcome(page, "save_checkpoint: applied at step")
+        saved = of_type(stream(lambda ev: of_type(ev, "checkpoint"), url), "checkpoint")[-1]
+        predictor = serve(url, saved.step, tmp_path / "serve.log")  # loads while the test goes on
+
         page.get_by_role("tab", name="Evaluation").click()
         page.get_by_text(re.compile(r"confusion matrix at step \d+")).first.wait_for(timeout=60_000)
         page.get_by_role("tab", name="Training").click()
@@ -110,7 +129,7 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
             timeout=60_000,
         )
         page.screenshot(path=str(tmp_path / "dashboard-run.png"), full_page=True)
-        if target := os.environ.get("TRAINBUS_SCREENSHOT"):
+        if target := os.environ.get("TRAINBUS_SCREENSHOT", ""):
             page.screenshot(path=str(REPO / target), full_page=True)
 
         page.get_by_role("button", name="Stop").click()
@@ -121,3 +140,28 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
         finished = of_type(stream(lambda ev: of_type(ev, "run.finished"), url), "run.finished")[-1]
         assert finished.status == "stopped"
         page.get_by_text("· stopped").first.wait_for(timeout=60_000)
+
+        try:
+            wait_until(
+                lambda: "serving run" in (tmp_path / "serve.log").read_text() or predictor.poll() is not None,
+                timeout=180,
+                what="trainbus serve to load the saved checkpoint",
+            )
+            assert predictor.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            page.get_by_role("link", name="Try it").click()
+            picked = f"browser — run {RUN}, step {saved.step}, 1 replica"  # the alias found by discovery
+            page.wait_for_function(f"document.querySelector('{PICKER} input')?.value === {picked!r}", timeout=60_000)
+            page.get_by_role("textbox", name="Text").fill("I am going to hurt him tomorrow.")
+            page.get_by_text("with a rationale").click()  # off: the answer comes sooner (the AppTest reads one)
+            page.get_by_role("button", name="Predict").click()
+            answered = page.get_by_text(re.compile(rf"Answered by run {RUN}, checkpoint step {saved.step}, sha256"))
+            answered.first.wait_for(timeout=120_000)  # the page's fragment shows the answer by itself
+            page.get_by_text("served with --force").first.wait_for(timeout=30_000)
+            bars = '[data-testid="stVegaLiteChart"] .mark-rect path'
+            page.wait_for_function(f"document.querySelectorAll('{bars}').length >= 2", timeout=60_000)
+            page.screenshot(path=str(tmp_path / "dashboard-tryit.png"), full_page=True)
+            if target:
+                page.screenshot(path=str((REPO / target).with_name("dashboard-tryit.png")), full_page=True)
+        finally:
+            predictor.terminate()
+            predictor.wait(30)

@@ -26,10 +26,16 @@ import pytest
 import torch
 from nats.aio.client import Client as NATS
 from peft import PeftModel
+from streamlit.testing.v1 import AppTest
 
 from consumers.audit.loop import open_checkpoints
 from consumers.predict.checkpoints import Refused, best_key, choose
 from consumers.predict.client import SERVICE_NAME, predict, served_aliases
+from dashboards.app import connection
+from dashboards.app.predictions import PREDICT_TIMEOUT
+from dashboards.app.reader import BusReader
+from dashboards.app.views.tryit import ALIAS as TRY_IT_ALIAS
+from dashboards.app.views.tryit import ASKED
 from producers.checkpoints import fingerprint
 from producers.config import RunConfig
 from producers.data import read_examples
@@ -44,7 +50,11 @@ from runtime.stream import ensure_stream, replay
 from schemas import AuditVerdict, Checkpoint, Evaluation, RunStarted, TrainStep, event_subject, run_events
 from schemas.predict import Answer, PredictorLoaded
 from schemas.subjects import CHECKPOINTS_BUCKET, predict_subject
+from tests.conftest import wait_until
 from tests.end_to_end.conftest import REPO, of_type, start_trainer, trainbus_env, wait_events
+from tests.integration.test_dashboard_app import charts as dashboard_charts
+from tests.integration.test_dashboard_app import page as dashboard_page
+from tests.integration.test_dashboard_app import texts as dashboard_texts
 from tests.integration.test_roles import eventually, login
 
 RUN = "predict-run"
@@ -520,26 +530,37 @@ def _checkpoint(run_dir: Path, step: int, *, seq: int) -> Checkpoint:
 # ---- roles -------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def secure_service(
+    trained: dict[str, Any], secured_server: RunningServer, role_passwords: dict[str, str]
+) -> Iterator[Process]:
+    """`trainbus serve --alias secure` as the predictor role on the secured server, the run copied there."""
+    asyncio.run(_copy_run(trained["url"], secured_server, role_passwords["admin"]))
+    creds = {"NATS_USER": "predictor", "NATS_PASSWORD": role_passwords["predictor"]}
+    serve = Process(
+        secured_server.url, "serve", "--run", RUN, "--alias", "secure", log=trained["tmp"] / "serve-secure.log", **creds
+    )
+    try:
+        serve.wait_for(f"serving run {RUN} step")  # read the stream and the bucket, announced, registered
+        yield serve
+    finally:
+        assert serve.stop() == 0
+
+
 def test_roles_predictor_serves_viewer_and_operator_call_trainer_cannot(
-    trained: dict[str, Any], secured_server: RunningServer, role_passwords: dict[str, str], tmp_path: Path
+    secured_server: RunningServer, role_passwords: dict[str, str], secure_service: Process
 ) -> None:
     url = secured_server.url
     creds = {role: {"NATS_USER": role, "NATS_PASSWORD": role_passwords[role]} for role in role_passwords}
-    asyncio.run(_copy_run(trained["url"], secured_server, role_passwords["admin"]))
-    serve = Process(url, "serve", "--run", RUN, "--alias", "secure", log=tmp_path / "serve.log", **creds["predictor"])
-    try:
-        serve.wait_for(f"serving run {RUN} step")  # read the stream and the bucket, announced, registered
-        for role in ("viewer", "operator"):
-            asked = cli(url, "predict", "--alias", "secure", "--json", "--no-rationale", TEXTS[0], **creds[role])
-            assert asked.returncode == 0, (role, asked.stderr)
-            assert json.loads(asked.stdout)["checkpoint"]["run_id"] == RUN
-        listed = cli(url, "predict", "--list", **creds["viewer"])
-        assert listed.returncode == 0 and "secure" in listed.stdout
-        denied = cli(url, "predict", "--alias", "secure", "--timeout", "2", TEXTS[0], **creds["trainer"])
-        assert denied.returncode == 3 and "denied" in denied.stderr
-        asyncio.run(_predictor_may_not_steer_or_fake_events(secured_server, role_passwords["predictor"]))
-    finally:
-        assert serve.stop() == 0
+    for role in ("viewer", "operator"):
+        asked = cli(url, "predict", "--alias", "secure", "--json", "--no-rationale", TEXTS[0], **creds[role])
+        assert asked.returncode == 0, (role, asked.stderr)
+        assert json.loads(asked.stdout)["checkpoint"]["run_id"] == RUN
+    listed = cli(url, "predict", "--list", **creds["viewer"])
+    assert listed.returncode == 0 and "secure" in listed.stdout
+    denied = cli(url, "predict", "--alias", "secure", "--timeout", "2", TEXTS[0], **creds["trainer"])
+    assert denied.returncode == 3 and "denied" in denied.stderr
+    asyncio.run(_predictor_may_not_steer_or_fake_events(secured_server, role_passwords["predictor"]))
     loaded = asyncio.run(_loaded_on(secured_server, role_passwords["admin"]))
     assert [e.alias for e in loaded] == ["secure"]
 
@@ -581,3 +602,97 @@ async def _loaded_on(secured: RunningServer, admin_password: str) -> list[Predic
         return await stored(nc, RUN, "predictor.loaded")
     finally:
         await nc.close()
+
+
+# ---- the dashboard's Try-it page ---------------------------------------------------------
+
+
+@pytest.fixture
+def dashboard_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., BusReader]]:
+    """The dashboard's shared bus reader on a server, as a user (``(url, user, password)``)."""
+
+    def start(url: str, user: str | None = None, password: str = "") -> BusReader:
+        monkeypatch.setenv("NATS_URL", url)
+        if user is not None:
+            monkeypatch.setenv("NATS_USER", user)
+            monkeypatch.setenv("NATS_PASSWORD", password)
+        reader = connection._shared_reader(url, user)
+        wait_until(lambda: reader.overview().bus.caught_up, timeout=60, what="the dashboard to replay the stream")
+        return reader
+
+    yield start
+    connection._shared_reader.clear()  # closes the readers
+
+
+def served(at: AppTest, alias: str) -> str | None:
+    """The picker's line for ``alias`` (``risk — run R, step 40, 1 replica``), once discovered."""
+    return next((o for o in at.selectbox[0].options if o.startswith(f"{alias} — ")), None) if at.selectbox else None
+
+
+def try_it(text: str, *, alias: str, rationale: bool = True) -> AppTest:
+    """A Try-it session that picked ``alias`` once discovered, sent ``text`` and got the reply."""
+    at = dashboard_page("views/tryit.py")
+    wait_until(lambda: at.run() and served(at, alias), timeout=30, what=f"{alias} among the served models")
+    at.selectbox(key=TRY_IT_ALIAS).select(alias)
+    at.text_area(key="tryit-text").input(text)
+    at.checkbox[0].set_value(rationale)
+    next(b for b in at.button if b.label == "Predict").click().run()
+    asked = at.session_state[ASKED]
+    wait_until(lambda: asked.future.done(), timeout=PREDICT_TIMEOUT + 30, what="the answer")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_try_it_page_shows_the_served_checkpoints_answer(
+    trained: dict[str, Any], service: Process, dashboard_on: Callable[..., BusReader]
+) -> None:
+    reader = dashboard_on(trained["url"])
+    at = try_it(TEXTS[0], alias=ALIAS)
+
+    async def expected() -> tuple[dict[str, Any], Answer]:
+        nc = await connected(trained["url"])
+        try:
+            return await best_entry(nc), (await predict(nc, ALIAS, [TEXTS[0]], rationale=False))[0]
+        finally:
+            await nc.close()
+
+    best, answer = asyncio.run(expected())
+    assert served(at, ALIAS) == f"{ALIAS} — run {RUN}, step {best['step']}, 1 replica"
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["decision"] == (answer.decision or "abstain") and shown["checkpoint"] == f"step {best['step']}"
+    chart, _ = dashboard_charts(at)["probability per label"]
+    assert dict(zip(chart["label"], chart["probability"], strict=True)) == pytest.approx(
+        {("abstain (null)" if k == "null" else k): p for k, p in answer.probabilities.items()}, abs=1e-6
+    )
+    assert chart[chart["decision"]]["label"].tolist() == [answer.decision or "abstain (null)"]
+    rationale = at.session_state[ASKED].future.result()[0].rationale
+    assert rationale is not None and rationale in dashboard_texts(at.text)
+    caption = next(c for c in dashboard_texts(at.caption) if c.startswith("Answered by run"))
+    assert f"`{RUN}`, checkpoint step {best['step']}, sha256 `{best['sha256'][:16]}" in caption
+    assert f"approved checkpoint, served as {ALIAS} since" in caption  # from its predictor.loaded event
+    assert reader.run(RUN) is not None
+
+    refused = try_it("x" * 1000, alias=ALIAS, rationale=False)  # longer than the model reads
+    assert any(e.startswith(f"{ALIAS} refused the text (413): texts.0:") for e in dashboard_texts(refused.error))
+    assert not refused.metric
+    again = try_it(TEXTS[1], alias=ALIAS, rationale=False)  # and it still serves
+    assert {m.label for m in again.metric} >= {"decision", "checkpoint"} and not again.error
+
+
+def test_try_it_page_for_the_viewer_and_operator_roles_not_the_trainer(
+    secured_server: RunningServer,
+    role_passwords: dict[str, str],
+    secure_service: Process,
+    dashboard_on: Callable[..., BusReader],
+) -> None:
+    for role in ("viewer", "operator"):
+        dashboard_on(secured_server.url, role, role_passwords[role])
+        at = try_it(TEXTS[0], alias="secure", rationale=False)
+        assert {m.label: m.value for m in at.metric}["checkpoint"].startswith("step ") and not at.error, role
+        connection._shared_reader.clear()
+    dashboard_on(secured_server.url, "trainer", role_passwords["trainer"])
+    at = dashboard_page("views/tryit.py")
+    wait_until(lambda: at.run() and at.error, timeout=30, what="the trainer's discovery to be refused")
+    assert dashboard_texts(at.error)[0].startswith("The server does not let trainer look for predictors:")
+    assert not at.selectbox

@@ -4,6 +4,8 @@
 what a trainer and the audit gate would: a run that starts, trains with a loss spike, is paused
 and resumed, gets a ``set``, evaluates, checkpoints (one approved, one rejected with reasons),
 is flagged, and completes. ``publish_invalid`` puts a message on the stream that is not an event.
+``record_chat_run`` writes a chat fine-tuning run, ``record_loads`` what two predictor replicas
+announce, ``newer_event`` an event of a later schema version.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from schemas import (
     RunState,
     TrainStep,
 )
+from schemas.predict import PredictorLoaded
 from schemas.subjects import CHECKPOINTS_BUCKET
 
 LABELS = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
@@ -47,6 +50,7 @@ class Recorded:
     steps: int
     eval_steps: tuple[int, ...]
     approved_step: int
+    approved_checkpoint_id: str
     approved_verdict_id: str
     rejected_step: int
     rejected_reasons: tuple[str, ...]
@@ -146,6 +150,7 @@ def record_run(
         steps=steps,
         eval_steps=tuple(evals),
         approved_step=approved.step,
+        approved_checkpoint_id=approved.event_id,
         approved_verdict_id=approval.event_id,
         rejected_step=rejected.step,
         rejected_reasons=reasons,
@@ -157,6 +162,11 @@ def record_run(
 
 def publish_invalid(url: str, subject: str, payload: bytes = b'{"type": "train.step", "loss": "lots"}') -> None:
     """Store a message on the events stream that is not a valid event."""
+    publish_raw(url, subject, payload)
+
+
+def publish_raw(url: str, subject: str, payload: bytes) -> None:
+    """Store ``payload`` on ``subject`` as it is (no envelope checks, no de-duplication id)."""
 
     async def go() -> None:
         nc = NATS()
@@ -182,3 +192,48 @@ def point_best(url: str, run_id: str, verdict_event_id: str) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def record_chat_run(target: BusTarget, settings: Settings, tmp: Path, run_id: str = "chat", steps: int = 20) -> None:
+    """A chat fine-tuning run: its evaluations carry loss and perplexity, no classification fields."""
+    publisher = NatsPublisher(target, settings, outbox_path=tmp / f"{run_id}.outbox.jsonl").start()
+    trainer = Stamper(publisher, run_id)
+    config = {"run_name": run_id, "data": {"task": "chat"}, "training": {"max_steps": steps}}
+    trainer.emit(
+        RunStarted, config=config, config_hash="c4a7" * 6, model="tiny", adapter="lora", data_fingerprint="c" * 16,
+        hyperparameters={"learning_rate": 1e-3}, max_steps=steps,
+    )  # fmt: skip
+    for step in range(1, steps + 1):
+        trainer.emit(TrainStep, step=step, epoch=step / steps, loss=3.0 - step / steps, learning_rate=1e-3)
+        if step % 10 == 0:
+            loss = 2.0 - step / steps
+            trainer.emit(Evaluation, step=step, loss=loss, perplexity=math.exp(loss), num_samples=8)
+    trainer.emit(RunFinished, status="completed", step=steps, reason="max_steps reached")
+    assert publisher.close(30).outbox_pending == 0
+
+
+def record_loads(target: BusTarget, settings: Settings, tmp: Path, recorded: Recorded) -> None:
+    """What `trainbus serve` publishes when two replicas load the run's approved checkpoint as ``risk``."""
+    publisher = NatsPublisher(target, settings, outbox_path=tmp / "predictor.outbox.jsonl").start()
+    predictor = Stamper(publisher, recorded.run_id, source="predictor")
+    for instance in ("replica-a", "replica-b"):
+        predictor.emit(
+            PredictorLoaded, alias="risk", subject="trainbus.predict.risk", step=recorded.approved_step,
+            checkpoint_path=str(tmp / f"checkpoint-{recorded.approved_step}"), sha256=SHA,
+            checkpoint_event_id=recorded.approved_checkpoint_id, verdict="approved", instance=instance, host="h1",
+        )  # fmt: skip
+    assert publisher.close(30).outbox_pending == 0
+
+
+def newer_event(run_id: str, step: int) -> bytes:
+    """A ``train.step`` as a later trainbus (schema_version 2) would write it."""
+    event = TrainStep(
+        event_id=f"{run_id}.1.{100000 + step}",
+        run_id=run_id,
+        seq=100000 + step,
+        step=step,
+        epoch=1.0,
+        loss=1.0,
+        learning_rate=1e-3,
+    )
+    return json.dumps({**json.loads(event.model_dump_json()), "schema_version": 2, "loss_kind": "new"}).encode()

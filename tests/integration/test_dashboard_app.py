@@ -7,6 +7,7 @@ them through its one shared bus reader, as it does in production.
 from __future__ import annotations
 
 import json
+import math
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +24,23 @@ from dashboards.app.control import SENT
 from dashboards.app.reader import BusReader
 from dashboards.app.series import DISPLAY_POINTS
 from runtime.bus import BusTarget, Credentials
+from runtime.cli import main as trainbus
 from runtime.natsserver import RunningServer, start_server
 from runtime.settings import BusSettings, ServerSettings, Settings
+from schemas import RunStarted
 from tests.conftest import REPO, wait_until
-from tests.integration.recorded_run import LABELS, SPIKE_STEP, Recorded, point_best, publish_invalid, record_run
+from tests.integration.recorded_run import (
+    LABELS,
+    SPIKE_STEP,
+    Recorded,
+    newer_event,
+    point_best,
+    publish_invalid,
+    publish_raw,
+    record_chat_run,
+    record_loads,
+    record_run,
+)
 
 MAIN = str(REPO / "dashboards/app/main.py")
 LONG_STEPS = 5_000
@@ -41,6 +55,13 @@ class Bus:
     other: Recorded
 
 
+def cli(url: str, *argv: str) -> None:
+    """A `trainbus` command against ``url``, in this process."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NATS_URL", url)
+        assert trainbus(list(argv)) == 0, argv
+
+
 def _monitoring_url(server: RunningServer) -> str:
     ports = next((server.store_dir / "ports").glob("*.ports"))
     return str(json.loads(ports.read_text())["monitoring"][0])
@@ -49,7 +70,8 @@ def _monitoring_url(server: RunningServer) -> str:
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     """A server of this module's own (with monitoring, to count connections) holding three
-    recorded runs and one message that is not an event."""
+    recorded classifier runs (two predictor replicas serving one, tags and a note on it), a chat
+    run, one message that is not an event and two events a newer trainbus wrote."""
     tmp = tmp_path_factory.mktemp("dashboard-bus")
     server = start_server(ServerSettings(), tmp / "nats", extra_config='http: "127.0.0.1:-1"\n', lock=False)
     settings = Settings(state_dir=str(tmp / ".trainbus"), bus=BusSettings(url=server.url))
@@ -58,8 +80,14 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         recorded = record_run(target, settings, tmp, "recorded")
         long = record_run(target, settings, tmp, "long", steps=LONG_STEPS)
         other = record_run(target, settings, tmp, "other", steps=45, learning_rate=5e-4)
+        record_chat_run(target, settings, tmp, "chat")
+        record_loads(target, settings, tmp, recorded)
         publish_invalid(server.url, "trainbus.events.recorded.train.step")
+        for step in (46, 47):  # stored as they are: valid events of a schema this trainbus does not know
+            publish_invalid(server.url, "trainbus.events.other.train.step", newer_event("other", step))
         point_best(server.url, "recorded", recorded.approved_verdict_id)
+        cli(server.url, "tag", "recorded", "team=risk", "dataset=v2")
+        cli(server.url, "note", "recorded", "loss spike at 37: a bad batch?")
         yield Bus(server, _monitoring_url(server), recorded, long, other)
     finally:
         connection._shared_reader.clear()  # stops the readers (on_release) before their server goes
@@ -93,6 +121,14 @@ def charts(at: AppTest) -> dict[str, tuple[pd.DataFrame, dict[str, Any]]]:
         spec = json.loads(chart.proto.spec)
         out[spec["title"]["text"]] = (dataframe_util.convert_arrow_bytes_to_pandas_df(chart.proto.data.data), spec)
     return out
+
+
+def frame(at: AppTest, *columns: str) -> pd.DataFrame:
+    """The first table on the page that has all of ``columns``."""
+    frames = [d.value for d in at.dataframe]
+    found = next((f for f in frames if set(columns) <= set(f.columns)), None)
+    assert found is not None, [list(f.columns) for f in frames]
+    return found
 
 
 def texts(elements: Any) -> list[str]:
@@ -212,7 +248,7 @@ def test_checkpoints_page_verdicts_reasons_best_and_flags(reader: BusReader, bus
     assert rejected["verdict"] == "rejected" and rejected["reasons"] == "; ".join(bus.recorded.rejected_reasons)
     assert rejected["best"] == ""
     assert rejected["sha256"] == "ab" * 32 and rejected["path"].endswith("checkpoint-30")
-    flags = at.dataframe[1].value
+    flags = frame(at, "rule", "severity")
     assert flags[["run", "rule", "severity", "step"]].values.tolist() == [
         ["recorded", "loss_spike", "critical", SPIKE_STEP]
     ]
@@ -227,10 +263,12 @@ def test_an_invalid_event_is_counted_and_skipped(reader: BusReader) -> None:
 
 
 def test_one_bus_connection_serves_every_session_and_rerun(reader: BusReader, bus: Bus) -> None:
-    sessions = [page("views/run.py", run="recorded"), page(), page("views/compare.py")]
+    sessions = [page("views/run.py", run="recorded"), page(), page("views/compare.py"), page("views/tryit.py")]
     for at in sessions:
         at.run()
         at.run()
+    tryit = sessions[-1]  # its discovery of predictors went out on the reader's connection
+    wait_until(lambda: tryit.run() and any("No predictor is serving" in i for i in texts(tryit.info)), what="discovery")
     with urllib.request.urlopen(f"{bus.monitoring}/connz?limit=1000", timeout=10) as reply:
         names = [c.get("name") for c in json.load(reply)["connections"]]
     assert names.count("trainbus-dashboard") == 1, names
@@ -329,3 +367,95 @@ def test_a_run_page_opened_before_its_run_starts_comes_alive(reader: BusReader, 
     wait_until(lambda: reader.run("late") is not None, what="the late run")
     at.run()
     assert {m.label: m.value for m in at.metric}["step"] == "60"
+
+
+def test_a_chat_run_charts_loss_and_perplexity_and_shows_no_empty_panel(reader: BusReader) -> None:
+    at = page("views/run.py", run="chat")
+    assert {m.label: m.value for m in at.metric}["best perplexity"] == f"{math.exp(1.0):.4g}"
+    at.session_state["tab"] = "Evaluation"
+    at.run()
+    shown = charts(at)
+    assert set(shown) == {"eval loss", "perplexity"}
+    assert shown["perplexity"][0]["value"].tolist() == pytest.approx([math.exp(1.5), math.exp(1.0)])
+    assert not [c.value for c in at.caption if "no data yet" in c.value]
+    assert [b.label for b in at.selectbox] == ["Run"]  # no evaluation to pick a confusion matrix of
+    assert len(at.dataframe) == 1 and not [c for c in charts(at) if c.startswith("confusion")]
+    assert list(at.dataframe[0].value.columns) == ["step", "trigger", "loss", "perplexity", "examples"]
+    compare = page("views/compare.py")
+    compare.multiselect(key="compare-runs").set_value(["chat", "recorded"]).run()
+    assert {"eval loss", "perplexity", "accuracy", "macro-F1"} <= set(charts(compare))
+    assert not [c.value for c in compare.caption if "no data yet" in c.value]
+
+
+def test_tags_on_the_runs_and_run_pages_and_notes_as_markers_and_a_feed(reader: BusReader) -> None:
+    wait_until(lambda: (s := reader.run("recorded")) is not None and s.notes, what="the note")
+    table = page().dataframe[0].value.set_index("run")
+    assert table.loc["recorded", "tags"] == "team=risk, dataset=v2" and table.loc["other", "tags"] == ""
+    at = page("views/run.py", run="recorded")
+    assert "tags: team=risk, dataset=v2" in texts(at.text)
+    _, spec = charts(at)["train loss"]
+    assert ("note", 60.0, "loss spike at 37: a bad batch?") in {
+        (m["kind"], m["step"], m["label"]) for m in spec["layer"][1]["data"]["values"]
+    }
+    at.session_state["tab"] = "Notes"
+    at.run()
+    notes = frame(at, "note")
+    assert notes[["step", "note"]].values.tolist() == [[60, "loss spike at 37: a bad batch?"]] and notes["who"][0]
+
+
+def test_an_event_of_a_newer_schema_is_skipped_and_reported_once_not_counted_invalid(reader: BusReader) -> None:
+    at = page()
+    assert (reader.overview().newer_events, reader.overview().invalid_events) == (2, 1)
+    newer = [i for i in texts(at.info) if "newer trainbus" in i]
+    assert newer == ["2 events written by a newer trainbus skipped: upgrade trainbus to read them."]
+    assert any("1 invalid event skipped" in w for w in texts(at.warning))
+    other = page("views/run.py", run="other")
+    assert {m.label: m.value for m in other.metric}["step"] == "45"  # the newer steps 46 and 47 are not folded in
+
+
+def test_the_checkpoints_page_shows_which_checkpoint_each_predictor_serves_since_when(
+    reader: BusReader, bus: Bus
+) -> None:
+    at = page("views/checkpoints.py", run="recorded")
+    serving = frame(at, "alias", "replica")
+    assert sorted(serving["replica"]) == ["replica-a", "replica-b"]
+    assert set(zip(serving["alias"], serving["step"], serving["verdict"], serving["how"], strict=True)) == {
+        ("risk", bus.recorded.approved_step, "approved", "start")
+    }
+    assert all(serving["since"].str.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"))
+    checkpoints = frame(at, "verdict", "loaded as").set_index("step")
+    assert checkpoints.loc[bus.recorded.approved_step, "loaded as"] == "risk"
+    assert checkpoints.loc[bus.recorded.rejected_step, "loaded as"] == ""
+
+
+def test_a_run_removed_with_runs_rm_leaves_the_running_dashboard(reader: BusReader, bus: Bus, tmp_path: Path) -> None:
+    settings = Settings(state_dir=str(tmp_path / ".trainbus"), bus=BusSettings(url=bus.server.url))
+    record_run(BusTarget([bus.server.url], "test"), settings, tmp_path, "doomed", steps=30)
+    wait_until(lambda: reader.run("doomed") is not None, what="the run to be read")
+    assert "doomed" in page().dataframe[0].value["run"].tolist()
+    cli(bus.server.url, "runs", "rm", "doomed", "--yes")
+    wait_until(lambda: reader.run("doomed") is None, timeout=30, what="the dashboard to drop the removed run")
+    listed = page().dataframe[0].value["run"].tolist()
+    assert "doomed" not in listed and {"recorded", "long", "other", "chat"} <= set(listed)
+    gone = page("views/run.py", run="doomed")
+    assert any("Run **doomed** was removed from the bus" in i for i in texts(gone.info)), texts(gone.info)
+    resumed = RunStarted(
+        event_id="doomed.2.1", run_id="doomed", attempt=2, seq=1, config={}, config_hash="h", model="tiny",
+        adapter="lora", data_fingerprint="d", hyperparameters={"learning_rate": 1e-3}, max_steps=30,
+    )  # fmt: skip
+    publish_raw(bus.server.url, "trainbus.events.doomed.run.started", resumed.model_dump_json().encode())
+    again = wait_until(lambda: reader.run("doomed"), what="the run publishing again")
+    assert (again.summary.attempt, again.summary.step, again.evals) == (2, 0, ())  # only what came after the purge
+
+
+def test_try_it_without_a_predictor_says_how_to_start_one(reader: BusReader) -> None:
+    at = page("views/tryit.py")
+    wait_until(lambda: at.run() and any("No predictor is serving" in i for i in texts(at.info)), what="the discovery")
+    assert [t.value for t in at.title] == ["Try it"] and not at.markdown  # nothing stray drawn around it
+    message = next(i for i in texts(at.info) if "No predictor is serving" in i)
+    assert (
+        "`trainbus serve --run RUN`" in message and "`trainbus serve --run recorded`" in message
+    )  # its best is approved
+    at.text_area(key="tryit-text").input("Nice weather today.")
+    at.button[0].click().run()
+    assert any("No served model to ask" in w for w in texts(at.warning)) and not at.error

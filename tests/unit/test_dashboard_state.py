@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dashboards.app.series import DISPLAY_POINTS, RAW_CAP, Series, for_display
 from dashboards.app.snapshot import snapshot_run, summarise
-from dashboards.app.state import DashboardState, count_invalid, count_newer, handle
+from dashboards.app.state import DashboardState, count_invalid, count_newer, forget, handle
 from schemas import (
     AuditFlag,
     AuditVerdict,
@@ -20,11 +20,14 @@ from schemas import (
     Evaluation,
     Heartbeat,
     RunFinished,
+    RunNote,
     RunStarted,
     RunState,
+    RunTag,
     TrainStep,
 )
 from schemas.common import SCHEMA_VERSION
+from schemas.predict import PredictorLoaded
 
 SHA = "0" * 64
 
@@ -250,3 +253,75 @@ def test_a_chart_keeps_a_loss_spike(n: int, data: st.DataObject) -> None:
     y[at] = 25.0
     sx, sy = for_display(x, y, 100)
     assert len(sx) <= 100 and sy.max() == 25.0 and sx[0] == 0 and sx[-1] == n - 1
+
+
+def test_tags_are_set_and_removed_and_a_note_marks_the_step_the_run_had_reached() -> None:
+    r = Run()
+    user = dict(source="user", issued_by="alice")
+    state = fold(
+        r.started(),
+        r.step(1),
+        r(RunTag, tags={"team": "risk", "dataset": "v1"}, **user),
+        r.step(2),
+        r(RunNote, text="lr 3e-3 diverged;\nretrying with 1e-3", **user),
+        r(RunTag, tags={"dataset": "v2", "team": ""}, **user),
+    )
+    run = state.runs["r1"]
+    assert run.tags == {"dataset": "v2"}
+    assert summarise(run).tags == {"dataset": "v2"}
+    note = snapshot_run(run).notes[-1]
+    assert (note.step, note.issued_by, note.text) == (2, "alice", "lr 3e-3 diverged;\nretrying with 1e-3")
+    assert [(m.kind, m.step, m.label) for m in run.markers] == [("note", 2.0, "lr 3e-3 diverged; retrying with 1e-3")]
+
+
+def test_predictor_loads_keep_the_newest_per_alias_and_replica() -> None:
+    r = Run()
+
+    def loaded(instance: str, step: int, **fields: Any) -> PredictorLoaded:
+        return r(
+            PredictorLoaded, source="predictor", alias=fields.pop("alias", "risk"), subject="trainbus.predict.risk",
+            step=step, checkpoint_path=f"/c{step}", sha256=SHA, verdict="approved", instance=instance, **fields,
+        )  # fmt: skip
+
+    state = fold(
+        r.started(),
+        loaded("A", 20),
+        loaded("B", 20),
+        loaded("A", 40, trigger="hot_swap", previous_step=20),
+        loaded("C", 40, alias="canary"),
+    )
+    snap = snapshot_run(state.runs["r1"])
+    assert [(s.alias, s.instance, s.step) for s in snap.serving] == [
+        ("risk", "B", 20),
+        ("risk", "A", 40),
+        ("canary", "C", 40),
+    ]
+    assert [s.step for s in snap.loads] == [20, 20, 40, 40]
+    assert state.runs["r1"].state == "running"  # a predictor's event says nothing about training
+
+
+def test_chat_evaluations_report_perplexity_and_no_classification_metrics() -> None:
+    r = Run()
+    state = fold(
+        r.started(),
+        r(Evaluation, step=10, loss=2.0, perplexity=7.39),
+        r(Evaluation, step=20, loss=1.0, perplexity=2.72),
+    )
+    run = summarise(state.runs["r1"])
+    assert (run.best_accuracy, run.best_perplexity) == (None, 2.72)
+    point = state.runs["r1"].evals[-1]
+    assert point.metrics["perplexity"] == 2.72 and point.metrics["accuracy"] is None and point.labels == ()
+
+
+def test_a_purged_run_is_forgotten_and_only_events_after_the_purge_bring_it_back() -> None:
+    r, other = Run("r1"), Run("r2")
+    state = DashboardState()
+    for seq, event in enumerate([r.started(), r.step(1), other.started()], start=1):
+        handle(event, state, stream_seq=seq)
+    state.best["r1"] = "verdict-1"
+    forget(state, "r1", purged_at=3)
+    assert set(state.runs) == {"r2"} and "r1" not in state.best and state.removed == {"r1": 3}
+    handle(r.step(2), state, stream_seq=3)  # delivered before the purge, folded after: stays gone
+    assert "r1" not in state.runs
+    handle(r.started(), state, stream_seq=4)  # published again after the purge
+    assert state.runs["r1"].first_seq == 4 and state.runs["r1"].step == 0

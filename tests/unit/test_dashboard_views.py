@@ -8,6 +8,8 @@ from dashboards.app.charts import (
     compare_train_chart,
     confusion_chart,
     eval_chart,
+    probability_chart,
+    reported,
     train_chart,
 )
 from dashboards.app.snapshot import snapshot_run
@@ -17,13 +19,18 @@ from dashboards.app.tables import (
     checkpoints_table,
     commands_table,
     config_diff,
+    eval_table,
     filter_runs,
     flags_table,
+    loads_table,
+    notes_table,
     runs_table,
+    serving_table,
     state_of,
 )
 from runtime.liveness import STALL_AFTER_SECONDS
-from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, RunStarted
+from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, RunNote, RunStarted, RunTag
+from schemas.predict import PredictorLoaded
 from tests.unit.test_dashboard_state import SHA, Run, fold
 
 LABELS = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
@@ -143,3 +150,73 @@ def test_checkpoint_flag_and_command_tables() -> None:
     assert flags_table([snap], ["critical"]).empty
     history = commands_table(snap)
     assert history[["who", "what", "result"]].values.tolist() == [["alice", "pause", "applied at step 16"]]
+
+
+def test_a_chat_run_charts_loss_and_perplexity_only() -> None:
+    r = Run("chat")
+    state = fold(
+        r.started(),
+        r(Evaluation, step=10, loss=2.0, perplexity=7.39),
+        r(Evaluation, step=20, loss=1.0, perplexity=2.72),
+    )
+    snap = snapshot_run(state.runs["chat"])
+    assert reported(snap.evals) == ["loss", "perplexity"]
+    assert eval_chart(snap, "perplexity").data["value"].tolist() == [7.39, 2.72]
+    assert list(eval_table(snap.evals).columns) == ["step", "trigger", "loss", "perplexity", "examples"]
+    classifier = snapshot_run(_state().runs["r1"])
+    assert reported(classifier.evals) == ["loss", "accuracy", "macro_f1"]
+    assert reported([*snap.evals, *classifier.evals]) == ["loss", "perplexity", "accuracy", "macro_f1"]  # Compare
+
+
+def test_an_evaluation_table_counts_abstentions() -> None:
+    r = Run()
+    state = fold(
+        r.started(), r(Evaluation, step=10, loss=0.5, accuracy=0.5, abstain_rate=0.25, num_samples=8, num_abstained=2)
+    )
+    table = eval_table(snapshot_run(state.runs["r1"]).evals)
+    assert table[["abstain_rate", "examples", "abstained"]].values.tolist() == [[0.25, 8, 2]]
+
+
+def test_tags_notes_and_predictor_loads_in_tables() -> None:
+    r = Run()
+    ckpt = r(Checkpoint, step=20, path="/runs/c20", sha256=SHA, size_bytes=1 << 20)
+    user = dict(source="user", issued_by="alice")
+    loaded = dict(source="predictor", subject="trainbus.predict.risk", checkpoint_path="/runs/c20", sha256=SHA)
+    state = fold(
+        r.started(),
+        r.step(20),
+        ckpt,
+        r(RunTag, tags={"team": "risk", "dataset": "v2"}, **user),
+        r(RunNote, text="first try", **user),
+        r(
+            PredictorLoaded,
+            alias="risk",
+            step=20,
+            checkpoint_event_id=ckpt.event_id,
+            verdict="approved",
+            instance="A",
+            **loaded,
+        ),
+        r(PredictorLoaded, alias="canary", step=20, verdict="pending", forced=True, instance="B", host="h2", **loaded),
+    )
+    snap = snapshot_run(state.runs["r1"])
+    assert runs_table([snap.summary], snap.summary.last_event_time).iloc[0]["tags"] == "team=risk, dataset=v2"
+    assert notes_table(snap)[["step", "who", "note"]].values.tolist() == [[20, "alice", "first try"]]
+    serving = serving_table([snap])
+    assert serving[["alias", "run", "step", "verdict", "how", "replica"]].values.tolist() == [
+        ["canary", "r1", 20, "pending (--force)", "start", "B"],
+        ["risk", "r1", 20, "approved", "start", "A"],
+    ]
+    assert len(loads_table([snap])) == 2
+    assert checkpoints_table([snap]).iloc[0]["loaded as"] == "canary, risk"
+
+
+def test_the_probability_chart_has_a_bar_per_label_and_highlights_the_decision() -> None:
+    chart = probability_chart({"HIGH_RISK": 0.7, "NO_RISK": 0.2, "null": 0.1}, "HIGH_RISK")
+    assert chart.data.values.tolist() == [
+        ["HIGH_RISK", 0.7, True],
+        ["NO_RISK", 0.2, False],
+        ["abstain (null)", 0.1, False],
+    ]
+    abstains = probability_chart({"HIGH_RISK": 0.4, "NO_RISK": 0.35, "null": 0.25}, None)
+    assert abstains.data["decision"].tolist() == [False, False, True]

@@ -1,5 +1,6 @@
 """The Checkpoints & audit page: every checkpoint with its verdict, reasons, metrics, sha256
-and path (★ marks the audit gate's best), and the feed of audit flags by severity."""
+and path (★ marks the audit gate's best), which checkpoint each predictor serves under which
+alias since when (``predictor.loaded``), and the feed of audit flags by severity."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import streamlit as st
 
 from dashboards.app import connection
 from dashboards.app.reader import BusReader
-from dashboards.app.tables import checkpoints_table, flags_table
+from dashboards.app.tables import checkpoints_table, flags_table, loads_table, serving_table
 
 SEVERITIES = ("critical", "warning", "info")
 VERDICTS = ("approved", "rejected", "pending")
@@ -26,6 +27,18 @@ def tables(reader: BusReader, run_ids: tuple[str, ...], verdicts: tuple[str, ...
     else:
         st.dataframe(checkpoints, hide_index=True, width="stretch", key="checkpoints")
         st.caption("★ the audit gate's best approved checkpoint of the run; only approved checkpoints are promotable.")
+    st.subheader("Served by predictors")
+    serving = serving_table(snaps)
+    if serving.empty:
+        st.info("No predictor has loaded a checkpoint of these runs: `trainbus serve --run RUN` serves the best one.")
+    else:
+        st.dataframe(serving, hide_index=True, width="stretch", key="serving")
+        st.caption(
+            "The checkpoint each predictor replica loaded last, under which alias, since when. A replica that has "
+            "stopped keeps its row; the Try-it page lists the aliases answering now."
+        )
+        with st.expander("Every load"):
+            st.dataframe(loads_table(snaps), hide_index=True, width="stretch")
     st.subheader("Audit flags")
     flags = flags_table(snaps, severities)
     if flags.empty:

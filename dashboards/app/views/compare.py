@@ -5,13 +5,12 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards.app import connection
-from dashboards.app.charts import EVAL_CHARTS, compare_eval_chart, compare_train_chart
+from dashboards.app.charts import compare_eval_chart, compare_train_chart, reported
 from dashboards.app.reader import BusReader
 from dashboards.app.snapshot import RunSnapshot
 from dashboards.app.tables import config_diff
 
 OVERLAID_TRAIN = ("loss", "learning_rate")
-OVERLAID_EVAL = tuple(EVAL_CHARTS)
 
 
 def _snapshots(reader: BusReader, run_ids: tuple[str, ...]) -> list[RunSnapshot]:
@@ -20,10 +19,11 @@ def _snapshots(reader: BusReader, run_ids: tuple[str, ...]) -> list[RunSnapshot]
 
 @connection.live(connection.CHART_SECONDS)
 def curves(reader: BusReader, run_ids: tuple[str, ...]) -> None:
-    """Overlaid curves, one colour per run."""
+    """Overlaid curves, one colour per run: the eval metrics any of them reports (perplexity of chat
+    runs, accuracy and the rest of classifiers)."""
     snaps = _snapshots(reader, run_ids)
     charts = [compare_train_chart(snaps, name) for name in OVERLAID_TRAIN]
-    charts += [compare_eval_chart(snaps, name) for name in OVERLAID_EVAL]
+    charts += [compare_eval_chart(snaps, name) for name in reported(e for snap in snaps for e in snap.evals)]
     for start in range(0, len(charts), 2):
         for column, chart in zip(st.columns(2), charts[start : start + 2], strict=False):
             with column:

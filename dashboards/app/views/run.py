@@ -1,5 +1,6 @@
-"""The Run page: one run, live: state and progress, control, charts with markers, evaluation
-(confusion matrix, per-label F1), config and live hyper-parameters, and the command history.
+"""The Run page: one run, live: state, progress and tags, control, charts with markers, evaluation
+(the metrics its task reports; a classifier's confusion matrix and per-label F1), config and live
+hyper-parameters, the command history and the notes.
 
 Opened as ``/run?run=<run_id>``. The header and the open tab are fragments that rerun on
 their own; only the open tab is drawn. Control goes through ``dashboards.app.control``.
@@ -8,11 +9,13 @@ their own; only the open tab is drawn. Control goes through ``dashboards.app.con
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import pandas as pd
 import streamlit as st
 
 from dashboards.app import connection, control
-from dashboards.app.charts import EVAL_CHARTS, TRAIN_CHARTS, Chart, confusion_chart, eval_chart, train_chart
+from dashboards.app.charts import TRAIN_CHARTS, Chart, confusion_chart, eval_chart, reported, train_chart
 from dashboards.app.reader import BusReader
 from dashboards.app.snapshot import RunSnapshot
 from dashboards.app.tables import (
@@ -21,13 +24,16 @@ from dashboards.app.tables import (
     commands_table,
     eval_table,
     hyperparameters_table,
+    notes_table,
     per_label_table,
     state_of,
+    tags_text,
 )
 
-TABS = ["Training", "Evaluation", "Config", "Commands"]
+TABS = ["Training", "Evaluation", "Config", "Commands", "Notes"]
 MARKERS_NOTE = (
-    "Dashed rules: commands applied (blue), resumed attempts (green), audit flags (red), non-finite values (purple)."
+    "Dashed rules: commands applied (blue), resumed attempts (green), audit flags (red), notes (orange), "
+    "non-finite values (purple)."
 )
 
 
@@ -58,6 +64,9 @@ def header(reader: BusReader, run_id: str) -> None:
     run, now = snap.summary, time.time()
     state = state_of(run, now)
     st.subheader(f"{STATE_ICONS.get(state, '')} {run_id} · {state}")
+    if run.tags:
+        with st.container(key="run-tags"):
+            st.text(f"tags: {tags_text(run.tags)}")
     if run.max_steps:
         st.progress(min(1.0, run.step / run.max_steps), text=f"step {run.step} of {run.max_steps}")
     columns = st.columns(6)
@@ -65,7 +74,10 @@ def header(reader: BusReader, run_id: str) -> None:
         st.metric("step", run.step)
     columns[1].metric("loss", _fmt(run.loss))
     columns[2].metric("learning rate", _fmt(snap.hyperparameters.get("learning_rate"), ".3g"))
-    columns[3].metric("best accuracy", _fmt(run.best_accuracy, ".3f"))
+    if run.best_perplexity is not None and run.best_accuracy is None:  # a chat run
+        columns[3].metric("best perplexity", _fmt(run.best_perplexity, ".4g"))
+    else:
+        columns[3].metric("best accuracy", _fmt(run.best_accuracy, ".3f"))
     columns[4].metric("attempt", run.attempt)
     columns[5].metric("last event", f"{age(now - run.last_event_time)} ago" if run.last_event_time else "–")
     if state == "stalled":
@@ -103,14 +115,16 @@ def evaluation(reader: BusReader, run_id: str) -> None:
     if not snap.evals:
         st.info("No evaluation yet: the trainer evaluates every `eval_steps`, or press Evaluate.")
         return
-    _grid([(f"eval-{name}", eval_chart(snap, name)) for name in EVAL_CHARTS], per_row=3)
-    point = snap.evals[_pick_eval(snap)]
-    left, right = st.columns([3, 2])
-    with left:
-        _draw(confusion_chart(point), "confusion")
-    with right:
-        st.markdown(f"**Per-label F1 at step {point.step}** ({point.num_samples} examples)")
-        st.dataframe(per_label_table(point), hide_index=True, width="stretch")
+    _grid([(f"eval-{name}", eval_chart(snap, name)) for name in reported(snap.evals)], per_row=3)
+    if any(e.labels for e in snap.evals):  # a classifier's; a chat run has no labels to confuse
+        point = snap.evals[_pick_eval(snap)]
+        abstained = f", {point.num_abstained} abstained" if point.num_abstained is not None else ""
+        left, right = st.columns([3, 2])
+        with left:
+            _draw(confusion_chart(point), "confusion")
+        with right:
+            st.markdown(f"**Per-label F1 at step {point.step}** ({point.num_samples} examples{abstained})")
+            st.dataframe(per_label_table(point), hide_index=True, width="stretch")
     with st.expander("Every evaluation"):
         st.dataframe(eval_table(snap.evals), hide_index=True, width="stretch")
 
@@ -131,26 +145,45 @@ def config(reader: BusReader, run_id: str) -> None:
         st.json(snap.summary.config, expanded=1)
 
 
-@connection.live(connection.CHART_SECONDS)
-def commands(reader: BusReader, run_id: str) -> None:
-    """Every command sent to the run (from anyone), from the stream."""
+def _history(
+    reader: BusReader, run_id: str, build: Callable[[RunSnapshot], pd.DataFrame], empty: str, key: str
+) -> None:
     snap = reader.run(run_id)
     if snap is None:
         return
-    table = commands_table(snap)
+    table = build(snap)
     if table.empty:
-        st.info("No command sent to this run yet.")
+        st.info(empty)
     else:
-        st.dataframe(table, hide_index=True, width="stretch", key="command-history")
+        st.dataframe(table, hide_index=True, width="stretch", key=key)
+
+
+@connection.live(connection.CHART_SECONDS)
+def commands(reader: BusReader, run_id: str) -> None:
+    """Every command sent to the run (from anyone), from the stream."""
+    _history(reader, run_id, commands_table, "No command sent to this run yet.", "command-history")
+
+
+@connection.live(connection.CHART_SECONDS)
+def notes(reader: BusReader, run_id: str) -> None:
+    """The run's notes (`trainbus note`), newest first; each is an orange rule on the charts."""
+    empty = f'No note yet: `trainbus note {run_id} "what you tried and why"` adds one.'
+    _history(reader, run_id, notes_table, empty, "notes")
 
 
 def choose_run(reader: BusReader) -> str | None:
     """The run in ``?run=``, else the newest; a select box switches (and updates the URL)."""
-    runs = sorted(reader.overview().runs, key=lambda r: r.first_event_time, reverse=True)
+    overview = reader.overview()
+    runs = sorted(overview.runs, key=lambda r: r.first_event_time, reverse=True)
     ids = [r.run_id for r in runs]
     wanted = st.query_params.get("run")
     if wanted and wanted not in ids:
-        connection.wait_for_run(reader, wanted, f"Waiting for run **{wanted}** to appear on the bus…")
+        message = (
+            f"Run **{wanted}** was removed from the bus (`trainbus runs rm`); it reappears if it publishes again."
+            if wanted in overview.removed
+            else f"Waiting for run **{wanted}** to appear on the bus…"
+        )
+        connection.wait_for_run(reader, wanted, message)
         return None
     if not ids:
         connection.wait_for_run(reader, None, "No runs yet. Start one with `trainbus train configs/tiny.yaml`.")
@@ -169,7 +202,7 @@ def render() -> None:
         return
     header(reader, run_id)
     control.panel(reader, run_id)
-    parts = {"Training": training, "Evaluation": evaluation, "Config": config, "Commands": commands}
+    parts = {"Training": training, "Evaluation": evaluation, "Config": config, "Commands": commands, "Notes": notes}
     for tab, name in zip(st.tabs(TABS, key="tab", bind="query-params"), TABS, strict=True):
         if tab.open:
             with tab:
