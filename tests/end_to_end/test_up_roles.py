@@ -74,7 +74,11 @@ def test_the_readme_roles_block_works_as_written(tmp_path: Path) -> None:
             for line in out
             if (m := re.match(r"trainbus: started (\w+) as (\w+) \(pid (\d+)\)", line))
         }
-        assert {name: role for name, (role, _) in started.items()} == {"audit": "auditor", "exporter": "viewer"}
+        assert {name: role for name, (role, _) in started.items()} == {
+            "audit": "auditor",
+            "exporter": "viewer",
+            "dashboard": "operator",  # it sends commands
+        }
         for name, (role, pid) in started.items():
             assert environ_of(pid)["NATS_USER"] == role, name  # its own role, not admin
         runs = subprocess.run(
