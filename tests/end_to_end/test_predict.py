@@ -691,7 +691,7 @@ def test_try_it_page_for_the_viewer_and_operator_roles_not_the_trainer(
         at = try_it(TEXTS[0], alias="secure", rationale=False)
         assert {m.label: m.value for m in at.metric}["checkpoint"].startswith("step ") and not at.error, role
         # the role may watch the checkpoints bucket: the audit gate's best pointer (★) reaches its dashboard
-        wait_until(lambda: RUN in reader.overview().best_runs, timeout=30, what=f"the best pointer for {role}")
+        wait_until(lambda r=reader: RUN in r.overview().best_runs, timeout=30, what=f"the best pointer for {role}")
         connection._shared_reader.clear()
     dashboard_on(secured_server.url, "trainer", role_passwords["trainer"])
     at = dashboard_page("views/tryit.py")
