@@ -319,21 +319,29 @@ class TrainbusCallback(TrainerCallback):
     def _on_reply(self, command: Command | None, reply: CommandReply) -> None:
         self.emit(CommandResult, **result_fields(command, reply))
 
-    def _take(self, timeout: float = 0.0) -> list[Command]:
+    def _take(self, timeout: float = 0.0, *, step: int | None = None) -> list[Command]:
+        """Commands to apply on every rank; with ``step``, the boundary after it was just reached."""
         if self.signal_name and self.stop_command is None and self.channel is not None:
             self.channel.submit(
                 internal_stop(self.run_id, f"received {self.signal_name}", f"signal-{uuid.uuid4().hex[:8]}")
             )
             self.signal_name = None
-        local = self.channel.take(timeout) if (self.channel is not None and self.is_publisher) else []
+        local: list[Command] = []
+        if self.channel is None:
+            pass
+        elif not self.is_publisher:  # rank 0 takes the commands; every rank applies them
+            if step is not None:
+                self.channel.step = step
+        elif step is not None:
+            local = self.channel.arrive(step)
+        else:
+            local = self.channel.take(timeout)
         return share_commands(local)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._step = state.global_step
-        if self.channel is not None:
-            self.channel.step = state.global_step
         paused_at, self._in_pause = time.monotonic(), True  # a save or eval applied here is pause time
-        for command in self._take():
+        for command in self._take(step=state.global_step):
             self._apply(command, args, state, control, kwargs)
         while self.paused and self.stop_command is None:
             for command in self._take(timeout=0.2):

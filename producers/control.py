@@ -290,6 +290,17 @@ class ControlChannel:
         """Accepted commands not yet applied (training thread); waits up to ``timeout`` for one."""
         return self.link.receive(timeout)
 
+    def arrive(self, step: int) -> list[Command]:
+        """The training thread reached the boundary after ``step``: record it and take the accepted commands.
+
+        One decision under the lock ``submit`` holds: a command whose ``accepted`` reply names the
+        previous boundary is taken here, never one boundary later (its reply was decided either
+        before this, and is in the link, or after, and names ``step``).
+        """
+        with self.link.locked():
+            self.link.step = step
+            return self.link.receive(0)
+
     def close(self) -> list[Command]:
         """The run ended: later commands are rejected as ``finished``; returns those accepted but never applied.
 
