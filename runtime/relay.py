@@ -46,6 +46,8 @@ class Spec(BaseModel):
 
     servers: list[str]
     origin: str
+    state_dir: str | None = None
+    """The folder whose ``bus.json`` named the servers: the sidecar follows the bus when ``up`` moves it."""
     settings: dict[str, object]
     journal: str
     run_id: str
@@ -96,7 +98,7 @@ def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Resp
     base = journal.published  # what earlier sidecars of this attempt sent
     sink = JournalSink(journal, handoff.wake_up)
     sender = Sender(
-        BusTarget(spec.servers, spec.origin), settings, handoff, stats, log,
+        BusTarget(spec.servers, spec.origin, state_dir=Path(spec.state_dir) if spec.state_dir else None), settings, handoff, stats, log,
         outbox_path=Path(spec.journal), memory_limit=1, batch_size=spec.batch_size, name=spec.name,
         credentials=None, provision_stream=spec.provision_stream, responders=responders(sink),
         offline_ok=spec.offline_ok, on_ready=lambda: _say("ready"),

@@ -141,6 +141,7 @@ class SidecarSink:
         assert self.journal is not None
         spec = Spec(
             servers=self.target.servers, origin=self.target.origin, settings=self._settings(),
+            state_dir=str(self.target.state_dir.resolve()) if self.target.state_dir else None,
             journal=str(self.outbox_path), run_id=self.run_id, name=self.name, wake_fd=self._wake_r,
             commands_fd=self.commands_w, parent_pid=os.getpid(), batch_size=self.batch_size,
             provision_stream=self.provision_stream, offline_ok=self.offline_ok or self.restarts > 0,
