@@ -157,6 +157,10 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int, *, histo
             return await js.create_key_value(bucket=name, history=history, replicas=replicas, description=description)
         except nats.js.errors.APIError as exc:
             raise _creation_refused(f"the key-value bucket {name}", replicas, exc) from None
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable(NO_JETSTREAM) from None
+    except (TimeoutError, nats.errors.TimeoutError):  # e.g. a restarted cluster still electing the bucket's leader
+        raise BusUnavailable(f"no answer from JetStream for the key-value bucket {name}") from None
     stream = f"KV_{name}"
     info = await js.stream_info(stream)
     if (info.config.num_replicas or 1) < replicas:

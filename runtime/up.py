@@ -196,15 +196,20 @@ async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
         while True:
             try:
                 await ensure_stream(js, limits)
-                break
-            except BusUnavailable:  # a node that has not joined yet makes R3 "insufficient resources"
+                await ensure_bucket(
+                    js,
+                    CHECKPOINTS_BUCKET,
+                    replicas,
+                    history=5,
+                    description="checkpoints the trainbus audit gate approved",
+                )
+                return replicas
+            except BusUnavailable:
+                # a node that has not joined yet makes R3 "insufficient resources"; a restarted
+                # cluster answers for a stream only once that stream has elected its leader again
                 if not cluster or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
-        await ensure_bucket(
-            js, CHECKPOINTS_BUCKET, replicas, history=5, description="checkpoints the trainbus audit gate approved"
-        )
-        return replicas
     finally:
         await nc.close()
 
