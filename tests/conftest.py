@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +32,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return {"unit": 1, "integration": 2}.get(item.path.parent.name, 3)
 
     items.sort(key=order)
-
-
-@contextmanager
-def cpu_lock(tmp_path_factory: pytest.TempPathFactory, *, exclusive: bool) -> Iterator[None]:
-    """A lock shared by the xdist workers of this session (``flock`` on a file in their common
-    temp folder): timed work holds it exclusively, work that trains holds it shared."""
-    base = tmp_path_factory.getbasetemp()
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cpu.lock"
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _share_the_cpu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Integration and end-to-end files start servers, consumers and trainers: they hold the CPU
-    lock shared. A file marked ``timed`` measures how fast training goes: it holds the lock
-    exclusively, so nothing of the kind runs meanwhile. Unit files (in-process, one torch thread,
-    small models) run alongside anything."""
-    if request.path.parent.name == "unit":
-        yield
-        return
-    with cpu_lock(tmp_path_factory, exclusive=request.node.get_closest_marker("timed") is not None):
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -134,12 +105,17 @@ def require_tool(tool: str) -> str:
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition", every: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``.
+
+    The pause between polls starts at ``every`` and grows to at most 0.5 s: a check that spawns a
+    CLI or replays a stream must not keep a core busy while the suite shares two."""
     deadline = time.monotonic() + timeout
+    pause = every
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+        time.sleep(pause)
+        pause = max(pause, min(pause * 1.5, 0.5))

@@ -25,7 +25,7 @@ def test_restarting_up_mid_run_the_trainer_reconnects_or_follows_and_loses_nothi
     env["OMP_NUM_THREADS"] = "1"
     argv = [sys.executable, "-m", "runtime.cli", "train", str(REPO / "configs/tiny.yaml"), "--run-id", run]
     for item in (
-        "training.max_steps=160", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
+        "training.max_steps=120", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
         f"training.output_dir={tmp_path / 'runs'}", f"data.labels_file={REPO / 'configs/labels.yaml'}",
         f"data.train_file={tmp_path / 'data/train.jsonl'}", f"data.validation_file={tmp_path / 'data/validation.jsonl'}",
         f"data.test_file={tmp_path / 'data/test.jsonl'}", "bus.ack_timeout=1",
@@ -60,7 +60,7 @@ def test_restarting_up_mid_run_the_trainer_reconnects_or_follows_and_loses_nothi
         if trainer is not None and trainer.poll() is None:
             trainer.kill()
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # once each, no gaps
-    assert [s.step for s in of_type(events, "train.step")] == list(range(1, 161))
+    assert [s.step for s in of_type(events, "train.step")] == list(range(1, 121))
     output = log.read_text()
     assert "the bus moved; following it" in output
     assert "still in" not in output  # nothing left in the outbox

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from dashboards.bench import Dashboard, browser, start_dashboard
 from runtime.natsserver import RunningServer
@@ -62,7 +63,10 @@ def stream(until: Callable[[list[Event]], Any], url: str) -> list[Event]:
 
 
 def step_on_page(page: Any) -> int:
-    text = page.locator('.st-key-live-step [data-testid="stMetricValue"]').inner_text(timeout=60_000)
+    try:
+        text = page.locator('.st-key-live-step [data-testid="stMetricValue"]').inner_text(timeout=60_000)
+    except PlaywrightTimeout:  # say what the page showed instead
+        raise AssertionError(f"no step on {page.url}; the page reads: {page.inner_text('body')[:1500]!r}") from None
     return int(re.sub(r"\D", "", text))
 
 

@@ -28,17 +28,14 @@ def test_default_run_output_off_a_terminal_is_json_lines_without_warnings(defaul
     assert [r["step"] for r in records if r["event"] == "evaluated"] == [100, 200, 300, 400]
 
 
-def test_tiny_default_learns_the_classifier_within_its_steps_and_90_seconds(default_run: dict[str, Any]) -> None:
+def test_tiny_default_learns_the_classifier_within_its_steps(default_run: dict[str, Any]) -> None:
     events = default_run["events"]
     evals = of_type(events, "eval")
     final = evals[-1]
-    started, finished = of_type(events, "run.started")[0], of_type(events, "run.finished")[0]
+    started = of_type(events, "run.started")[0]
     assert final.step == started.max_steps == 400
     assert final.accuracy >= 0.9, [e.accuracy for e in evals]
     assert final.abstain_rate <= 0.15
-    assert (finished.time - started.time).total_seconds() < 90, [
-        (e.step, e.accuracy, e.time.isoformat()) for e in evals
-    ]
 
 
 def test_stream_is_complete_and_in_order(default_run: dict[str, Any]) -> None:
