@@ -145,8 +145,9 @@ class OwnCpu:
     def figures(self) -> dict[str, float]:
         import psutil
 
-        main = threading.main_thread().native_id
-        others = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id != main)
+        # Python threads only: torch's OpenMP workers are OS threads of the training itself
+        python = {t.native_id for t in threading.enumerate() if t is not threading.main_thread()}
+        others = sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in python)
         return {"hooks_s": self.hooks, "threads_s": others}
 
 
