@@ -6,7 +6,6 @@ on a bus it did not start, only the dashboard) and prints the dashboard's URL be
 starts, so the run can be watched live. Then it trains the tiny default config, replays the run
 from the stream and says what happened. With a terminal on stdin everything stays up after the
 run, until Ctrl-C, and the demo says what to try; without one (CI) it stops everything and exits.
-Without the trainer installed it publishes a short synthetic run instead.
 """
 
 from __future__ import annotations
@@ -22,18 +21,15 @@ import threading
 import time
 from collections import Counter
 from importlib.metadata import entry_points
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from runtime.bus import BusTarget, connect, resolve_target
 from runtime.commands import service_commands, settings_from
-from runtime.publisher import NatsPublisher
 from runtime.render import event_row
 from runtime.settings import Settings
-from runtime.sinks import Stamper
 from runtime.stream import ensure_stream, replay
-from schemas import Heartbeat, RunFinished, RunStarted, TrainStep, run_events
+from schemas import run_events
 
 DASHBOARD = "dashboard"
 """The service whose URL the demo prints for the user to open."""
@@ -108,27 +104,6 @@ def _start_services(target: BusTarget, env: dict[str, str]) -> list[Service]:
         else:
             print(f"demo: started {service.name} (pid {service.process.pid}): {said}", flush=True)
     return services
-
-
-def _synthetic_run(target: BusTarget, settings: Settings, run_id: str) -> None:
-    publisher = NatsPublisher(target, settings, outbox_path=Path(settings.state_dir) / f"{run_id}.outbox.jsonl").start()
-    stamper = Stamper(publisher, run_id)
-    hp = {"learning_rate": 2e-3, "max_grad_norm": 1.0}
-    stamper.emit(
-        RunStarted,
-        config={},
-        config_hash="-",
-        model="synthetic",
-        adapter="none",
-        data_fingerprint="-",
-        hyperparameters=hp,
-    )
-    for step in range(1, 6):
-        stamper.emit(TrainStep, step=step, epoch=step / 5, loss=2.0 / step, learning_rate=2e-3)
-    stamper.emit(Heartbeat, step=5, phase="training")
-    stamper.emit(RunFinished, status="completed", step=5, reason="synthetic demo run")
-    stats = publisher.close()
-    print(f"demo: published {stats.published} events of run {run_id} (acked by JetStream, ids deduplicated)")
 
 
 def _train(args: argparse.Namespace, run_id: str, env: dict[str, str]) -> int:
@@ -212,13 +187,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dashboard = next((s.url for s in services if s.name == DASHBOARD and s.url), None)
         if dashboard:
             print(f"demo: watch the run live in the dashboard: {dashboard}/run?run={run_id}", flush=True)
-        if _has_command("train"):
-            code = _train(args, run_id, env)
-            if code != 0:
-                print(f"demo: training exited with {code}", file=sys.stderr)
-                return code
-        else:
-            _synthetic_run(target, settings, run_id)
+        code = _train(args, run_id, env)
+        if code != 0:
+            print(f"demo: training exited with {code}", file=sys.stderr)
+            return code
         print(f"demo: replaying run {run_id} from the stream (train.step and heartbeat rows folded):", flush=True)
         counts = asyncio.run(_summarise(target, settings, run_id))
         print("demo: events by type: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
