@@ -54,6 +54,11 @@ def assert_complete(events: list[Any]) -> None:
 def user_script(mode: str, run_id: str, url: str, tmp_path: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
     env.update({"NATS_URL": url, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    if mode == "wait":
+        # under `make coverage`, coverage's own SIGTERM handler would be the script's, and the
+        # callback leaves a handler someone installed alone: the signal test runs unmeasured
+        for var in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"):
+            env.pop(var, None)
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), mode, run_id, str(tmp_path / "out")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from consumers.exporter.collector import RunCollector, build_registry
 from consumers.exporter.state import ExporterState, handle
 from consumers.predict.batching import MicroBatcher
-from consumers.predict.checkpoints import Chosen, Refused, verify
+from consumers.predict.checkpoints import Chosen, Refused, parse_best, verify
 from consumers.predict.cli import service
 from consumers.predict.client import describe_invalid
 from consumers.predict.rationale import generate_rationales, string_value
@@ -261,3 +261,9 @@ def test_the_exporter_shows_what_each_alias_serves() -> None:
     assert 'trainbus_predictor_checkpoint_step{alias="risk",run_id="r1"} 40.0' in text
     assert 'trainbus_predictor_checkpoint_step{alias="canary",run_id="r1"} 20.0' in text
     assert 'trainbus_events_total{run_id="r1",type="predictor.loaded"} 3.0' in text
+
+
+def test_a_deleted_or_unreadable_best_pointer_points_nowhere() -> None:
+    for value in (None, b"", b"not json", b"[1, 2]", b'{"step": 5}'):
+        assert parse_best(value) is None, value  # the service keeps what it serves
+    assert parse_best(b'{"checkpoint_event_id": "r.1.9", "step": 9}') == {"checkpoint_event_id": "r.1.9", "step": 9}
