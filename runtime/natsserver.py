@@ -145,12 +145,20 @@ def included_config(settings: ServerSettings) -> str:
             f"server.config_file: {path} reads {', '.join('$' + v for v in missing)} from the environment; "
             "export them before starting the bus"
         )
+    numeric = sorted({v for v in _VARIABLE.findall(text) if v not in defined and _NUMBER.fullmatch(os.environ[v])})
+    if numeric:  # nats-server parses a variable's value like config text: "12345678" becomes an int64
+        raise ConfigError(
+            f"server.config_file: {path} reads {', '.join('$' + v for v in numeric)}, whose value nats-server "
+            "would read as a number, not a string: use a value with letters in it"
+        )
     return text
 
 
 _VARIABLE = re.compile(r"^[ \t]*[\w.]+[ \t]*[:=]?[ \t]*\$(\w+)[ \t]*,?[ \t]*$", re.MULTILINE)
 """An unquoted ``key: $NAME`` value: a variable nats-server resolves ("$JS.API…" strings are quoted)."""
 _DEFINED = re.compile(r"^[ \t]*(\w+)[ \t]*[:=]", re.MULTILINE)
+_NUMBER = re.compile(r"-?\d+(\.\d*([eE][+-]?\d+)?)?|\d+[kKmMgGtT][bB]?")
+"""What nats-server 2.x fails to take as a string from a variable (tried: 12345678, 0042, -5, 3.5, 1.5e3, 2k, 64MB)."""
 
 
 def remembered_port(store_dir: Path) -> int | None:

@@ -71,7 +71,7 @@ async def nc(target: BusTarget, settings: Settings) -> AsyncIterator[NATS]:
 
 @pytest.fixture(scope="session")
 def role_passwords() -> dict[str, str]:
-    return {name: secrets.token_hex(8) for name in ROLE_NAMES}
+    return {name: "pw-" + secrets.token_hex(8) for name in ROLE_NAMES}  # letters: never read as a number
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_the_readme_roles_block_works_as_written(tmp_path: Path) -> None:
             pytest.fail(f"port {EXPORTER_PORT} is taken by another exporter; stop it to run this test")
     exports, up_line, runs_line = readme_block("Roles")
     assert up_line.startswith("trainbus up --set server.config_file=configs/nats/roles.conf")
-    passwords = iter(secrets.token_hex(8) for _ in range(exports.count("…")))
+    passwords = iter("pw-" + secrets.token_hex(8) for _ in range(exports.count("…")))
     exports = re.sub("…", lambda _: next(passwords), exports)
     shutil.copytree(REPO / "configs", tmp_path / "configs")  # a project folder of the user's, with the shipped configs
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}

@@ -35,7 +35,7 @@ SHIPPED = REPO / "configs" / "nats" / "cluster"
 
 @pytest.fixture
 def passwords() -> dict[str, str]:
-    return {name: secrets.token_hex(8) for name in ROLE_NAMES}
+    return {name: "pw-" + secrets.token_hex(8) for name in ROLE_NAMES}
 
 
 @pytest.fixture

@@ -70,6 +70,25 @@ def test_a_roles_file_whose_passwords_are_not_exported_is_named_before_the_serve
     )
 
 
+@pytest.mark.parametrize("value", ["12345678", "0042", "-5", "3.5", "1.5e3", "64MB", "2k"])
+def test_a_password_nats_server_would_read_as_a_number_is_refused_by_name(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for role in ("TRAINER", "AUDITOR", "OPERATOR", "VIEWER", "PREDICTOR", "ADMIN"):
+        monkeypatch.setenv(f"TRAINBUS_{role}_PASSWORD", "a1b2c3d4e5")  # letters and digits: a string
+    roles = str(REPO / "configs/nats/roles.conf")
+    monkeypatch.setenv("TRAINBUS_PREDICTOR_PASSWORD", value)
+    with pytest.raises(ConfigError) as info:
+        included_config(ServerSettings(config_file=roles))
+    assert str(info.value) == (
+        f"server.config_file: {roles} reads $TRAINBUS_PREDICTOR_PASSWORD, whose value nats-server would read "
+        "as a number, not a string: use a value with letters in it"
+    )
+    for fine in ("1e5", "+5", "12ab", "a1b2c3d4e5"):  # nats-server takes these as strings
+        monkeypatch.setenv("TRAINBUS_PREDICTOR_PASSWORD", fine)
+        assert "authorization" in included_config(ServerSettings(config_file=roles))
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
