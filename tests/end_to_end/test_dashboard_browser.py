@@ -94,10 +94,8 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
         page.get_by_role("textbox", name="Run name contains").fill(RUN)
         page.keyboard.press("Enter")
         page.get_by_text("1 of ").first.wait_for(timeout=60_000)
-        grid = page.locator('[data-testid="stDataFrame"]').bounding_box()
-        assert grid is not None
-        page.mouse.click(grid["x"] + 15, grid["y"] + 35 + 17)  # the first row's selection box
-        page.wait_for_url(re.compile(rf"/run\?run={RUN}$"), timeout=60_000)
+        # the Run page by the link `make demo` prints (a row click opening it: test_dashboard_app)
+        page.goto(f"{dashboard.url}/run?run={RUN}")
         first = step_on_page(page)
         wait_until(lambda: step_on_page(page) > first, timeout=120, what="the step on the page to increase")
 
