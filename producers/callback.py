@@ -327,15 +327,10 @@ class TrainbusCallback(TrainerCallback):
             )
             self.signal_name = None
         local: list[Command] = []
-        if self.channel is None:
-            pass
-        elif not self.is_publisher:  # rank 0 takes the commands; every rank applies them
-            if step is not None:
-                self.channel.step = step
-        elif step is not None:
-            local = self.channel.arrive(step)
-        else:
-            local = self.channel.take(timeout)
+        if self.channel is not None and self.is_publisher:  # rank 0 takes the commands; every rank applies them
+            local = self.channel.arrive(step) if step is not None else self.channel.take(timeout)
+        elif self.channel is not None and step is not None:
+            self.channel.step = step
         return share_commands(local)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -139,13 +139,14 @@ def included_config(settings: ServerSettings) -> str:
         raise ConfigError(f"server.config_file: {path} does not exist")
     text = path.read_text()
     defined = set(_DEFINED.findall(text))  # nats-server looks in the config before the environment
-    missing = sorted({v for v in _VARIABLE.findall(text) if v not in os.environ and v not in defined})
+    variables = {v for v in _VARIABLE.findall(text) if v not in defined}
+    missing = sorted(v for v in variables if v not in os.environ)
     if missing:
         raise ConfigError(
             f"server.config_file: {path} reads {', '.join('$' + v for v in missing)} from the environment; "
             "export them before starting the bus"
         )
-    numeric = sorted({v for v in _VARIABLE.findall(text) if v not in defined and _NUMBER.fullmatch(os.environ[v])})
+    numeric = sorted(v for v in variables if _NUMBER.fullmatch(os.environ[v]))
     if numeric:  # nats-server parses a variable's value like config text: "12345678" becomes an int64
         raise ConfigError(
             f"server.config_file: {path} reads {', '.join('$' + v for v in numeric)}, whose value nats-server "
