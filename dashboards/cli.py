@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from runtime.bus import Credentials, bus_target
-from runtime.commands import add_settings_args, settings_from
+from runtime.bus.connect import Credentials, bus_target
+from runtime.cli.args import add_settings_args, settings_from
 from runtime.errors import ConfigError
 
 DEFAULT_PORT = 8501

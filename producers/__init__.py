@@ -17,7 +17,7 @@ __all__ = ["TrainbusCallback"]
 
 def __getattr__(name: str) -> Any:
     if name == "TrainbusCallback":
-        from producers.callback import TrainbusCallback
+        from producers.run.callback import TrainbusCallback
 
         return TrainbusCallback
     raise AttributeError(name)

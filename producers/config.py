@@ -4,7 +4,7 @@ Sections ``model``, ``adapter``, ``data``, ``training`` and ``publish`` sit besi
 ``Settings`` sections (bus, stream, server, log, state_dir), so ``--set bus.url=…`` works on any
 run config and a run config never has to name the bus. ``training`` keys use Hugging Face
 ``TrainingArguments`` names, and any ``TrainingArguments`` field may be set there
-(``producers.arguments`` checks them against ``TrainingArguments`` itself).
+(``producers.run.arguments`` checks them against ``TrainingArguments`` itself).
 
 A relative path written in a config file is relative to that file (``runtime.settings``).
 """
@@ -157,7 +157,7 @@ class TrainingConfig(Section):
 
     The fields below are the ones trainbus gives its own defaults; any other ``TrainingArguments``
     field (``eval_strategy``, ``report_to``, ``lr_scheduler_kwargs``, …) may be set beside them
-    and is passed through, after ``producers.arguments.check_training`` has checked its name and
+    and is passed through, after ``producers.run.arguments.check_training`` has checked its name and
     value against ``TrainingArguments``.
     """
 

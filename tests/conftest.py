@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget, connect
-from runtime.natsserver import RunningServer, start_server
+from runtime.bus.connect import BusTarget, connect
+from runtime.bus.server import RunningServer, start_server
+from runtime.bus.stream import ensure_stream
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.stream import ensure_stream
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "admin")

@@ -25,12 +25,12 @@ from consumers.audit.partitions import (
     partition_subject,
 )
 from consumers.audit.rules import AuditConfig, load_rules
-from runtime.bus import BusTarget, bus_target, connect, connected
-from runtime.commands import add_settings_args, run_id_arg, settings_from
+from runtime.bus.connect import BusTarget, bus_target, connect, connected
+from runtime.bus.stream import NewerEvents, count_stored, replay
+from runtime.cli.args import add_settings_args, run_id_arg, settings_from
+from runtime.cli.render import table, terminal_width
 from runtime.errors import ConfigError, NotFound
-from runtime.render import table, terminal_width
 from runtime.settings import Settings, packaged
-from runtime.stream import NewerEvents, count_stored, replay
 from schemas import ALL_EVENTS, EVENTS_STREAM, AuditVerdict, Checkpoint, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 

@@ -31,12 +31,12 @@ from nats.js.kv import KeyValue
 
 from consumers.audit.engine import AuditState, Output, Publish, Send, Tick, handle, new_state
 from consumers.audit.rules import AuditConfig
-from consumers.control import NoTrainer, build_command, send_command
-from runtime.consume import ConsumerStats, consume
+from consumers.control_client import NoTrainer, build_command, send_command
+from runtime.bus.consume import ConsumerStats, consume
+from runtime.bus.stream import Delivered, NewerEvents, auto_replicas, ensure_bucket, ensure_stream, replay
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import Delivered, NewerEvents, auto_replicas, ensure_bucket, ensure_stream, replay
 from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event, event_subject
 from schemas.common import utc_now
 from schemas.subjects import CHECKPOINTS_BUCKET

@@ -23,10 +23,10 @@ import re
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
+from runtime.bus.stream import auto_replicas
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import StreamSettings
-from runtime.stream import auto_replicas
 from schemas import EVENTS_STREAM
 from schemas.subjects import EVENTS_PREFIX
 

@@ -33,14 +33,14 @@ from consumers.audit.cli import default_rules
 from consumers.audit.rules import AuditConfig, load_rules
 from consumers.exporter.collector import RunCollector, build_registry
 from consumers.exporter.state import ExporterState, count_invalid, count_newer, expire, handle
-from runtime.bus import BusTarget, bus_target, connect
-from runtime.commands import add_settings_args, add_stall_after_arg, seconds_arg, settings_from
-from runtime.consume import consume
+from runtime.bus.connect import BusTarget, bus_target, connect
+from runtime.bus.consume import consume
+from runtime.bus.stream import Delivered, ensure_stream
+from runtime.cli.args import add_settings_args, add_stall_after_arg, seconds_arg, settings_from
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import Delivered, ensure_stream
 from schemas import EVENTS_STREAM
 
 DEFAULT_PORT = 9464

@@ -79,7 +79,7 @@ class SeqWindow:
 class SeenIds:
     """Event ids already counted for one run, in memory that does not grow with the run's length.
 
-    ``runtime.sinks.Stamper`` ids are ``<run>.<attempt>.<seq>`` (``<run>.<source>.<attempt>.<seq>``
+    ``runtime.publish.sinks.Stamper`` ids are ``<run>.<attempt>.<seq>`` (``<run>.<source>.<attempt>.<seq>``
     for other sources) with seq 1, 2, 3, … per publisher, so they are kept as a contiguous
     watermark per prefix plus the seqs above it; other ids (the audit gate names its events after
     what they judge) are kept as such, the newest ``MAX_OTHER_IDS`` of them.

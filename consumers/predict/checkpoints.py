@@ -17,11 +17,11 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from producers.checkpoints import fingerprint
 from producers.config import RunConfig
+from runtime.bus.stream import replay
+from runtime.checkpoints import fingerprint
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.settings import describe_validation_error
-from runtime.stream import replay
 from schemas import AuditVerdict, Checkpoint, RunStarted
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 

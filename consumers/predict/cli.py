@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from consumers.predict.client import NoService, ServedAlias, predict, served_aliases
 from consumers.predict.config import PredictSettings, ServeConfig, default_config
-from runtime.bus import BusTarget, bus_target, connect
-from runtime.commands import add_settings_args, run_id_arg
+from runtime.bus.connect import BusTarget, bus_target, connect
+from runtime.cli.args import add_settings_args, run_id_arg
+from runtime.cli.render import table
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.render import table
 from runtime.settings import describe_validation_error, load_config, parse_override
 from schemas.predict import Answer, MetadataValue
 

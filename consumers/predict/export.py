@@ -14,8 +14,8 @@ from typing import Any
 from peft import PeftModel
 
 from consumers.predict.serving import Served
-from producers.data import ANSWER_PREFIX
-from producers.evaluation import answer_options
+from producers.task.data import ANSWER_PREFIX
+from producers.task.evaluation import answer_options
 from runtime.errors import ConfigError
 
 EXPORT_INFO = "trainbus-export.json"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from producers.evaluation import left_padded
+from producers.task.evaluation import left_padded
 
 RATIONALE_PREFIX = ', "rationale": "'
 """What follows the decision in a trained answer, up to where the rationale begins."""

@@ -1,9 +1,9 @@
 """A checkpoint in memory and the answers it gives: serving is evaluation, one text at a time.
 
 ``load_served`` builds the base model and tokenizer with the trainer's own functions
-(``producers.model``) and merges the checkpoint's adapter into it; ``answer_jobs`` scores the label
-set with ``producers.evaluation.label_probabilities`` on ``classifier_prompt`` (the prompt of
-training and evaluation) and decides with ``producers.metrics.decide`` (the same abstention).
+(``producers.task.model``) and merges the checkpoint's adapter into it; ``answer_jobs`` scores the label
+set with ``producers.task.evaluation.label_probabilities`` on ``classifier_prompt`` (the prompt of
+training and evaluation) and decides with ``producers.task.metrics.decide`` (the same abstention).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from peft import PeftModel
 
 from consumers.predict.checkpoints import Chosen
 from consumers.predict.rationale import generate_rationales, rationale_prefix
-from producers.data import Example
-from producers.evaluation import answer_options, classifier_prompt, label_probabilities, prompt_token_limit
-from producers.labels import LabelSet, load_labels
-from producers.metrics import decide
-from producers.model import BASE_MODEL_DIR, load_model_and_tokenizer
+from producers.task.data import Example
+from producers.task.evaluation import answer_options, classifier_prompt, label_probabilities, prompt_token_limit
+from producers.task.labels import LabelSet, load_labels
+from producers.task.metrics import decide
+from producers.task.model import BASE_MODEL_DIR, load_model_and_tokenizer
 from runtime.errors import ConfigError
 from schemas.predict import Answer, CheckpointRef, MetadataValue
 

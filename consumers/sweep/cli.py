@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.bus import BusTarget, bus_target, connect
-from runtime.commands import seconds_arg
+from runtime.bus.connect import BusTarget, bus_target, connect
+from runtime.bus.stream import ensure_stream
+from runtime.cli.args import seconds_arg
+from runtime.cli.render import table
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.render import table
 from runtime.settings import Settings, layers, redact_url, validate_layers
-from runtime.stream import ensure_stream
 from schemas.common import SWEEP_NAME_PATTERN
 
 SHOW = "show"

@@ -30,15 +30,15 @@ import optuna
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from consumers.control import NoTrainer, build_command, send_command
+from consumers.control_client import NoTrainer, build_command, send_command
 from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
 from consumers.sweep.space import Space
 from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_identity, record_outcome
+from runtime.bus.stream import decode
+from runtime.cli.render import fmt
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
-from runtime.render import fmt
-from runtime.stream import decode
 from schemas import EVENTS_STREAM, run_events
 
 EXIT_GRACE = 5.0

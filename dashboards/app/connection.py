@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import streamlit as st
 
 from dashboards.app.reader import CONNECTING, BusReader, Overview
-from runtime.bus import BusTarget, Credentials
+from runtime.bus.connect import BusTarget, Credentials
+from runtime.bus.server import read_state
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import get_logger
-from runtime.natsserver import read_state
 from runtime.settings import Settings, load_config
 
 F = TypeVar("F", bound=Callable[..., None])

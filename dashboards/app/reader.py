@@ -36,11 +36,11 @@ from nats.js import JetStreamContext, api
 from dashboards.app.denials import Denials
 from dashboards.app.snapshot import RunSnapshot, RunSummary, snapshot_run, summarise
 from dashboards.app.state import DashboardState, count_invalid, count_newer, forget, handle
-from runtime.bus import BusTarget, Credentials, connect
+from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.stream import decode
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
 from runtime.settings import Settings
-from runtime.stream import decode
 from schemas import ALL_EVENTS, EVENTS_STREAM
 from schemas.subjects import CHECKPOINTS_BUCKET, EVENTS_PREFIX, run_id_of
 
@@ -295,7 +295,7 @@ class BusReader:
         meta = msg.metadata
         seq = meta.sequence.stream
         item = decode(msg, seq)  # parsing stays outside the lock
-        # runtime.stream marks an event of a higher schema_version as ``newer`` (skipped, not invalid)
+        # runtime.bus.stream marks an event of a higher schema_version as ``newer`` (skipped, not invalid)
         newer = getattr(item, "newer", None)
         with self._lock:
             if newer is not None:

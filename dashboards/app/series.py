@@ -34,7 +34,10 @@ def spike_preserving(x: Floats, y: Floats, n_out: int) -> npt.NDArray[np.intp]:
     """
     if len(x) <= n_out:
         return np.arange(len(x))
-    return MinMaxLTTBDownsampler().downsample(x, y, n_out=n_out).astype(np.intp)
+    # MinMaxLTTB can drop an extreme next to the fixed last point (the newest steps, what a live
+    # run's chart is watched for); the series' own minimum and maximum are always kept
+    chosen = MinMaxLTTBDownsampler().downsample(x, y, n_out=n_out - 2).astype(np.intp)
+    return np.unique(np.concatenate([chosen, [np.argmin(y), np.argmax(y)]])).astype(np.intp)
 
 
 def extremes_kept(x: Floats, y: Floats, n_out: int) -> npt.NDArray[np.intp]:

@@ -16,8 +16,8 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.natsserver import RunningServer
-from runtime.stream import replay
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import replay
 from schemas import Event, run_events
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from producers.config import RunConfig
-from producers.train import run
+from producers.run.train import run
 from runtime.settings import load_config
 
 

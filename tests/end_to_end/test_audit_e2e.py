@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.natsserver import RunningServer
-from runtime.stream import replay
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import replay
 from schemas import AuditFlag, AuditVerdict, Checkpoint, Event, RunFinished, RunState, run_events
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.natsserver import read_state
+from runtime.bus.server import read_state
 from tests.end_to_end.conftest import REPO, of_type, wait_events
 from tests.integration.test_folder_bus import port_of, up
 

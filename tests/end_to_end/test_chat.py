@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import REPO, of_type, start_trainer, trainbus_env, wait_events
 

@@ -12,8 +12,8 @@ import nats
 import nats.errors
 import pytest
 
-from runtime.cli import main
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
+from runtime.cli.main import main
 from schemas import CommandReply, control_subject
 from schemas.commands import COMMAND_TYPES
 from tests.conftest import wait_until

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from schemas import CommandReply, control_subject
 from tests.end_to_end.conftest import Trainer, ctl, of_type, start_trainer, wait_events
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from dashboards.bench import Dashboard, browser, start_dashboard
-from runtime.natsserver import RunningServer
+from benchmarks.dashboard import Dashboard, browser, start_dashboard
+from runtime.bus.server import RunningServer
 from schemas import Event
 from tests.conftest import REPO, require_tool, wait_until
 from tests.end_to_end.conftest import Trainer, of_type, start_trainer, trainbus_env, wait_events

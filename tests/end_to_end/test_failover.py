@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from runtime.natsserver import read_state, read_state_record
+from runtime.bus.server import read_state, read_state_record
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import ctl, of_type, start_trainer, wait_events
 from tests.integration.test_folder_bus import up

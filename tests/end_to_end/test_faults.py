@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runtime.natsserver import start_server
+from runtime.bus.server import start_server
 from runtime.settings import ServerSettings
 from tests.end_to_end.conftest import of_type, start_trainer, wait_events
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.end_to_end.conftest import REPO, ctl, of_type, start_trainer, train_argv, trainbus_env, wait_events
 
 STEPS = ["training.warmup_steps=0", "training.logging_steps=2", "training.eval_steps=null", "training.save_steps=null"]

@@ -36,17 +36,17 @@ from dashboards.app.predictions import PREDICT_TIMEOUT
 from dashboards.app.reader import BusReader
 from dashboards.app.views.tryit import ALIAS as TRY_IT_ALIAS
 from dashboards.app.views.tryit import ASKED
-from producers.checkpoints import fingerprint
 from producers.config import RunConfig
-from producers.data import read_examples
-from producers.evaluation import classifier_prompt, label_probabilities
-from producers.labels import load_labels
-from producers.metrics import classification_metrics
-from producers.model import load_model_and_tokenizer
+from producers.task.data import read_examples
+from producers.task.evaluation import classifier_prompt, label_probabilities
+from producers.task.labels import load_labels
+from producers.task.metrics import classification_metrics
+from producers.task.model import load_model_and_tokenizer
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import ensure_stream, replay
+from runtime.checkpoints import fingerprint
 from runtime.errors import NotFound
-from runtime.natsserver import RunningServer
 from runtime.settings import StreamSettings
-from runtime.stream import ensure_stream, replay
 from schemas import AuditVerdict, Checkpoint, Evaluation, RunStarted, TrainStep, event_subject, run_events
 from schemas.predict import Answer, PredictorLoaded
 from schemas.subjects import CHECKPOINTS_BUCKET, predict_subject

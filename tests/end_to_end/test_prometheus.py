@@ -30,10 +30,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.natsserver import RunningServer, start_server
+from runtime.bus.server import RunningServer, start_server
+from runtime.bus.stream import ensure_stream
+from runtime.publish.sinks import MemorySink, Stamper
 from runtime.settings import ServerSettings, StreamSettings
-from runtime.sinks import MemorySink, Stamper
-from runtime.stream import ensure_stream
 from schemas import AuditFlag, AuditVerdict, Checkpoint, RunFinished, RunStarted, TrainStep
 from tests.conftest import require_tool, wait_until
 
@@ -174,7 +174,7 @@ def test_every_dashboard_query_and_alert_evaluates_on_a_real_run(
     argv = [
         sys.executable,
         "-m",
-        "runtime.cli",
+        "runtime.cli.main",
         "train",
         "configs/tiny.yaml",
         "--run-id",

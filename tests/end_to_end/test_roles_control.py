@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.end_to_end.conftest import ctl, of_type, start_trainer, wait_events
 
 

@@ -22,9 +22,9 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import ensure_stream, replay
 from runtime.settings import StreamSettings
-from runtime.stream import ensure_stream, replay
 from schemas import run_events
 from schemas.subjects import CHECKPOINTS_BUCKET
 from tests.conftest import wait_until

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import REPO, ctl, of_type, start_trainer, trainbus_env, wait_events
 from tests.integration.conftest import Exporter, start_exporter

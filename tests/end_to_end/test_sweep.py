@@ -24,8 +24,8 @@ import optuna
 import psutil
 import pytest
 
-from producers.sampledata import write_sample_data
-from runtime.natsserver import start_server
+from producers.task.sampledata import write_sample_data
+from runtime.bus.server import start_server
 from runtime.settings import ServerSettings
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import REPO, of_type, trainbus_env, wait_events

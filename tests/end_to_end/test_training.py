@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from producers.checkpoints import fingerprint
+from runtime.checkpoints import fingerprint
 from tests.end_to_end.conftest import REPO, of_type, trainbus_env
 
 

@@ -16,7 +16,7 @@ import nats
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget, Credentials
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget, Credentials
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
-from runtime.sinks import Stamper
 from schemas import (
     AuditFlag,
     AuditVerdict,

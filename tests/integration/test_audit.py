@@ -25,14 +25,14 @@ from nats.js import JetStreamContext
 
 from consumers.audit.engine import Publish, handle, new_state
 from consumers.audit.rules import load_rules
-from producers.control import ControlChannel
-from runtime.bus import BusTarget, Credentials, connect
-from runtime.cli import main
-from runtime.natsserver import RunningServer, start_server
-from runtime.publisher import NatsPublisher
+from producers.run.control_inbox import ControlChannel
+from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.server import RunningServer, start_server
+from runtime.bus.stream import ensure_stream, replay
+from runtime.cli.main import main
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.sinks import Stamper
-from runtime.stream import ensure_stream, replay
 from schemas import (
     ALL_EVENTS,
     AuditFlag,

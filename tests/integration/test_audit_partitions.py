@@ -16,10 +16,10 @@ import pytest
 from consumers.audit.engine import Publish, handle, new_state
 from consumers.audit.partitions import PARTITIONED_STREAM
 from consumers.audit.rules import load_rules
-from runtime.bus import BusTarget, connect
-from runtime.natsserver import start_server
+from runtime.bus.connect import BusTarget, connect
+from runtime.bus.server import start_server
+from runtime.bus.stream import ensure_stream, replay
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.stream import ensure_stream, replay
 from schemas import ALL_EVENTS, AuditVerdict
 from tests.integration.test_audit import REPO, AuditProcess, _publish_history, audit_events
 

@@ -12,14 +12,14 @@ from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from producers import TrainbusCallback
-from producers.callback import open_bus
 from producers.config import RunConfig
-from producers.train import build_trainer, prepare
-from runtime.bus import connect, resolve_target
-from runtime.natsserver import RunningServer
+from producers.run.callback import open_bus
+from producers.run.train import build_trainer, prepare
+from runtime.bus.connect import connect, resolve_target
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import replay
+from runtime.publish.sinks import Stamper
 from runtime.settings import BusSettings, Settings, load_config
-from runtime.sinks import Stamper
-from runtime.stream import replay
 from schemas import Heartbeat, run_events
 
 

@@ -16,8 +16,8 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from producers import TrainbusCallback
+from runtime.bus.server import RunningServer, start_server
 from runtime.logs import setup_logging
-from runtime.natsserver import RunningServer, start_server
 from runtime.settings import BusSettings, ServerSettings, Settings
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of as stored

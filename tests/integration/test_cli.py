@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bus import BusTarget
-from runtime.natsserver import RunningServer, read_state
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import RunningServer, read_state
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
-from runtime.sinks import Stamper
 from schemas import Heartbeat, RunStarted, RunState, TrainStep
 
 HP = {"learning_rate": 1e-3, "max_grad_norm": 1.0}

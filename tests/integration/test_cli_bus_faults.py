@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
-from runtime.natsserver import find_binary
+from runtime.bus.server import find_binary
+from runtime.cli.main import main
 from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

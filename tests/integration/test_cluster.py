@@ -20,12 +20,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from runtime.bus import BusTarget, Credentials, connect
-from runtime.cluster import free_ports
+from runtime.bus.cluster import free_ports
+from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.server import find_binary
+from runtime.bus.stream import ensure_bucket, ensure_stream
 from runtime.errors import BusUnavailable, ConfigError
-from runtime.natsserver import find_binary
 from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
-from runtime.stream import ensure_bucket, ensure_stream
 from schemas import EVENTS_STREAM
 from tests.conftest import ROLE_NAMES
 
@@ -134,7 +134,7 @@ async def test_the_shipped_cluster_configs_give_r3_streams_and_status_shows_them
 
 
 def test_a_cluster_of_fewer_than_three_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    from runtime.cluster import start_cluster
+    from runtime.bus.cluster import start_cluster
 
     with pytest.raises(ConfigError) as info:
         start_cluster(ServerSettings(), tmp_path / "cluster", 2)

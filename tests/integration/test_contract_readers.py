@@ -15,10 +15,10 @@ from typing import Any
 
 import nats
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import ensure_stream, replay
+from runtime.publish.sinks import MemorySink, Stamper
 from runtime.settings import StreamSettings
-from runtime.sinks import MemorySink, Stamper
-from runtime.stream import ensure_stream, replay
 from schemas import SCHEMA_VERSION, AuditFlag, Event, Heartbeat, RunStarted, TrainStep, event_subject
 from tests.conftest import wait_until
 from tests.integration.conftest import REPO, Exporter

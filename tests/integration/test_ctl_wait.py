@@ -14,9 +14,9 @@ from typing import Any
 import nats
 import pytest
 
-from runtime.cli import main
-from runtime.natsserver import RunningServer
-from runtime.sinks import Stamper
+from runtime.bus.server import RunningServer
+from runtime.cli.main import main
+from runtime.publish.sinks import Stamper
 from schemas import Checkpoint, CommandResult, Evaluation, control_subject, event_subject
 
 Script = Callable[[dict[str, Any], Stamper], list[Any]]

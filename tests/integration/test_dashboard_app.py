@@ -20,12 +20,12 @@ from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from dashboards.app import connection
-from dashboards.app.control import SENT
+from dashboards.app.control_panel import SENT
 from dashboards.app.reader import BusReader
 from dashboards.app.series import DISPLAY_POINTS
-from runtime.bus import BusTarget, Credentials
-from runtime.cli import main as trainbus
-from runtime.natsserver import RunningServer, start_server
+from runtime.bus.connect import BusTarget, Credentials
+from runtime.bus.server import RunningServer, start_server
+from runtime.cli.main import main as trainbus
 from runtime.settings import BusSettings, ServerSettings, Settings
 from schemas import RunStarted
 from tests.conftest import REPO, wait_until

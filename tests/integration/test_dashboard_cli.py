@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
 from tests.conftest import wait_until
 
 

@@ -14,11 +14,11 @@ from streamlit.testing.v1 import AppTest
 from consumers.sweep.space import load_space
 from consumers.sweep.study import default_storage, open_study, record_outcome
 from dashboards.app import connection
-from runtime.bus import BusTarget
-from runtime.natsserver import RunningServer, start_server
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import RunningServer, start_server
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.sinks import Stamper
 from schemas import Evaluation, Hyperparameters, RunFinished, RunStarted, SweepTag
 from tests.conftest import REPO, wait_until
 

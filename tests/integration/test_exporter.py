@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from runtime.bus import BusTarget
-from runtime.natsserver import RunningServer
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import RunningServer
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
-from runtime.sinks import Stamper
 from schemas import (
     AuditFlag,
     AuditVerdict,

@@ -11,8 +11,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from runtime.cli import main
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
+from runtime.cli.main import main
 from schemas import AuditVerdict, Checkpoint, RunFinished, RunStarted
 from tests.end_to_end.conftest import events_of, of_type
 

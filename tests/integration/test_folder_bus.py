@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from producers.control import ControlChannel
-from producers.publishing import open_bus
-from runtime.bus import LOCAL, BusTarget, resolve_target
-from runtime.natsserver import RunningServer, read_state, start_server
-from runtime.publisher import NatsPublisher
+from producers.run.control_inbox import ControlChannel
+from producers.run.publishing import open_bus
+from runtime.bus.connect import LOCAL, BusTarget, resolve_target
+from runtime.bus.server import RunningServer, read_state, start_server
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, Settings
-from runtime.sinks import Stamper
 from schemas import TrainStep
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of

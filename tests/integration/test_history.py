@@ -16,12 +16,12 @@ import nats
 import nats.js.errors
 import pytest
 
-from runtime.bus import BusTarget
-from runtime.cli import main
-from runtime.natsserver import RunningServer
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import RunningServer
+from runtime.cli.main import main
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
-from runtime.sinks import Stamper
 from schemas import Checkpoint, Evaluation, Heartbeat, RunFinished, RunStarted, TrainStep
 from tests.integration.test_cli_bus_faults import no_jetstream as no_jetstream  # a fixture
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.bus.server import RunningServer, find_binary, start_server
 from runtime.errors import BusUnavailable, ConfigError
-from runtime.natsserver import RunningServer, find_binary, start_server
 from runtime.settings import ServerSettings
 from tests.conftest import wait_until
 
@@ -109,7 +109,7 @@ def test_a_server_that_never_listens_is_given_up_on_and_killed(tmp_path: Path, m
     hung = tmp_path / "hung-nats-server"
     hung.write_text(f"#!{sys.executable}\n{HUNG_SERVER}")
     hung.chmod(0o755)
-    monkeypatch.setattr("runtime.natsserver.find_binary", lambda configured=None: str(hung))
+    monkeypatch.setattr("runtime.bus.server.find_binary", lambda configured=None: str(hung))
     with pytest.raises(BusUnavailable) as info:
         start_server(ServerSettings(), tmp_path / "store", timeout=3)
     assert str(info.value) == (

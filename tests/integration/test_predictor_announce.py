@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from consumers.predict.announce import announce
 from consumers.predict.checkpoints import Chosen
 from producers.config import RunConfig
-from runtime.stream import EVENTS_STREAM
+from runtime.bus.stream import EVENTS_STREAM
 from schemas import event_subject, parse_event
 from schemas.subjects import predict_subject
 

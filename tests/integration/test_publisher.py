@@ -9,12 +9,12 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget
-from runtime.natsserver import start_server
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import start_server
+from runtime.bus.stream import replay
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings
-from runtime.sinks import Stamper
-from runtime.stream import replay
 from schemas import TrainStep, run_events
 from tests.conftest import wait_until
 

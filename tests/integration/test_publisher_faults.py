@@ -21,14 +21,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from runtime.bus import BusTarget, Credentials
+from runtime.bus.connect import BusTarget, Credentials
+from runtime.bus.server import RunningServer, start_server
+from runtime.bus.stream import stream_config
 from runtime.logs import setup_logging
-from runtime.natsserver import RunningServer, start_server
-from runtime.outbox import Outbox, dead_letter_path
-from runtime.publisher import NatsPublisher
+from runtime.publish.outbox import Outbox, dead_letter_path
+from runtime.publish.sinks import Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
-from runtime.sinks import Stamper
-from runtime.stream import stream_config
 from schemas import EVENTS_STREAM, AuditFlag, Evaluation, RunStarted, TrainStep, event_subject
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of as stored

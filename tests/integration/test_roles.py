@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.bus import BusTarget, Credentials, connect
+from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import ensure_stream
 from runtime.errors import BusUnavailable
-from runtime.natsserver import RunningServer
 from runtime.settings import BusSettings, Settings
-from runtime.stream import ensure_stream
 
 TIMEOUT = 20.0
 """The suite's normal wait for something that should happen; never a verdict by itself."""

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from producers.control import ControlChannel
-from producers.publishing import open_bus
-from runtime.bus import BusTarget
+from producers.run.control_inbox import ControlChannel
+from producers.run.publishing import open_bus
+from runtime.bus.connect import BusTarget
+from runtime.bus.server import RunningServer
 from runtime.logs import setup_logging
-from runtime.natsserver import RunningServer
+from runtime.publish.sink import SidecarSink
+from runtime.publish.sinks import Stamper
 from runtime.settings import BusSettings, Settings
-from runtime.sidecar import SidecarSink
-from runtime.sinks import Stamper
 from schemas import CommandReply, TrainStep, control_subject
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of as stored
@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 KILLED_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-from producers.control import ControlChannel
-from producers.publishing import open_bus
+from producers.run.control_inbox import ControlChannel
+from producers.run.publishing import open_bus
 from runtime.settings import BusSettings, Settings
-from runtime.sinks import Stamper
+from runtime.publish.sinks import Stamper
 from schemas import TrainStep
 
 url, run_id, outbox, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
@@ -167,7 +167,7 @@ def test_a_sidecar_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_e
 ) -> None:
     url, run, outbox = nats_server.url, "sidecar-gone", tmp_path / "outbox.jsonl"
     settings = Settings(bus=BusSettings(url=url))
-    argv = [sys.executable, "-m", "producers.sidecar"]
+    argv = [sys.executable, "-m", "producers.run.publisher"]
     sink = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False, max_restarts=1).start()  # fmt: skip
     stamper = Stamper(sink, run)
     sent = iter(range(1, 1000))

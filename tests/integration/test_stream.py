@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.bus import BusTarget, connect
-from runtime.natsserver import start_server
+from runtime.bus.connect import BusTarget, connect
+from runtime.bus.server import start_server
+from runtime.bus.stream import ensure_stream
 from runtime.settings import ServerSettings, Settings, StreamSettings
-from runtime.stream import ensure_stream
 from schemas import EVENTS_STREAM
 
 

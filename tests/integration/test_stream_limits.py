@@ -9,12 +9,12 @@ from pathlib import Path
 
 from nats.js.api import StreamState
 
-from runtime.bus import BusTarget, connect
-from runtime.natsserver import RunningServer, start_server
-from runtime.publisher import NatsPublisher
+from runtime.bus.connect import BusTarget, connect
+from runtime.bus.server import RunningServer, start_server
+from runtime.bus.stream import ensure_stream, replay
+from runtime.publish.sinks import PublisherStats, Stamper
+from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
-from runtime.sinks import PublisherStats, Stamper
-from runtime.stream import ensure_stream, replay
 from schemas import EVENTS_STREAM, TrainStep, run_events
 
 MAX_BYTES = 64 * 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
-from runtime.natsserver import RunningServer
+from runtime.bus.server import RunningServer
+from runtime.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 

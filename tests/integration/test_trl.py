@@ -19,14 +19,14 @@ from trl import SFTConfig, SFTTrainer
 
 from producers import TrainbusCallback
 from producers.config import DataConfig, TinyModel
-from producers.data import answer_json, build_prompt, read_examples
-from producers.labels import load_labels
-from producers.model import build_tiny_model
-from producers.sampledata import write_sample_data
-from producers.tokenizer import build_byte_tokenizer
-from runtime.natsserver import RunningServer
+from producers.task.data import answer_json, build_prompt, read_examples
+from producers.task.labels import load_labels
+from producers.task.model import build_tiny_model
+from producers.task.sampledata import write_sample_data
+from producers.task.tokenizer import build_byte_tokenizer
+from runtime.bus.server import RunningServer
+from runtime.bus.stream import replay
 from runtime.settings import BusSettings, Settings
-from runtime.stream import replay
 from schemas import Event, run_events
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 from consumers.audit.engine import Output, Tick, handle, new_state
 from consumers.audit.rules import AuditConfig, load_rules
 from runtime.errors import ConfigError
-from runtime.sinks import MemorySink, Stamper
+from runtime.publish.sinks import MemorySink, Stamper
 from schemas import AuditFlag, CommandResult, Heartbeat
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

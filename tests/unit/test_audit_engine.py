@@ -10,7 +10,7 @@ import pytest
 
 from consumers.audit.engine import AuditState, Output, Publish, Send, Tick, handle, new_state
 from consumers.audit.rules import AuditConfig
-from runtime.sinks import MemorySink, Stamper
+from runtime.publish.sinks import MemorySink, Stamper
 from schemas import (
     AuditFlag,
     AuditVerdict,

@@ -8,7 +8,7 @@ import pytest
 import structlog
 
 from consumers.audit.rules import load_rules
-from runtime.cli import main
+from runtime.cli.main import main
 from runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

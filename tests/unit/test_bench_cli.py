@@ -28,7 +28,7 @@ def test_cli_starts_without_loading_torch() -> None:
     # module level makes `trainbus events`, `ctl` and `runs` take seconds to start.
     probe = (
         "import sys\n"
-        "from runtime.cli import build_parser\n"
+        "from runtime.cli.main import build_parser\n"
         "build_parser()\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from producers.chat import Perplexity, encode_conversation, use_chat_template
-from producers.chatdata import Conversation, parse_conversation, write_chat_sample
-from producers.data import read_jsonl
-from producers.encoding import IGNORE_INDEX
-from producers.tokenizer import build_byte_tokenizer
+from producers.task.chat import Perplexity, encode_conversation, use_chat_template
+from producers.task.chatdata import Conversation, parse_conversation, write_chat_sample
+from producers.task.data import read_jsonl
+from producers.task.encoding import IGNORE_INDEX
+from producers.task.tokenizer import build_byte_tokenizer
 from runtime.errors import ConfigError
 
 MESSAGES = [

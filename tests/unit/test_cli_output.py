@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from runtime.cli import main
+from runtime.cli.main import main
 from runtime.logs import get_logger, setup_logging
 
 

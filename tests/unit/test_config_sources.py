@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from producers.arguments import check_training, training_arguments
 from producers.config import RunConfig
+from producers.run.arguments import check_training, training_arguments
 from runtime.errors import ConfigError
 from runtime.settings import PROJECT_ROOT, load_config, packaged
 

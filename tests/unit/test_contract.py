@@ -10,9 +10,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from producers.control import ControlChannel
-from runtime.cli import main
-from runtime.stream import Delivered, NewerEvents
+from producers.run.control_inbox import ControlChannel
+from runtime.bus.stream import Delivered, NewerEvents
+from runtime.cli.main import main
 from schemas import SCHEMA_VERSION, CommandReply, NewerSchema, RunStarted, parse_command, parse_event
 from schemas.commands import COMMAND_TYPES
 from schemas.events import EVENT_TYPES

@@ -11,8 +11,8 @@ import random
 import time
 from pathlib import Path
 
-from producers.control import ControlChannel, PipeLink
-from runtime.journal import Journal
+from producers.run.control_inbox import ControlChannel, PipeLink
+from runtime.publish.journal import Journal
 from schemas import SaveCheckpoint
 
 RUN = "boundary-run"

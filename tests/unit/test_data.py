@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.data import (
+from producers.task.data import (
     ANSWER_PREFIX,
     Example,
     answer_json,
@@ -16,7 +16,7 @@ from producers.data import (
     default_rationale,
     read_examples,
 )
-from producers.labels import LabelSet, load_labels
+from producers.task.labels import LabelSet, load_labels
 from runtime.errors import ConfigError
 
 LABELS_YAML = Path(__file__).resolve().parents[2] / "configs" / "labels.yaml"

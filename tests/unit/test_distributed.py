@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from producers.distributed import release_command_group, share_commands
+from producers.run.distributed import release_command_group, share_commands
 from schemas import Pause, SetHyperparameters
 
 

@@ -11,11 +11,11 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from producers.config import TinyModel
-from producers.data import Example
-from producers.evaluation import ClassificationEval
-from producers.labels import LabelSet, load_labels
-from producers.model import build_tiny_model
-from producers.tokenizer import build_byte_tokenizer
+from producers.task.data import Example
+from producers.task.evaluation import ClassificationEval
+from producers.task.labels import LabelSet, load_labels
+from producers.task.model import build_tiny_model
+from producers.task.tokenizer import build_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = [

@@ -11,10 +11,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from producers.config import TinyModel
-from producers.data import ANSWER_PREFIX
-from producers.evaluation import option_probabilities
-from producers.model import build_tiny_model
-from producers.tokenizer import build_byte_tokenizer
+from producers.task.data import ANSWER_PREFIX
+from producers.task.evaluation import option_probabilities
+from producers.task.model import build_tiny_model
+from producers.task.tokenizer import build_byte_tokenizer
 
 OPTIONS = [json.dumps(name) for name in ("HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK")] + ["null"]
 PROMPTS = [

@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from consumers.exporter.collector import RunCollector, build_registry
 from consumers.exporter.state import MAX_AHEAD, MAX_OTHER_IDS, ExporterState, count_invalid, expire, handle
-from runtime.sinks import MemorySink, Stamper
+from runtime.publish.sinks import MemorySink, Stamper
 from schemas import (
     AuditFlag,
     AuditVerdict,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerState, TrainingArguments
 
-from producers.hyperparams import apply
+from producers.run.hyperparams import apply
 
 
 def test_weight_decay_reaches_the_decayed_group_only(tmp_path: Path) -> None:

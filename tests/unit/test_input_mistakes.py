@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from producers.config import RunConfig
-from producers.data import read_examples
-from producers.labels import load_labels
+from producers.task.data import read_examples
+from producers.task.labels import load_labels
 from runtime.errors import ConfigError
 from runtime.settings import Settings, load_config
 from tests.unit.test_labels import GOOD as LABELS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.labels import LabelSet, load_labels
+from producers.task.labels import LabelSet, load_labels
 from runtime.errors import ConfigError
 
 LABELS_YAML = Path(__file__).resolve().parents[2] / "configs" / "labels.yaml"

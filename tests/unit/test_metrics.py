@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers.labels import LabelSet, load_labels
-from producers.metrics import classification_metrics, decide, expected_calibration_error
+from producers.task.labels import LabelSet, load_labels
+from producers.task.metrics import classification_metrics, decide, expected_calibration_error
 
 LABELS_YAML = Path(__file__).resolve().parents[2] / "configs" / "labels.yaml"
 NAMES = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]

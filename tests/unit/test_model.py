@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from producers.config import AdapterConfig, ModelConfig, TinyModel
-from producers.model import (
+from producers.task.model import (
     adapter_callbacks,
     apply_adapter,
     build_byte_tokenizer,

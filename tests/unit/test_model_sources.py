@@ -14,9 +14,9 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from producers.config import AdapterConfig, ModelConfig, TinyModel
-from producers.model import _bnb_config, apply_adapter, build_tiny_model, check_quantization, parameter_counts
-from producers.model import load_model_and_tokenizer as load
-from producers.tokenizer import build_byte_tokenizer
+from producers.task.model import _bnb_config, apply_adapter, build_tiny_model, check_quantization, parameter_counts
+from producers.task.model import load_model_and_tokenizer as load
+from producers.task.tokenizer import build_byte_tokenizer
 from runtime.errors import ConfigError
 
 TINY = TinyModel(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from runtime.outbox import Outbox
+from runtime.publish.outbox import Outbox
 
 
 def records(n: int, start: int = 0) -> list[tuple[str, str, bytes]]:

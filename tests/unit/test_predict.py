@@ -23,14 +23,14 @@ from consumers.predict.cli import service
 from consumers.predict.client import describe_invalid
 from consumers.predict.rationale import generate_rationales, string_value
 from consumers.predict.serving import Job, Served, answer_jobs, prompts_of, too_long
-from producers.checkpoints import fingerprint
 from producers.config import RunConfig, TinyModel
-from producers.evaluation import answer_options, label_probabilities, prompt_token_limit
-from producers.labels import load_labels
-from producers.metrics import decide
-from producers.model import build_tiny_model
-from producers.tokenizer import build_byte_tokenizer
-from runtime.commands import service_commands
+from producers.task.evaluation import answer_options, label_probabilities, prompt_token_limit
+from producers.task.labels import load_labels
+from producers.task.metrics import decide
+from producers.task.model import build_tiny_model
+from producers.task.tokenizer import build_byte_tokenizer
+from runtime.checkpoints import fingerprint
+from runtime.cli.up import service_commands
 from runtime.errors import NotFound
 from schemas.export import json_schemas
 from schemas.predict import CheckpointRef, PredictorLoaded, PredictRequest

@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import Trainer, TrainingArguments
 
 from producers.config import RunConfig
-from producers.model import (
+from producers.task.model import (
     apply_adapter,
     build_byte_tokenizer,
     build_tiny_model,

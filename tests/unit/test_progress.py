@@ -12,7 +12,7 @@ import pytest
 import structlog
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from producers.progress import Progress, bar, duration
+from producers.run.progress import Progress, bar, duration
 from runtime.logs import get_logger, setup_logging, status
 
 

@@ -3,7 +3,7 @@ instead of being cut; in a pipe it stays whole on one line, for grep."""
 
 from __future__ import annotations
 
-from runtime.render import flat, table
+from runtime.cli.render import flat, table
 
 WHY = (
     "accuracy_floor (warning): accuracy was 0.12 at step 100, below the minimum of 0.8; "

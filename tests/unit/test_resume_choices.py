@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.resume import choose_checkpoint, restore_config
+from producers.run.resume import choose_checkpoint, restore_config
 from runtime.errors import BusUnavailable, ConfigError, NotFound
 
 

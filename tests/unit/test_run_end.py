@@ -7,9 +7,9 @@ from pathlib import Path
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from producers.callback import TrainbusCallback
-from producers.control import ControlChannel
-from runtime.sinks import MemorySink
+from producers.run.callback import TrainbusCallback
+from producers.run.control_inbox import ControlChannel
+from runtime.publish.sinks import MemorySink
 from tests.conftest import wait_until
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from producers.data import read_examples
-from producers.labels import load_labels
-from producers.sampledata import sample_data_exists, write_sample_data
+from producers.task.data import read_examples
+from producers.task.labels import load_labels
+from producers.task.sampledata import sample_data_exists, write_sample_data
 
 LABELS_YAML = Path(__file__).resolve().parents[2] / "configs" / "labels.yaml"
 

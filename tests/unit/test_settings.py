@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from producers.config import RunConfig
-from runtime.bus import Credentials, redact_url, resolve_target
+from runtime.bus.connect import Credentials, redact_url, resolve_target
 from runtime.errors import ConfigError
 from runtime.settings import Settings, load_config
 

@@ -13,7 +13,7 @@ import pytest
 
 from consumers.sweep.space import load_space
 from consumers.sweep.study import LEASE_SECONDS, abandoned, default_storage, describe_best, driver_identity, open_study
-from runtime.cli import main
+from runtime.cli.main import main
 from runtime.errors import ConfigError
 from runtime.settings import parse_override
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-import producers.callback
-from producers.callback import TrainbusCallback
-from producers.control import ControlChannel
-from runtime.sinks import MemorySink
+import producers.run.callback
+from producers.run.callback import TrainbusCallback
+from producers.run.control_inbox import ControlChannel
+from runtime.publish.sinks import MemorySink
 from tests.conftest import wait_until
 
 RUN = "throughput"
@@ -34,7 +34,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(producers.callback.time, "monotonic", fake)
+    monkeypatch.setattr(producers.run.callback.time, "monotonic", fake)
     return fake
 
 

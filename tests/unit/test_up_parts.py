@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from consumers.audit.partitions import parse_partition, transform
+from runtime.bus.server import included_config
+from runtime.cli.up import admin_credentials, service_env, with_extra_args
 from runtime.errors import ConfigError
-from runtime.natsserver import included_config
 from runtime.settings import ServerSettings
-from runtime.up import admin_credentials, service_env, with_extra_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 hyper-parameters, the command history and the notes.
 
 Opened as ``/run?run=<run_id>``. The header and the open tab are fragments that rerun on
-their own; only the open tab is drawn. Control goes through ``dashboards.app.control``.
+their own; only the open tab is drawn. Control goes through ``dashboards.app.control_panel``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from dashboards.app import connection, control
+from dashboards.app import connection, control_panel
 from dashboards.app.charts import TRAIN_CHARTS, Chart, confusion_chart, eval_chart, reported, train_chart
 from dashboards.app.reader import BusReader
 from dashboards.app.snapshot import RunSnapshot
@@ -87,7 +87,7 @@ def header(reader: BusReader, run_id: str) -> None:
         )
     elif snap.reason and state != "running":
         st.caption(f"{state}: {snap.reason}")
-    control.show_outcomes(snap)
+    control_panel.show_outcomes(snap)
 
 
 @connection.live(connection.CHART_SECONDS)
@@ -201,7 +201,7 @@ def render() -> None:
     if run_id is None:
         return
     header(reader, run_id)
-    control.panel(reader, run_id)
+    control_panel.panel(reader, run_id)
     parts = {"Training": training, "Evaluation": evaluation, "Config": config, "Commands": commands, "Notes": notes}
     for tab, name in zip(st.tabs(TABS, key="tab", bind="query-params"), TABS, strict=True):
         if tab.open:

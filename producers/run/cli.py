@@ -1,0 +1,125 @@
+"""CLI commands of the trainer: `trainbus train` and `trainbus sample-data` (entry-point plugins)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from runtime.logs import console_output, setup_logging
+from runtime.settings import load_config, packaged
+from schemas import SweepTag
+
+
+def register_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="fine-tune with a LoRA-family adapter and stream the run to the bus")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="run config YAML, e.g. configs/tiny.yaml (trainbus's own configs/ are found from any folder; "
+        "optional with --resume, which uses the run's own config)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override a config key, e.g. training.max_steps=40",
+    )
+    p.add_argument("--run-id", help="choose the run id (default: <run_name>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue RUN_ID with its own config from its last checkpoint (attempt + 1); --set changes it",
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from-checkpoint", type=int, metavar="STEP", help="with --resume: continue from checkpoint-STEP"
+    )
+    start.add_argument(
+        "--from-approved",
+        action="store_true",
+        help="with --resume: continue from the newest checkpoint the audit gate approved",
+    )
+    p.add_argument(
+        "--offline-ok",
+        action="store_true",
+        help="train even when the bus is unreachable: events wait in the run's outbox and are sent once it connects",
+    )
+    p.add_argument("--sweep", metavar="NAME", help="tag run.started as a trial of sweep NAME (set by `trainbus sweep`)")
+    p.add_argument("--trial", metavar="K", type=int, help="with --sweep: the trial number")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from runtime.errors import ConfigError
+
+    if args.run_id and args.resume:
+        raise ConfigError("--run-id and --resume are exclusive (--resume keeps the run's id)")
+    if not args.resume and (args.from_checkpoint is not None or args.from_approved):
+        raise ConfigError("--from-checkpoint and --from-approved choose where --resume RUN_ID continues")
+    if args.config is None and not args.resume:
+        raise ConfigError("a run config is needed, e.g. trainbus train configs/tiny.yaml")
+    config = packaged(args.config) if args.config is not None else None
+    from producers.config import RunConfig
+    from producers.run.arguments import check_training
+    from producers.run.resume import restore_config
+
+    if args.resume:
+        cfg = restore_config(config, args.overrides, args.resume, check=check_training)
+    else:
+        cfg = load_config(RunConfig, config, args.overrides, check=check_training)
+    setup_logging(cfg.log.level, cfg.log.format)
+    quiet_libraries(cfg)
+    if args.offline_ok:
+        cfg.publish.offline_ok = True
+    from producers.run.resume import ResumeFrom
+    from producers.run.train import run
+
+    resume = ResumeFrom(args.resume, args.from_checkpoint, args.from_approved) if args.resume else None
+    return run(cfg, run_id=args.run_id, resume=resume, sweep=_sweep_tag(args.sweep, args.trial))
+
+
+def quiet_libraries(cfg: Any) -> None:
+    """No progress bars from transformers and the hub off a terminal, nor for the tiny model (it
+    saves and loads in a blink); a real model's download and load keep theirs on a terminal."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    if not console_output(cfg.log.format) or cfg.model.name_or_path == "tiny":
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+
+
+def _sweep_tag(name: str | None, trial: int | None) -> SweepTag | None:
+    from pydantic import ValidationError
+
+    from runtime.errors import ConfigError
+
+    if name is None and trial is None:
+        return None
+    if name is None or trial is None:
+        raise ConfigError("--sweep NAME and --trial K go together")
+    try:
+        return SweepTag(name=name, trial=trial)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--sweep" if err["loc"][0] == "name" else "--trial"
+        raise ConfigError(f"{flag}: {err['msg']}") from None
+
+
+def register_sample_data(sub: Any) -> None:
+    p = sub.add_parser("sample-data", help="write the deterministic sample data set (train/validation/test JSONL)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_data)
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from producers.task.sampledata import write_sample_data
+
+    paths = write_sample_data(args.out, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path} ({sum(1 for _ in path.open())} rows)")
+    return 0

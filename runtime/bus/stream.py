@@ -1,0 +1,393 @@
+"""The ``TRAINBUS_EVENTS`` stream: idempotent provisioning, replay of a run, the list of runs.
+
+Every reader decodes stored messages with ``decode``: unknown fields of an event are ignored,
+an invalid message or an event of a newer ``schema_version`` comes back without an event
+(``NewerEvents`` reports the latter once per run), never as an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from runtime.bus.connect import BusTarget, connected
+from runtime.errors import BusUnavailable
+from runtime.liveness import STALL_AFTER_SECONDS, shown_state
+from runtime.logs import get_logger
+from runtime.settings import Settings, StreamSettings
+from schemas import (
+    ALL_EVENTS,
+    EVENTS_STREAM,
+    SCHEMA_VERSION,
+    Evaluation,
+    Event,
+    NewerSchema,
+    RunStarted,
+    RunTag,
+    TrainStep,
+    parse_event,
+)
+from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
+
+NS = 1_000_000_000
+NO_JETSTREAM = (
+    "JetStream is not enabled on this NATS server: start nats-server with -js (or a jetstream {} block), "
+    "or use `trainbus up`"
+)
+
+
+def cluster_size(nc: NATS) -> int:
+    """How many servers the connected server's cluster has (1 for a server on its own), from its INFO."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}  # nats-py keeps INFO only privately
+    if not info.get("cluster"):
+        return 1
+    # INFO at connect time lists the cluster's servers; ones that joined later are in the pool
+    return max(1, len(info.get("connect_urls") or []), len(nc.servers))
+
+
+def auto_replicas(nc: NATS, wanted: int | None) -> int:
+    """``stream.replicas`` when set; else 3 on a cluster of at least three servers, 1 otherwise."""
+    if wanted is not None:
+        return wanted
+    return 3 if cluster_size(nc) >= 3 else 1
+
+
+def stream_config(limits: StreamSettings, replicas: int | None = None) -> api.StreamConfig:
+    """The stream's desired configuration for ``limits`` (``replicas`` resolved by ``auto_replicas``).
+
+    At ``max_bytes`` or ``max_age`` the oldest events go (discard old): a full stream never
+    refuses a trainer's publish. The duplicate window cannot outlast ``max_age`` (JetStream
+    refuses that), so a short age shortens it.
+    """
+    max_age = limits.max_age_days * 86400
+    return api.StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[ALL_EVENTS],
+        storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+        max_age=max_age,
+        max_bytes=limits.max_bytes,
+        duplicate_window=min(limits.duplicate_window_seconds, max_age),
+        num_replicas=replicas if replicas is not None else (limits.replicas or 1),
+        allow_direct=True,
+    )
+
+
+def _differences(have: api.StreamConfig, want: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in ("subjects", "max_age", "max_bytes", "duplicate_window", "num_replicas", "storage"):
+        a, b = getattr(have, name), getattr(want, name)
+        if isinstance(a, float) or isinstance(b, float):
+            if a is None or b is None or abs(float(a) - float(b)) > 1e-3:
+                out[name] = (a, b)
+        elif a != b:
+            out[name] = (a, b)
+    return out
+
+
+def _creation_refused(name: str, replicas: int, exc: nats.js.errors.APIError) -> BusUnavailable:
+    hint = (
+        f"; {replicas} replicas need {replicas} JetStream servers up (stream.replicas sets how many)"
+        if replicas > 1
+        else ""
+    )
+    return BusUnavailable(f"JetStream refused to create {name}: {exc.description}{hint}")
+
+
+async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
+    """Create or update ``TRAINBUS_EVENTS``; returns ``created``, ``updated``, ``unchanged`` or ``kept``.
+
+    A second start with other limits updates the stream; a change the server refuses (e.g. the
+    storage type) is explained in a warning and the existing stream is kept. With
+    ``stream.replicas`` unset, replicas are never lowered: a client that sees fewer servers
+    (one is down) leaves an R3 stream as it is.
+    """
+    log = get_logger(stream=EVENTS_STREAM)
+    replicas = auto_replicas(js._nc, limits.replicas)  # the JetStream context's own connection
+    want = stream_config(limits, replicas)
+    try:
+        info = await js.stream_info(EVENTS_STREAM)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config=want)
+        except nats.js.errors.APIError as exc:
+            raise _creation_refused(EVENTS_STREAM, replicas, exc) from None
+        log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes, replicas=replicas)
+        return "created"
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable(NO_JETSTREAM) from None
+    except (TimeoutError, nats.errors.TimeoutError):
+        raise BusUnavailable(
+            f"no answer from JetStream for stream {EVENTS_STREAM}: is JetStream enabled and may this user use it?"
+        ) from None
+    if limits.replicas is None and (info.config.num_replicas or 1) > replicas:
+        want.num_replicas = info.config.num_replicas
+    diff = _differences(info.config, want)
+    if not diff:
+        return "unchanged"
+    try:
+        await js.update_stream(config=want)
+    except nats.js.errors.APIError as exc:
+        log.warning(
+            "stream exists with other limits; keeping them",
+            differences={k: {"have": v[0], "want": v[1]} for k, v in diff.items()},
+            server_said=exc.description,
+        )
+        return "kept"
+    log.info("stream limits updated", changed=sorted(diff))
+    return "updated"
+
+
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int, *, history: int, description: str) -> KeyValue:
+    """The key-value bucket ``name``, created with ``replicas`` when missing, scaled up when it has fewer."""
+    try:
+        kv = await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=name, history=history, replicas=replicas, description=description)
+        except nats.js.errors.APIError as exc:
+            raise _creation_refused(f"the key-value bucket {name}", replicas, exc) from None
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable(NO_JETSTREAM) from None
+    except (TimeoutError, nats.errors.TimeoutError):  # e.g. a restarted cluster still electing the bucket's leader
+        raise BusUnavailable(f"no answer from JetStream for the key-value bucket {name}") from None
+    stream = f"KV_{name}"
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) < replicas:
+        info.config.num_replicas = replicas
+        try:
+            await js.update_stream(config=info.config)
+        except nats.js.errors.APIError as exc:
+            get_logger(bucket=name).warning(
+                "bucket keeps its replicas", replicas=info.config.num_replicas, server_said=exc.description
+            )
+    return kv
+
+
+@dataclass
+class Delivered:
+    """One stored message: its stream sequence, subject and the parsed event (or why there is none).
+
+    ``event`` is None either for an invalid message (``error`` says why) or for an event a newer
+    trainbus wrote (``newer`` is its ``schema_version``): readers skip both, and never crash.
+    """
+
+    stream_seq: int
+    subject: str
+    event: Event | None
+    error: str | None
+    data: bytes
+    newer: int | None = None
+
+
+def decode(msg: Msg | api.RawStreamMsg, stream_seq: int) -> Delivered:
+    """Parse a stored message as a reader: unknown fields ignored, problems returned, never raised."""
+    data = msg.data or b""
+    subject = msg.subject or ""
+    try:
+        return Delivered(stream_seq, subject, parse_event(data), None, data)
+    except NewerSchema as exc:
+        return Delivered(stream_seq, subject, None, None, data, newer=exc.version)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return Delivered(stream_seq, subject, None, f"{where}: {first['msg']}", data)
+
+
+class NewerEvents:
+    """Counts events of a newer ``schema_version`` a reader skipped and says so once per run."""
+
+    def __init__(self, log: Any | None = None) -> None:
+        self.log = log if log is not None else get_logger()
+        self.runs: set[str] = set()
+        self.skipped = 0
+
+    def skip(self, item: Delivered) -> None:
+        """Record that ``item`` (with ``item.newer`` set) was skipped; log the first one of its run."""
+        self.skipped += 1
+        run_id = run_id_of(item.subject) or "?"
+        if run_id not in self.runs:
+            self.runs.add(run_id)
+            self.log.warning(
+                "events written by a newer trainbus are skipped; upgrade trainbus to read them",
+                run_id=run_id,
+                schema_version=item.newer,
+                reads_up_to=SCHEMA_VERSION,
+                subject=item.subject,
+            )
+
+
+async def count_stored(js: JetStreamContext, filter_subject: str, stream: str = EVENTS_STREAM) -> int:
+    """How many stored messages match ``filter_subject``."""
+    info = await js.stream_info(stream, subjects_filter=filter_subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def replay(
+    js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0, stream: str = EVENTS_STREAM
+) -> AsyncIterator[Delivered]:
+    """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after.
+
+    ``stream`` is the events stream unless a reader keeps a derived copy (the audit gate's partitions).
+    """
+    if not follow and await count_stored(js, filter_subject, stream) == 0:
+        return
+    sub = await js.subscribe(filter_subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle)
+            except (TimeoutError, nats.errors.TimeoutError):
+                if follow:
+                    continue
+                return
+            meta = msg.metadata
+            yield decode(msg, meta.sequence.stream)
+            if not follow and meta.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def last_event(js: JetStreamContext, subject: str) -> Delivered | None:
+    """The newest stored event on ``subject`` (exact), or None."""
+    try:
+        raw = await js.get_last_msg(EVENTS_STREAM, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    return decode(raw, raw.seq or 0)
+
+
+async def run_ids(js: JetStreamContext) -> list[str]:
+    """Run ids with at least one stored ``run.*`` event."""
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter=f"{EVENTS_PREFIX}.*.run.>")
+    return sorted({s.split(".")[2] for s in (info.state.subjects or {})})
+
+
+TRAINER_TYPES = (
+    "run.started",
+    "run.state",
+    "run.finished",
+    "train.step",
+    "eval",
+    "checkpoint",
+    "heartbeat",
+    "command.result",
+)
+"""The event types a trainer publishes: the newest of them tells whether it still lives."""
+
+
+async def run_summary(
+    js: JetStreamContext,
+    run_id: str,
+    *,
+    now: float | None = None,
+    stall_after: float = STALL_AFTER_SECONDS,
+    newer: NewerEvents | None = None,
+) -> dict[str, Any]:
+    """Latest state of one run, from the newest stored event of each type its trainer publishes.
+
+    ``state`` is the one to show (``stalled`` for a live state whose trainer went silent, see
+    ``runtime.liveness``); ``age_seconds`` is how long ago its newest trainer event was sent;
+    ``step`` is the run's step now (from its newest event that has one: heartbeats carry it
+    between logged steps); ``loss`` is the last logged one, at ``loss_step``.
+    """
+    base = run_events(run_id)[:-1]
+    newest = await asyncio.gather(*(last_event(js, base + name) for name in TRAINER_TYPES))
+    found: dict[str, Event] = {}
+    latest_seq: dict[str, int] = {}
+    for name, item in zip(TRAINER_TYPES, newest, strict=True):
+        if item is not None and item.newer is not None and newer is not None:
+            newer.skip(item)
+        if item is not None and item.event is not None:
+            found[name], latest_seq[name] = item.event, item.stream_seq
+    summary: dict[str, Any] = {"run_id": run_id, "state": "unknown"}
+    lifecycle = [name for name in found if name.startswith("run.")]
+    if lifecycle:
+        ev = found[max(lifecycle, key=latest_seq.__getitem__)]
+        summary["state"] = getattr(ev, "status", None) or getattr(ev, "state", None) or "running"
+        summary["attempt"] = ev.attempt
+        summary["updated"] = ev.time.isoformat()
+    if found:
+        last = found[max(found, key=latest_seq.__getitem__)]
+        now = time.time() if now is None else now
+        summary["last_event"] = last.time.isoformat()
+        summary["age_seconds"] = round(max(0.0, now - last.time.timestamp()), 3)
+        summary["state"] = shown_state(summary["state"], last.time.timestamp(), now, stall_after)
+    started = found.get("run.started")
+    if isinstance(started, RunStarted):
+        summary["model"] = started.model
+        summary["max_steps"] = started.max_steps
+        summary["hyperparameters"] = started.hyperparameters.model_dump()
+    steps = {name: step for name, event in found.items() if (step := getattr(event, "step", None)) is not None}
+    if steps:
+        summary["step"] = steps[max(steps, key=latest_seq.__getitem__)]
+    step = found.get("train.step")
+    if isinstance(step, TrainStep):
+        summary["loss_step"] = step.step
+        summary["loss"] = step.loss
+        summary["learning_rate"] = step.learning_rate
+        if step.hyperparameters is not None:
+            summary["hyperparameters"] = step.hyperparameters.model_dump()
+    evaluation = found.get("eval")
+    if isinstance(evaluation, Evaluation):
+        summary["eval_accuracy"] = evaluation.accuracy
+    return summary
+
+
+async def list_runs(
+    nc: NATS, *, now: float | None = None, stall_after: float = STALL_AFTER_SECONDS
+) -> list[dict[str, Any]]:
+    """Every run in the stream with its latest state (see ``run_summary``)."""
+    js = nc.jetstream()
+    newer = NewerEvents()
+    now = time.time() if now is None else now
+    runs = [
+        await run_summary(js, run_id, now=now, stall_after=stall_after, newer=newer) for run_id in await run_ids(js)
+    ]
+    tags = await run_tags(js)
+    for run in runs:
+        if run["run_id"] in tags:
+            run["tags"] = tags[run["run_id"]]
+    return runs
+
+
+async def run_tags(js: JetStreamContext) -> dict[str, dict[str, str]]:
+    """The tags of every run (``run.tag`` events in order; an empty value removes a key)."""
+    found: dict[str, dict[str, str]] = {}
+    async for item in replay(js, f"{EVENTS_PREFIX}.*.run.tag"):
+        if isinstance(item.event, RunTag):
+            tags = found.setdefault(item.event.run_id, {})
+            for key, value in item.event.tags.items():
+                if value:
+                    tags[key] = value
+                else:
+                    tags.pop(key, None)
+    return found
+
+
+@asynccontextmanager
+async def jetstream(target: BusTarget, settings: Settings, name: str) -> AsyncIterator[NATS]:
+    """A connection whose JetStream trouble (none on the server, no answer) is one line and exit 3."""
+    async with connected(target, settings, name=name) as nc:
+        try:
+            yield nc
+        except nats.js.errors.ServiceUnavailableError:
+            raise BusUnavailable(NO_JETSTREAM) from None
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            raise BusUnavailable(
+                f"no answer from JetStream at {target.display}: is JetStream enabled, and may this user do this?"
+            ) from None
