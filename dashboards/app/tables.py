@@ -1,7 +1,7 @@
 """Table builders: pure functions from snapshots to the DataFrames the pages show.
 
 No Streamlit and no clock here: the caller passes ``now`` (Unix seconds), so a unit test can say
-exactly when a run turns ``stalled``. Every run state shown goes through ``runtime.liveness``.
+exactly when a run turns ``stalled``. Every run state shown goes through ``runtime.lifecycle``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from dashboards.app.rows import CommandRow, EvalPoint, LoadRow
 from dashboards.app.snapshot import RunSnapshot, RunSummary
 from dashboards.app.state import EVAL_METRICS
-from runtime.liveness import shown_state
+from runtime.lifecycle import shown_state
 
 STATES = ("running", "paused", "stalled", "stopping", "completed", "stopped", "failed", "unknown")
 """Every state a run can be shown in, in filter order."""

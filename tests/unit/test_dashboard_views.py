@@ -28,7 +28,7 @@ from dashboards.app.tables import (
     serving_table,
     state_of,
 )
-from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.lifecycle import STALL_AFTER_SECONDS
 from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, RunNote, RunStarted, RunTag
 from schemas.predict import PredictorLoaded
 from tests.unit.test_dashboard_state import SHA, Run, fold
