@@ -32,6 +32,8 @@ class RunSummary:
     learning_rate: float | None
     """The rate the optimizer uses now: the latest ``train.step``'s (its schedule's value)."""
     best_accuracy: float | None
+    eval_accuracy: float | None
+    """The latest evaluation's accuracy (what `trainbus runs` shows as eval_accuracy)."""
     best_perplexity: float | None
     """Lowest eval perplexity (chat runs; None for a classifier)."""
     approved: int
@@ -91,6 +93,14 @@ def _best(run: RunView, metric: str, pick: Callable[[list[float]], float]) -> fl
     return pick(finite) if finite else None
 
 
+def _latest(run: RunView, metric: str) -> float | None:
+    for point in reversed(run.evals):
+        value = point.metrics.get(metric)
+        if value is not None:
+            return value
+    return None
+
+
 def summarise(run: RunView) -> RunSummary:
     """The Runs-page row of ``run`` (call under the reader's lock)."""
     life, started = run.life, run.life.started
@@ -105,6 +115,7 @@ def summarise(run: RunView) -> RunSummary:
         loss=run.series["loss"].latest,
         learning_rate=run.series["learning_rate"].latest,
         best_accuracy=_best(run, "accuracy", max),
+        eval_accuracy=_latest(run, "accuracy"),
         best_perplexity=_best(run, "perplexity", min),
         approved=verdicts.count("approved"),
         rejected=verdicts.count("rejected"),

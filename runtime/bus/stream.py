@@ -295,7 +295,7 @@ async def _summary_events(js: JetStreamContext, run_id: str, newer: NewerEvents 
 
 
 def summary_of(
-    run_id: str, life: Lifecycle, latest: dict[str, Event], now: float, stall_after: float
+    run_id: str, life: Lifecycle, latest: dict[str, Event], now: float, stall_after: float, *, config: bool = False
 ) -> dict[str, Any]:
     """What `trainbus runs` shows of one run: its lifecycle (``runtime.lifecycle``) plus the newest
     ``train.step`` (``loss`` at ``loss_step``, the ``learning_rate`` in use) and ``eval`` accuracy."""
@@ -307,6 +307,10 @@ def summary_of(
         summary["age_seconds"] = round(max(0.0, now - life.trainer_time), 3)
     if life.started is not None:
         summary["model"], summary["max_steps"] = life.started.model, life.started.max_steps
+        if life.started.sweep is not None:
+            summary["sweep"] = life.started.sweep.name
+        if config:
+            summary["config"] = life.started.config
     if life.hyperparameters:
         summary["hyperparameters"] = dict(life.hyperparameters)
     step = latest.get("train.step")
@@ -325,6 +329,7 @@ async def run_summary(
     now: float | None = None,
     stall_after: float = STALL_AFTER_SECONDS,
     newer: NewerEvents | None = None,
+    config: bool = False,
 ) -> dict[str, Any]:
     """Latest state of one run (``summary_of``), folded from the stored events it needs.
 
@@ -338,18 +343,20 @@ async def run_summary(
     for item in await _summary_events(js, run_id, newer):
         if item.event is not None and fold(life, item.event):
             latest[item.event.type] = item.event
-    return summary_of(run_id, life, latest, time.time() if now is None else now, stall_after)
+    return summary_of(run_id, life, latest, time.time() if now is None else now, stall_after, config=config)
 
 
 async def list_runs(
-    nc: NATS, *, now: float | None = None, stall_after: float = STALL_AFTER_SECONDS
+    nc: NATS, *, now: float | None = None, stall_after: float = STALL_AFTER_SECONDS, config: bool = False
 ) -> list[dict[str, Any]]:
-    """Every run in the stream with its latest state (see ``run_summary``)."""
+    """Every run in the stream with its latest state (see ``run_summary``); ``config`` adds each
+    run's config (from its ``run.started``)."""
     js = nc.jetstream()
     newer = NewerEvents()
     now = time.time() if now is None else now
     runs = [
-        await run_summary(js, run_id, now=now, stall_after=stall_after, newer=newer) for run_id in await run_ids(js)
+        await run_summary(js, run_id, now=now, stall_after=stall_after, newer=newer, config=config)
+        for run_id in await run_ids(js)
     ]
     tags = await run_tags(js)
     for run in runs:

@@ -23,6 +23,7 @@ from runtime.bus.stream import count_stored, jetstream, list_runs, run_summary
 from runtime.cli.args import add_settings_args, add_stall_after_arg, choices_arg, run_id_arg, settings_from, since_arg
 from runtime.cli.render import age, flat, table, write_csv
 from runtime.errors import ConfigError, NotFound
+from runtime.groups import group_table, group_value
 from runtime.lifecycle import LIVE_STATES
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM, run_events
@@ -53,6 +54,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--since", type=since_arg, metavar="WHEN", help="only runs whose trainer published after WHEN: 10m, 2h, 1d, ISO"
     )
+    p.add_argument("--group-by", metavar="KEY", help="one row per group and metric (n, mean, std, min, max): "
+                   "a config key like adapter.r, tag:NAME, or sweep")  # fmt: skip
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per run")
     out.add_argument("--csv", action="store_true", help="CSV, one row per run")
@@ -86,7 +89,10 @@ def run_filter(args: argparse.Namespace) -> Callable[[dict[str, Any]], bool]:
 def cmd_runs(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     with bus_target(settings) as target:
-        runs = [run for run in asyncio.run(_runs(target, settings, args.stall_after)) if run_filter(args)(run)]
+        found = asyncio.run(_runs(target, settings, args.stall_after, config=bool(args.group_by)))
+    runs = [run for run in found if run_filter(args)(run)]
+    if args.group_by:
+        return _groups(runs, args)
     if args.json:
         for run in runs:
             print(json.dumps(run, default=str))
@@ -108,10 +114,36 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _runs(target: BusTarget, settings: Settings, stall_after: float) -> list[dict[str, Any]]:
+def group_rows(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The group table of ``runs`` (``runtime.groups``): the runs with no value for ``key`` join no group."""
+    members: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        value = group_value(key, run.get("config") or {}, run.get("tags") or {}, run.get("sweep"))
+        if value is not None:
+            members.setdefault(value, {})[run["run_id"]] = run
+    return [{key: row.pop("group"), **row} for row in group_table(members)]
+
+
+def _groups(runs: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    rows = group_rows(runs, args.group_by)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    elif args.csv:
+        write_csv(rows, [args.group_by, "metric", "runs", "n", "mean", "std", "min", "max"])
+    elif not rows:
+        print(f"no run has a value for {args.group_by} (a config key like adapter.r, tag:NAME, or sweep)")
+    else:
+        print(table(rows, [args.group_by, "metric", "runs", "n", "mean", "std", "min", "max"]))
+    return 0
+
+
+async def _runs(
+    target: BusTarget, settings: Settings, stall_after: float, *, config: bool = False
+) -> list[dict[str, Any]]:
     async with jetstream(target, settings, "trainbus-runs") as nc:
         try:
-            return await list_runs(nc, stall_after=stall_after)
+            return await list_runs(nc, stall_after=stall_after, config=config)
         except nats.js.errors.NotFoundError:
             return []
 
