@@ -25,6 +25,7 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
+from schemas.jobs import JobState
 from schemas.predict import PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
@@ -244,7 +245,8 @@ Event = Annotated[
     | Heartbeat
     | PredictorLoaded
     | RunTag
-    | RunNote,
+    | RunNote
+    | JobState,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

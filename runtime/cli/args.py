@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.settings import Settings, load_config
@@ -104,3 +105,14 @@ def add_cluster_arg(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="run a local JetStream cluster of N nodes (at least 3) instead of one server",
     )
+
+
+def key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    """``KEY=VALUE`` items of a repeatable flag as a dict; a malformed one names the flag."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+        pairs[key] = value
+    return pairs
