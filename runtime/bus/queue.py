@@ -10,6 +10,7 @@ per priority (``dispatch-high``, ``-normal``, ``-low``) is shared by every agent
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import nats.errors
@@ -117,10 +118,22 @@ async def cancel(js: JetStreamContext, job_id: str, *, save: bool) -> JobRecord:
         raise Conflict(f"job {job_id} is {record.state} already")
     if record.state in ("queued", "requeued"):
         try:
-            return await store.change(job_id, _cancel_waiting)
+            cancelled = await store.change(job_id, _cancel_waiting)
         except Conflict:
             pass  # an agent took it meanwhile: cancel it as a running job
+        else:
+            await _drop_message(js, cancelled.queue_seq)
+            return cancelled
     return await store.change(job_id, lambda r: _ask_cancel(r, "save" if save else "no-save"))
+
+
+async def _drop_message(js: JetStreamContext, seq: int | None) -> None:
+    """Take a cancelled job's message out of the queue (an agent holding it meanwhile finds the
+    record cancelled and acknowledges it instead)."""
+    if seq is None:
+        return
+    with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.APIError):
+        await js.delete_msg(QUEUE_STREAM, seq)
 
 
 def _cancel_waiting(record: JobRecord) -> JobRecord:
