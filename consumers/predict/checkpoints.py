@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from producers.config import RunConfig
 from runtime.bus.stream import replay
-from runtime.checkpoints import fingerprint
+from runtime.checkpoints import changed_since_announced, fingerprint
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.settings import describe_validation_error
 from schemas import AuditVerdict, Checkpoint, RunStarted
@@ -139,12 +139,9 @@ def verify(chosen: Chosen) -> None:
     """Raise ``Refused`` unless the checkpoint folder hashes to what its event says."""
     if not chosen.path.is_dir():
         raise NotFound(f"checkpoint folder {chosen.path} does not exist (run {chosen.run_id}, step {chosen.step})")
-    digest, _ = fingerprint(chosen.path)
-    if digest != chosen.sha256:
-        raise Refused(
-            f"{chosen.path}: sha256 {digest[:12]}… differs from its checkpoint event's {chosen.sha256[:12]}…: "
-            "the files changed after the trainer saved them"
-        )
+    changed = changed_since_announced(chosen.path, chosen.sha256, chosen.event_id or "(none)")
+    if changed is not None:
+        raise Refused(changed)
 
 
 def _config(event: RunStarted) -> RunConfig:
