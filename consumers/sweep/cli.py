@@ -22,7 +22,7 @@ from runtime.cli.render import table
 from runtime.errors import ConfigError
 from runtime.liveness import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.settings import Settings, layers, redact_url, validate_layers
+from runtime.settings import Settings, layers, packaged, redact_url, validate_layers
 from schemas.common import SWEEP_NAME_PATTERN
 
 SHOW = "show"
@@ -46,9 +46,9 @@ def register_sweep(sub: Any) -> None:
         "trainbus sweep show NAME [--storage URL] [--json]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", metavar="CONFIG", help="run config YAML of every trial, or `show`")
+    p.add_argument("config", metavar="CONFIG", type=packaged, help="run config YAML of every trial, or `show`")
     p.add_argument("show_name", metavar="NAME", nargs="?", help="with `show`: the sweep to print")
-    p.add_argument("--space", metavar="YAML", help="search space file, e.g. configs/sweeps/tiny.yaml")
+    p.add_argument("--space", metavar="YAML", type=packaged, help="search space file, e.g. configs/sweeps/tiny.yaml")
     p.add_argument("--trials", type=_positive, help="how many trials the study should have in all")
     p.add_argument("--parallel", type=_positive, default=1, help="trials running at once (default 1)")
     p.add_argument("--name", help="the sweep (Optuna study) name; drivers with the same name share the study")
