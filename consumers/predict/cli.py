@@ -95,7 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 chosen = await choose(nc.jetstream(), run, step=args.step, path=args.checkpoint, force=args.force)
             import torch
 
+            from consumers.predict.quiet import quiet_loading
             from consumers.predict.service import Target, serve
+
+            quiet_loading()
 
             if config.threads:
                 torch.set_num_threads(config.threads)
@@ -287,8 +290,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         chosen = asyncio.run(pick(where))  # refused before the model code loads
     verify(chosen)
     from consumers.predict.export import export_merged
+    from consumers.predict.quiet import quiet_loading, say_loading
     from consumers.predict.serving import load_served
 
+    quiet_loading()
+    say_loading("export", chosen)
     export_merged(load_served(chosen, labels_file=args.labels), args.merge)
     print(f"trainbus export: run {chosen.run_id} step {chosen.step} ({chosen.verdict}) merged into {args.merge}")
     return 0

@@ -31,6 +31,7 @@ from consumers.predict.batching import MicroBatcher
 from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, run_progress, verify
 from consumers.predict.client import SERVICE_NAME, describe_invalid
 from consumers.predict.config import ServeConfig
+from consumers.predict.quiet import say_loading
 from consumers.predict.serving import Job, Served, answer_jobs, load_served, too_long
 from consumers.predict.waiting import SAY_EVERY, Every, nothing_to_serve, waiting_line
 from runtime.errors import TrainbusError
@@ -170,6 +171,7 @@ class Predictor:
         """Verify and load ``chosen`` off the event loop, swap it in, announce it."""
         previous = self.served
         started = time.monotonic()
+        say_loading("serve", chosen)
         served = await asyncio.to_thread(self._verified_load, chosen)
         self.served = served
         self.loads += 1
