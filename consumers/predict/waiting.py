@@ -57,7 +57,9 @@ def waiting_line(progress: RunProgress) -> str:
         return f"waiting for run {run} to start, then for the audit gate to approve one of its checkpoints"
     if progress.finished is not None:
         pending = [str(step) for step, v in sorted(progress.verdicts.items()) if v == "pending"]
-        which = f"checkpoint at step {pending[0]}" if len(pending) == 1 else f"checkpoints at steps {', '.join(pending)}"
+        which = (
+            f"checkpoint at step {pending[0]}" if len(pending) == 1 else f"checkpoints at steps {', '.join(pending)}"
+        )
         return (
             f"run {run} {progress.finished} at step {progress.step}; waiting for the audit gate's verdict on its "
             f"{which} (is `trainbus audit` running?)"
