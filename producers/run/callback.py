@@ -11,7 +11,8 @@ then starts offline (events wait in the outbox, the connection is retried in the
 Commands received on ``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
 publishes. However the run ends — completed, a crash in ``train()``, interpreter exit, SIGTERM —
 it publishes ``run.finished`` and flushes (see ``producers.run.exits``); every command accepted but
-not applied by then is answered ``rejected`` (``finished``).
+not applied by then is answered ``rejected`` (``finished``). A checkpoint, once announced, is never
+written again: a second save at its step points to it, and ``stop`` without save saves nothing.
 """
 
 from __future__ import annotations
