@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit integration bench clean install coverage
+.PHONY: demo test lint typecheck unit integration bench clean install coverage test-cpu
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ coverage: $(STAMP)
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS); status=$$?; \
 	$(BIN)/coverage combine -q && $(BIN)/coverage report && exit $$status
 
+# The whole suite with each test file's wall and CPU seconds (its processes included), most CPU first.
+test-cpu: $(STAMP)
+	rm -f .test-cpu.jsonl
+	TRAINBUS_CPU_REPORT=$(CURDIR)/.test-cpu.jsonl $(BIN)/python -m pytest -p tests.cpu_report $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m tests.cpu_report .test-cpu.jsonl && exit $$status
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
@@ -48,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/trainbus bench bus
 
 clean:
-	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.* htmlcov
+	rm -rf $(VENV) .trainbus .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.* htmlcov .test-cpu.jsonl
