@@ -38,7 +38,7 @@ from runtime.bus.consume import consume
 from runtime.bus.stream import Delivered, ensure_stream
 from runtime.cli.args import add_settings_args, add_stall_after_arg, seconds_arg, settings_from
 from runtime.errors import ConfigError
-from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM

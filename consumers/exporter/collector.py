@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import get_args
 
 from prometheus_client import CollectorRegistry
@@ -22,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from consumers.exporter.state import RUN_STATES, ExporterState, RunMetrics, expire
-from runtime.liveness import STALL_AFTER_SECONDS, shown_state
+from runtime.lifecycle import STALL_AFTER_SECONDS, shown
 from schemas import EVENT_TYPES
 from schemas.commands import COMMAND_TYPES
 from schemas.events import CommandStatus
@@ -54,13 +55,36 @@ EVAL_GAUGES = {
 }
 RUN = ["run_id"]
 
+Samples = Iterable[tuple[Sequence[str], float]]
+"""What one run adds to a family: (label values after ``run_id``, value) pairs."""
 
-def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=RUN + (labels or []))
+
+@dataclass(frozen=True)
+class Scrape:
+    """What a scrape renders with besides the runs: the clock and the settings."""
+
+    now: float
+    stall_after: float = STALL_AFTER_SECONDS
+    audit_rules: Sequence[tuple[str, str]] = ()
 
 
-def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, labels=RUN + (labels or []))
+@dataclass(frozen=True)
+class RunFamily:
+    """One per-run metric family (``run_id`` label first) and what each run contributes to it."""
+
+    name: str
+    doc: str
+    samples: Callable[[RunMetrics, Scrape], Samples]
+    labels: tuple[str, ...] = ()
+    counter: bool = False
+
+    def render(self, runs: Sequence[RunMetrics], scrape: Scrape) -> Metric:
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        family = kind(self.name, self.doc, labels=[*RUN, *self.labels])
+        for run in runs:
+            for labels, value in self.samples(run, scrape):
+                family.add_metric([run.run_id, *labels], value)
+        return family
 
 
 def _with_zeros(
@@ -68,6 +92,98 @@ def _with_zeros(
 ) -> list[tuple[tuple[str, str], int]]:
     """``counts`` plus a 0 for every label pair of ``known`` it lacks, sorted."""
     return sorted({**dict.fromkeys(known, 0), **counts}.items())
+
+
+def _latest(values: Callable[[RunMetrics], dict[str, float]], key: str) -> Callable[[RunMetrics, Scrape], Samples]:
+    def samples(run: RunMetrics, _: Scrape) -> Samples:
+        found = values(run)
+        return [((), found[key])] if key in found else []
+
+    return samples
+
+
+def _step(run: RunMetrics, _: Scrape) -> Samples:
+    return [] if run.life.step is None else [((), run.life.step)]
+
+
+def _info(run: RunMetrics, _: Scrape) -> Samples:
+    started = run.life.started
+    return [((started.model, started.adapter) if started is not None else ("", ""), 1)]
+
+
+def _states(run: RunMetrics, scrape: Scrape) -> Samples:
+    now = shown(run.life, scrape.now, scrape.stall_after)
+    return [((name,), 1 if name == now else 0) for name in RUN_STATES]
+
+
+def _hyperparameters(run: RunMetrics, _: Scrape) -> Samples:
+    return [((name,), float(value)) for name, value in run.life.hyperparameters.items() if value is not None]
+
+
+def _checkpoint_bytes(run: RunMetrics, _: Scrape) -> Samples:
+    return [] if run.checkpoint_bytes is None else [((), run.checkpoint_bytes)]
+
+
+def _events(run: RunMetrics, _: Scrape) -> Samples:
+    return [((kind,), n) for kind, n in sorted({**dict.fromkeys(EVENT_TYPES, 0), **run.events}.items())]
+
+
+RUN_FAMILIES: tuple[RunFamily, ...] = (
+    *(RunFamily(name, doc, _latest(lambda r: r.train, key)) for key, (name, doc) in TRAIN_GAUGES.items()),
+    *(RunFamily(name, doc, _latest(lambda r: r.eval, key)) for key, (name, doc) in EVAL_GAUGES.items()),
+    RunFamily("trainbus_global_step", "Latest global optimizer step of the run's current attempt.", _step),
+    RunFamily(
+        "trainbus_run_attempt", "Attempt number of the run (1, +1 per resume).", lambda r, _: [((), r.life.attempt)]
+    ),
+    RunFamily(
+        "trainbus_run_info",
+        "Model and adapter of the run (value always 1).",
+        _info,
+        ("model", "adapter"),
+    ),
+    RunFamily("trainbus_run_state", "Run state: 1 for the current state, 0 for the others.", _states, ("state",)),
+    RunFamily(
+        "trainbus_hyperparameter",
+        "Live hyper-parameter of the run: as it started, then as each train.step and applied set reports it.",
+        _hyperparameters,
+        ("hyperparameter",),
+    ),
+    RunFamily(
+        "trainbus_last_event_timestamp_seconds",
+        "Unix time of the run's newest event from any source (publisher clock).",
+        lambda r, _: [((), r.life.last_event_time)],
+    ),
+    RunFamily(
+        "trainbus_checkpoints",
+        "Checkpoints of the run by audit verdict (pending: none yet).",
+        lambda r, _: [((verdict,), n) for verdict, n in r.verdict_counts().items()],
+        ("verdict",),
+    ),
+    RunFamily("trainbus_checkpoint_size_bytes", "Size of the run's newest checkpoint.", _checkpoint_bytes),
+    RunFamily(
+        "trainbus_audit_flags",
+        "Audit flags raised on the run, by rule and severity.",
+        lambda r, scrape: _with_zeros(r.audit_flags, scrape.audit_rules),
+        ("rule", "severity"),
+        counter=True,
+    ),
+    RunFamily(
+        "trainbus_commands",
+        "Control command outcomes (command.result events) by command and result.",
+        lambda r, _: _with_zeros(r.commands, COMMAND_RESULTS),
+        ("command", "result"),
+        counter=True,
+    ),
+    RunFamily(
+        "trainbus_events",
+        "Events of the run seen by the exporter, by type (duplicates excluded).",
+        _events,
+        ("type",),
+        counter=True,
+    ),
+)
+"""Every per-run family, in exposition order: the state, step and attempt come from the run
+lifecycle fold, as `trainbus runs` and the dashboard show them."""
 
 
 def run_families(
@@ -81,52 +197,12 @@ def run_families(
 
     ``audit_rules`` are the (rule, severity) pairs of the audit gate's rules file.
     """
-    train = {key: _gauge(name, doc) for key, (name, doc) in TRAIN_GAUGES.items()}
-    evals = {key: _gauge(name, doc) for key, (name, doc) in EVAL_GAUGES.items()}
-    step = _gauge("trainbus_global_step", "Latest global optimizer step the trainer reported.")
-    attempt = _gauge("trainbus_run_attempt", "Attempt number of the run (1, +1 per resume).")
-    info = _gauge("trainbus_run_info", "Model and adapter of the run (value always 1).", ["model", "adapter"])
-    state = _gauge("trainbus_run_state", "Run state: 1 for the current state, 0 for the others.", ["state"])
-    last = _gauge("trainbus_last_event_timestamp_seconds", "Unix time of the run's newest event (publisher clock).")
-    ckpt = _gauge("trainbus_checkpoints", "Checkpoints of the run by audit verdict (pending: none yet).", ["verdict"])
-    ckpt_bytes = _gauge("trainbus_checkpoint_size_bytes", "Size of the run's newest checkpoint.")
-    flags = _counter(
-        "trainbus_audit_flags", "Audit flags raised on the run, by rule and severity.", ["rule", "severity"]
-    )
-    commands = _counter(
-        "trainbus_commands",
-        "Control command outcomes (command.result events) by command and result.",
-        ["command", "result"],
-    )
-    events = _counter(
-        "trainbus_events", "Events of the run seen by the exporter, by type (duplicates excluded).", ["type"]
-    )
-    for run in runs:
-        rid = run.run_id
-        for key, value in run.train.items():
-            train[key].add_metric([rid], value)
-        for key, value in run.eval.items():
-            evals[key].add_metric([rid], value)
-        if run.step is not None:
-            step.add_metric([rid], run.step)
-        attempt.add_metric([rid], run.attempt)
-        info.add_metric([rid, run.model, run.adapter], 1)
-        shown = shown_state(run.state, run.trainer_time or run.last_event_time, now, stall_after)
-        for name in RUN_STATES:
-            state.add_metric([rid, name], 1 if shown == name else 0)
-        last.add_metric([rid], run.last_event_time)
-        for verdict, n in run.verdict_counts().items():
-            ckpt.add_metric([rid, verdict], n)
-        if run.checkpoint_bytes is not None:
-            ckpt_bytes.add_metric([rid], run.checkpoint_bytes)
-        for (rule, severity), n in _with_zeros(run.audit_flags, audit_rules):
-            flags.add_metric([rid, rule, severity], n)
-        for (command, result), n in _with_zeros(run.commands, COMMAND_RESULTS):
-            commands.add_metric([rid, command, result], n)
-        for event_type, n in sorted({**dict.fromkeys(EVENT_TYPES, 0), **run.events}.items()):
-            events.add_metric([rid, event_type], n)
-    scalar = [step, attempt, info, state, last, ckpt, ckpt_bytes, flags, commands, events]
-    return [*train.values(), *evals.values(), *scalar]
+    scrape = Scrape(now, stall_after, audit_rules)
+    return [family.render(runs, scrape) for family in RUN_FAMILIES]
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=RUN + labels)
 
 
 def predictor_families(runs: list[RunMetrics]) -> list[Metric]:

@@ -1,8 +1,10 @@
 """What the Prometheus exporter knows: the latest state of every run, built from its events.
 
 Pure: ``handle(event, state)`` folds one event into ``state`` (in place, and returns it) with no
-I/O and no clock; ``expire`` drops runs whose last event is older than a cut-off, finished or
-not (a trainer killed with ``kill -9`` never says it finished). The exporter rebuilds this state
+I/O and no clock: every event goes through the run lifecycle fold (``runtime.lifecycle``, shared
+with `trainbus runs` and the dashboard), then through the exporter's own ``HANDLERS``.
+``expire`` drops runs whose last event is older than a cut-off, finished or not (a trainer
+killed with ``kill -9`` never says it finished). The exporter rebuilds this state
 by replaying the stream on every start, so a restart reproduces the same counters; counting is
 idempotent by ``event_id`` because delivery is at least once, in bounded memory (``SeenIds``).
 """
@@ -10,21 +12,12 @@ idempotent by ``event_id`` because delivery is at least once, in bounded memory 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from schemas import (
-    AuditFlag,
-    AuditVerdict,
-    Checkpoint,
-    CommandResult,
-    Evaluation,
-    Event,
-    Heartbeat,
-    RunFinished,
-    RunStarted,
-    RunState,
-    TrainStep,
-)
+from runtime.lifecycle import Lifecycle, fold
+from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, Event, RunStarted, TrainStep
 from schemas.predict import PredictorLoaded
 
 RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
@@ -111,14 +104,11 @@ class SeenIds:
 
 @dataclass
 class RunMetrics:
-    """Latest values and counters of one run."""
+    """Latest values and counters of one run, on top of its lifecycle."""
 
     run_id: str
-    attempt: int = 1
-    state: str = "unknown"
-    model: str = ""
-    adapter: str = ""
-    step: int | None = None
+    life: Lifecycle = field(default_factory=Lifecycle)
+    """State, step, attempt, liveness times and live hyper-parameters (``runtime.lifecycle``)."""
     train: dict[str, float] = field(default_factory=dict)
     """Latest ``train.step`` values by field name; a field the event left out is absent."""
     eval: dict[str, float] = field(default_factory=dict)
@@ -132,11 +122,6 @@ class RunMetrics:
     """(command, result) -> ``command.result`` events."""
     events: Counter[str] = field(default_factory=Counter)
     """Event type -> events."""
-    last_event_time: float = 0.0
-    """Unix time (seconds) of the newest event, by the publisher's clock."""
-    trainer_time: float = 0.0
-    """Unix time of the newest event the trainer sent: while it lives it sends heartbeats."""
-    finished: bool = False
     served: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Predictor alias -> (checkpoint step it serves, Unix time it was loaded), from ``predictor.loaded``."""
     seen: SeenIds = field(default_factory=SeenIds, repr=False)
@@ -220,46 +205,55 @@ def handle(event: Event, state: ExporterState) -> ExporterState:
         state.duplicate_events += 1
         return state
     run.events[event.type] += 1
-    run.last_event_time = max(run.last_event_time, event.time.timestamp())
-    if event.source == "trainer":
-        run.attempt = max(run.attempt, event.attempt)
-        run.trainer_time = max(run.trainer_time, event.time.timestamp())
-    _apply(event, run)
+    fold(run.life, event)
+    handler = HANDLERS.get(type(event))
+    if handler is not None:
+        handler(run, event)
     return state
 
 
-def _apply(event: Event, run: RunMetrics) -> None:
-    if isinstance(event, RunStarted):
-        run.state, run.finished = "running", False
-        run.model, run.adapter = event.model, event.adapter
-        run.step = event.resumed_from_step or 0
-    elif isinstance(event, RunState):
-        if not run.finished:
-            run.state = event.state
-        run.step = event.step
-    elif isinstance(event, RunFinished):
-        run.state, run.finished, run.step = event.status, True, event.step
-    elif isinstance(event, TrainStep):
-        run.step = event.step
-        values = {name: getattr(event, name) for name in _TRAIN_FIELDS}
-        run.train = {name: float(v) for name, v in values.items() if v is not None}
-    elif isinstance(event, Evaluation):
-        values = {name: getattr(event, name) for name in _EVAL_FIELDS}
-        run.eval = {name: float(v) for name, v in values.items() if v is not None}
-        run.eval["step"] = float(event.step)
-    elif isinstance(event, Checkpoint):
-        run.checkpoints.setdefault(event.event_id, "pending")
-        run.checkpoint_bytes = event.size_bytes
-    elif isinstance(event, AuditVerdict):
-        run.checkpoints[event.checkpoint_event_id] = event.verdict
-    elif isinstance(event, AuditFlag):
-        run.audit_flags[(event.rule, event.severity)] += 1
-    elif isinstance(event, CommandResult):
-        run.commands[(event.command, event.status)] += 1
-    elif isinstance(event, Heartbeat):
-        run.step = event.step
-    elif isinstance(event, PredictorLoaded):
-        run.served[event.alias] = (event.step, event.time.timestamp())
+def _on_step(run: RunMetrics, event: TrainStep) -> None:
+    values = {name: getattr(event, name) for name in _TRAIN_FIELDS}
+    run.train = {name: float(v) for name, v in values.items() if v is not None}
+
+
+def _on_eval(run: RunMetrics, event: Evaluation) -> None:
+    values = {name: getattr(event, name) for name in _EVAL_FIELDS}
+    run.eval = {name: float(v) for name, v in values.items() if v is not None}
+    run.eval["step"] = float(event.step)
+
+
+def _on_checkpoint(run: RunMetrics, event: Checkpoint) -> None:
+    run.checkpoints.setdefault(event.event_id, "pending")
+    run.checkpoint_bytes = event.size_bytes
+
+
+def _on_verdict(run: RunMetrics, event: AuditVerdict) -> None:
+    run.checkpoints[event.checkpoint_event_id] = event.verdict
+
+
+def _on_flag(run: RunMetrics, event: AuditFlag) -> None:
+    run.audit_flags[(event.rule, event.severity)] += 1
+
+
+def _on_command(run: RunMetrics, event: CommandResult) -> None:
+    run.commands[(event.command, event.status)] += 1
+
+
+def _on_loaded(run: RunMetrics, event: PredictorLoaded) -> None:
+    run.served[event.alias] = (event.step, event.time.timestamp())
+
+
+HANDLERS: dict[type[Event], Callable[[RunMetrics, Any], None]] = {
+    TrainStep: _on_step,
+    Evaluation: _on_eval,
+    Checkpoint: _on_checkpoint,
+    AuditVerdict: _on_verdict,
+    AuditFlag: _on_flag,
+    CommandResult: _on_command,
+    PredictorLoaded: _on_loaded,
+}
+"""The exporter's own projections, per event type, on top of the lifecycle fold (which every event goes through)."""
 
 
 def count_invalid(state: ExporterState) -> ExporterState:
@@ -276,9 +270,9 @@ def count_newer(state: ExporterState) -> ExporterState:
 
 def expire(state: ExporterState, now: float, after: float) -> list[str]:
     """Drop runs whose newest event is more than ``after`` seconds before ``now``, finished or not."""
-    gone = [r.run_id for r in state.runs.values() if now - r.last_event_time > after]
+    gone = [r.run_id for r in state.runs.values() if now - r.life.last_event_time > after]
     for run_id in gone:
-        state.expired[run_id] = state.runs.pop(run_id).finished
+        state.expired[run_id] = state.runs.pop(run_id).life.finished
     while len(state.expired) > TOMBSTONES:
         del state.expired[next(iter(state.expired))]
     state.expired_runs += len(gone)

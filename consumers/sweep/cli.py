@@ -20,7 +20,7 @@ from runtime.bus.stream import ensure_stream
 from runtime.cli.args import seconds_arg
 from runtime.cli.render import table
 from runtime.errors import ConfigError
-from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.settings import Settings, layers, redact_url, validate_layers
 from schemas.common import SWEEP_NAME_PATTERN

@@ -37,7 +37,7 @@ from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_
 from runtime.bus.stream import decode
 from runtime.cli.render import fmt
 from runtime.errors import ConfigError
-from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from schemas import EVENTS_STREAM, run_events
 

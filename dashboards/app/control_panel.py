@@ -5,7 +5,9 @@ sent by ``consumers.control_client.send_command`` on the bus reader's loop (``Bu
 page keeps the future in session state and the live header
 shows what became of it: sending, the trainer's reply (accepted, or rejected and why), then
 ``applied at step N`` once the stream says so. A user the server does not allow to send
-commands (the viewer role) is told so in words, and no success is shown.
+commands (the viewer role) is told so in words, and no success is shown. A finished run
+(completed, stopped, failed) has no trainer to command: its controls are drawn disabled, with
+the reason, until a resumed attempt starts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from consumers.control_client import NoTrainer, build_command, default_issuer, s
 from dashboards.app import connection
 from dashboards.app.denials import Denied
 from dashboards.app.reader import BusReader
-from dashboards.app.snapshot import RunSnapshot
+from dashboards.app.snapshot import RunSnapshot, RunSummary
 from runtime.errors import ConfigError, TrainbusError
 from schemas import Command, control_subject
 
@@ -37,6 +39,8 @@ COMMAND_TIMEOUT = 5.0
 SENT = "trainbus-sent-commands"
 """Session-state key: the commands this browser session sent (newest last)."""
 KEEP = 4
+DRAWN = "trainbus-panel-finished"
+"""Session-state key prefix: whether the panel was last drawn for a finished run (per run)."""
 SETTABLE_FIELDS: dict[str, tuple[str, str]] = {
     "learning_rate": ("learning rate", "float"),
     "max_grad_norm": ("max grad norm", "float"),
@@ -148,16 +152,20 @@ def show_outcomes(snap: RunSnapshot) -> None:
             st.caption(f"{ICONS[kind]} {text}")
 
 
-def _set_form(reader: BusReader, run_id: str) -> None:
+def _set_form(reader: BusReader, run_id: str, off: bool) -> None:
     with st.form(f"set-{run_id}", clear_on_submit=False, border=False):
         columns = st.columns(len(SETTABLE_FIELDS))
         values: dict[str, float | int | None] = {}
         for column, (name, (label, kind)) in zip(columns, SETTABLE_FIELDS.items(), strict=True):
             if kind == "float":
-                values[name] = column.number_input(label, value=None, min_value=0.0, format="%g", key=f"set-{name}")
+                values[name] = column.number_input(
+                    label, value=None, min_value=0.0, format="%g", key=f"set-{name}", disabled=off
+                )
             else:
-                values[name] = column.number_input(label, value=None, min_value=1, step=1, key=f"set-{name}")
-        submitted = st.form_submit_button("Set", icon=":material/tune:")
+                values[name] = column.number_input(
+                    label, value=None, min_value=1, step=1, key=f"set-{name}", disabled=off
+                )
+        submitted = st.form_submit_button("Set", icon=":material/tune:", disabled=off)
     if submitted:
         chosen = [f"{name}={value!r}" for name, value in values.items() if value is not None]
         if not chosen:
@@ -175,36 +183,64 @@ def _confirm_stop(reader: BusReader, run_id: str, key: str, save: bool) -> None:
     send(reader, "stop", run_id, save=save)
 
 
+def closed_because(run: RunSummary, reason: str) -> str | None:
+    """Why the controls of ``run`` are off (a finished run has no trainer to command); None while it is not finished."""
+    if not run.finished:
+        return None
+    why = f" ({reason})" if reason else ""
+    return (
+        f"Run **{run.run_id}** {run.state} at step {run.step}{why}: no trainer listens to it, so its controls are off. "
+        f"`trainbus train --resume {run.run_id}` continues it from its last checkpoint."
+    )
+
+
+def redraw_when_finished_changes(run: RunSummary) -> None:
+    """Called by the live header: redraw the page once when the run finishes (or a resumed attempt
+    starts), so the panel, which does not refresh by itself, turns its controls off (or on)."""
+    key = f"{DRAWN}-{run.run_id}"
+    drawn = st.session_state.get(key)
+    if drawn is not None and drawn != run.finished:
+        st.session_state[key] = run.finished  # the app rerun draws this header before the panel: rerun once
+        st.rerun(scope="app")
+
+
 @connection.live(None)
 def panel(reader: BusReader, run_id: str) -> None:
-    """The buttons and the set form; a click reruns only this fragment."""
+    """The buttons and the set form; a click reruns only this fragment. Off for a finished run."""
     confirm = f"confirm-stop-{run_id}"
+    snap = reader.run(run_id)
+    closed = closed_because(snap.summary, snap.reason) if snap is not None else None
+    off = closed is not None
+    st.session_state[f"{DRAWN}-{run_id}"] = off
     with st.container(border=True):
         st.caption(f"Control · sent as **{default_issuer()}** · the same commands as `trainbus ctl`")
+        if closed is not None:
+            st.info(closed, icon=":material/block:")
         buttons = st.columns(5)
-        if buttons[0].button("Pause", icon=":material/pause:", width="stretch"):
+        if buttons[0].button("Pause", icon=":material/pause:", width="stretch", disabled=off):
             send(reader, "pause", run_id)
-        if buttons[1].button("Resume", icon=":material/play_arrow:", width="stretch"):
+        if buttons[1].button("Resume", icon=":material/play_arrow:", width="stretch", disabled=off):
             send(reader, "resume", run_id)
-        if buttons[2].button("Save checkpoint", icon=":material/save:", width="stretch"):
+        if buttons[2].button("Save checkpoint", icon=":material/save:", width="stretch", disabled=off):
             send(reader, "save", run_id)
-        if buttons[3].button("Evaluate", icon=":material/fact_check:", width="stretch"):
+        if buttons[3].button("Evaluate", icon=":material/fact_check:", width="stretch", disabled=off):
             send(reader, "eval", run_id)
         # callbacks run before the rerun a click causes, so the prompt appears and goes at once
         buttons[4].button(
-            "Stop", icon=":material/stop:", width="stretch", type="primary", on_click=_ask, args=(confirm, True)
-        )
-        if st.session_state.get(confirm):
-            st.warning(f"Stop run **{run_id}**? The trainer ends it at the next step boundary.")
-            save = st.checkbox("save a checkpoint first", value=True, key=f"stop-save-{run_id}")
-            yes, no = st.columns(2)
-            yes.button(
-                "Confirm stop",
-                type="primary",
-                width="stretch",
-                on_click=_confirm_stop,
-                args=(reader, run_id, confirm, save),
-            )
-            no.button("Cancel", width="stretch", on_click=_ask, args=(confirm, False))
+            "Stop", icon=":material/stop:", width="stretch", type="primary", on_click=_ask, args=(confirm, True),
+            disabled=off,
+        )  # fmt: skip
+        if st.session_state.get(confirm) and not off:
+            _stop_prompt(reader, run_id, confirm)
         with st.expander("Set hyper-parameters", icon=":material/tune:"):
-            _set_form(reader, run_id)
+            _set_form(reader, run_id, off)
+
+
+def _stop_prompt(reader: BusReader, run_id: str, confirm: str) -> None:
+    st.warning(f"Stop run **{run_id}**? The trainer ends it at the next step boundary.")
+    save = st.checkbox("save a checkpoint first", value=True, key=f"stop-save-{run_id}")
+    yes, no = st.columns(2)
+    yes.button(
+        "Confirm stop", type="primary", width="stretch", on_click=_confirm_stop, args=(reader, run_id, confirm, save)
+    )
+    no.button("Cancel", width="stretch", on_click=_ask, args=(confirm, False))

@@ -22,11 +22,15 @@ class RunSummary:
 
     run_id: str
     state: str
-    """The lifecycle state from the stream; pages show ``shown_state`` of it (stalled)."""
+    """The lifecycle state from the stream; pages show ``state_of`` it (stalled)."""
+    finished: bool
+    """Completed, stopped or failed: no trainer listens to commands (until a resumed attempt)."""
     attempt: int
     step: int
     max_steps: int | None
     loss: float | None
+    learning_rate: float | None
+    """The rate the optimizer uses now: the latest ``train.step``'s (its schedule's value)."""
     best_accuracy: float | None
     best_perplexity: float | None
     """Lowest eval perplexity (chat runs; None for a classifier)."""
@@ -37,6 +41,7 @@ class RunSummary:
     adapter: str
     first_event_time: float
     last_event_time: float
+    """Newest event of the run's trainer (current attempt): the "last event" shown, and liveness."""
     config: dict[str, Any]
     sweep: str | None = None
     trial: int | None = None
@@ -88,26 +93,29 @@ def _best(run: RunView, metric: str, pick: Callable[[list[float]], float]) -> fl
 
 def summarise(run: RunView) -> RunSummary:
     """The Runs-page row of ``run`` (call under the reader's lock)."""
+    life, started = run.life, run.life.started
     verdicts = [c.verdict for c in run.checkpoints.values()]
     return RunSummary(
         run_id=run.run_id,
-        state=run.state,
-        attempt=run.attempt,
+        state=life.state,
+        finished=life.finished,
+        attempt=life.attempt,
         step=run.step,
-        max_steps=run.max_steps,
+        max_steps=started.max_steps if started else None,
         loss=run.series["loss"].latest,
+        learning_rate=run.series["learning_rate"].latest,
         best_accuracy=_best(run, "accuracy", max),
         best_perplexity=_best(run, "perplexity", min),
         approved=verdicts.count("approved"),
         rejected=verdicts.count("rejected"),
         pending=verdicts.count("pending"),
-        model=run.model,
-        adapter=run.adapter,
+        model=started.model if started else "",
+        adapter=started.adapter if started else "",
         first_event_time=run.first_event_time,
-        last_event_time=run.last_event_time,
-        config=run.config,
-        sweep=run.sweep,
-        trial=run.trial,
+        last_event_time=life.trainer_time,
+        config=started.config if started else {},
+        sweep=started.sweep.name if started and started.sweep else None,
+        trial=started.sweep.trial if started and started.sweep else None,
         tags=dict(run.tags),
     )
 
@@ -117,9 +125,9 @@ def snapshot_run(run: RunView, best_verdict: str | None = None) -> RunSnapshot:
     return RunSnapshot(
         summary=summarise(run),
         version=run.version,
-        reason=run.reason,
-        config_hash=run.config_hash,
-        hyperparameters=dict(run.hyperparameters),
+        reason=run.life.reason,
+        config_hash=run.life.started.config_hash if run.life.started else "",
+        hyperparameters=dict(run.life.hyperparameters),
         series={name: s.arrays() for name, s in run.series.items()},
         non_finite={name: tuple(s.non_finite) for name, s in run.series.items()},
         evals=tuple(run.evals),

@@ -1,7 +1,8 @@
 """What the dashboard knows about every run, folded from the event stream, and its snapshots.
 
 Pure: ``handle(event, state, stream_seq)`` folds one event into ``state`` (in place, and returns
-it) with no I/O and no clock. The bus reader (``dashboards.app.reader``) calls it under a lock
+it) with no I/O and no clock: first through the run lifecycle fold (``runtime.lifecycle``, shared
+with `trainbus runs` and the exporter), then through the dashboard's own ``HANDLERS``. The bus reader (``dashboards.app.reader``) calls it under a lock
 from its own thread; pages only ever see the immutable copies ``dashboards.app.snapshot`` makes,
 so a page never races the reader.
 
@@ -13,11 +14,13 @@ is capped too. A run purged from the stream (`trainbus runs rm`) is dropped with
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dashboards.app.rows import CheckpointRow, CommandRow, EvalPoint, FlagRow, LoadRow, Marker, NoteRow
 from dashboards.app.series import Series
+from runtime.lifecycle import Lifecycle, fold
 from schemas import (
     AuditFlag,
     AuditVerdict,
@@ -25,11 +28,8 @@ from schemas import (
     CommandResult,
     Evaluation,
     Event,
-    Heartbeat,
-    RunFinished,
     RunNote,
     RunStarted,
-    RunState,
     RunTag,
     TrainStep,
 )
@@ -63,23 +63,10 @@ class RunView:
     """Everything kept about one run (mutated only by ``handle``)."""
 
     run_id: str
-    attempt: int = 1
-    state: str = "unknown"
-    finished: bool = False
-    reason: str = ""
-    model: str = ""
-    adapter: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    config_hash: str = ""
-    max_steps: int | None = None
-    sweep: str | None = None
-    """The sweep this run is a trial of (``run.started``'s sweep tag), and the trial's number."""
-    trial: int | None = None
-    step: int = 0
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    life: Lifecycle = field(default_factory=Lifecycle)
+    """State, step, attempt, liveness and live hyper-parameters: the fold `trainbus runs` and the
+    exporter share (``runtime.lifecycle``)."""
     first_event_time: float = 0.0
-    last_event_time: float = 0.0
-    """Newest event of the latest attempt (trainer clock), what ``shown_state`` needs."""
     series: dict[str, Series] = field(default_factory=lambda: {name: Series() for name in TRAIN_METRICS})
     evals: deque[EvalPoint] = field(default_factory=lambda: deque(maxlen=EVALS_CAP))
     checkpoints: dict[str, CheckpointRow] = field(default_factory=dict)
@@ -99,6 +86,11 @@ class RunView:
     events: int = 0
     version: int = 0
     """Bumped by every event, so snapshots can be reused while nothing changed."""
+
+    @property
+    def step(self) -> int:
+        """The current attempt's step (0 before any progress)."""
+        return self.life.step or 0
 
 
 @dataclass
@@ -137,14 +129,11 @@ def handle(event: Event, state: DashboardState, stream_seq: int = 0) -> Dashboar
     state.events += 1
     run.events += 1
     run.version += 1
-    if event.source == "trainer":
-        if event.attempt > run.attempt and not isinstance(event, RunStarted):
-            run.attempt = event.attempt  # a resumed attempt whose run.started we did not see
-        if event.attempt == run.attempt:
-            run.last_event_time = max(run.last_event_time, event.time.timestamp())
-        elif event.attempt < run.attempt:
-            return state  # a straggler of an attempt that was replaced
-    _apply(event, run)
+    if not fold(run.life, event):
+        return state  # a straggler of an attempt that was replaced: its series, evals and checkpoints are gone
+    handler = HANDLERS.get(type(event))
+    if handler is not None:
+        handler(event, run)
     return state
 
 
@@ -183,69 +172,9 @@ def count_newer(state: DashboardState, run_id: str, stream_seq: int = 0) -> bool
     return first
 
 
-def _apply(event: Event, run: RunView) -> None:
-    if isinstance(event, RunStarted):
-        _on_started(event, run)
-    elif isinstance(event, RunState):
-        if not run.finished:
-            run.state, run.reason = event.state, event.reason
-        run.step = event.step
-    elif isinstance(event, RunFinished):
-        run.state, run.finished, run.step, run.reason = event.status, True, event.step, event.error or event.reason
-    elif isinstance(event, TrainStep):
-        _on_step(event, run)
-    elif isinstance(event, Evaluation):
-        _on_eval(event, run)
-    elif isinstance(event, Checkpoint):
-        _on_checkpoint(event, run)
-    elif isinstance(event, AuditVerdict):
-        run.verdicts[event.checkpoint_event_id] = event
-        while len(run.verdicts) > CHECKPOINTS_CAP:
-            del run.verdicts[next(iter(run.verdicts))]
-        row = run.checkpoints.get(event.checkpoint_event_id)
-        if row is not None:
-            _judge(row, event)
-    elif isinstance(event, AuditFlag):
-        run.flags.append(
-            FlagRow(
-                event.time,
-                event.step,
-                event.rule,
-                event.severity,
-                event.message,
-                event.value,
-                event.threshold,
-                tuple(event.actions_taken),
-            )
-        )
-        if event.step is not None:
-            run.markers.append(Marker(float(event.step), "flag", f"{event.severity}: {event.rule}"))
-    elif isinstance(event, CommandResult):
-        _on_command(event, run)
-    elif isinstance(event, Heartbeat):
-        run.step = max(run.step, event.step) if not run.finished else run.step
-    elif isinstance(event, RunTag):
-        run.tags.update(event.tags)
-        run.tags = {k: v for k, v in run.tags.items() if v}  # an empty value removes the tag
-    elif isinstance(event, RunNote):
-        run.notes.append(NoteRow(event.time, run.step, event.issued_by, event.text))
-        run.markers.append(Marker(float(run.step), "note", _short(event.text)))
-    elif isinstance(event, PredictorLoaded):
-        _on_loaded(event, run)
-
-
 def _on_started(event: RunStarted, run: RunView) -> None:
-    resumed = event.attempt > 1 or event.resumed_from_step is not None
-    run.attempt = max(run.attempt, event.attempt)
-    run.state, run.finished, run.reason = "running", False, ""
-    run.model, run.adapter = event.model, event.adapter
-    run.config, run.config_hash = dict(event.config), event.config_hash
-    run.max_steps = event.max_steps
-    if event.sweep is not None:
-        run.sweep, run.trial = event.sweep.name, event.sweep.trial
-    run.hyperparameters = event.hyperparameters.model_dump()
-    run.step = event.resumed_from_step or 0
-    if resumed:
+    """A resumed attempt redoes the steps after its checkpoint: their points go, and a marker says so."""
+    if event.attempt > 1 or event.resumed_from_step is not None:
         start = float(event.resumed_from_step or 0)
         for series in run.series.values():
             series.truncate_after(start)
@@ -253,14 +182,11 @@ def _on_started(event: RunStarted, run: RunView) -> None:
 
 
 def _on_step(event: TrainStep, run: RunView) -> None:
-    run.step = event.step
     x = float(event.step)
     for name in TRAIN_METRICS:
         value = getattr(event, name)
         if value is not None:
             run.series[name].append(x, float(value))
-    if event.hyperparameters is not None:
-        run.hyperparameters = event.hyperparameters.model_dump()
 
 
 def _on_eval(event: Evaluation, run: RunView) -> None:
@@ -294,6 +220,26 @@ def _on_checkpoint(event: Checkpoint, run: RunView) -> None:
         del run.checkpoints[next(iter(run.checkpoints))]
 
 
+def _on_verdict(event: AuditVerdict, run: RunView) -> None:
+    run.verdicts[event.checkpoint_event_id] = event
+    while len(run.verdicts) > CHECKPOINTS_CAP:
+        del run.verdicts[next(iter(run.verdicts))]
+    row = run.checkpoints.get(event.checkpoint_event_id)
+    if row is not None:
+        _judge(row, event)
+
+
+def _on_flag(event: AuditFlag, run: RunView) -> None:
+    run.flags.append(
+        FlagRow(
+            event.time, event.step, event.rule, event.severity, event.message, event.value, event.threshold,
+            tuple(event.actions_taken),
+        )
+    )  # fmt: skip
+    if event.step is not None:
+        run.markers.append(Marker(float(event.step), "flag", f"{event.severity}: {event.rule}"))
+
+
 def _judge(row: CheckpointRow, verdict: AuditVerdict) -> None:
     row.verdict, row.reasons = verdict.verdict, tuple(verdict.reasons)
     row.verdict_metrics, row.verdict_event_id = dict(verdict.metrics), verdict.event_id
@@ -316,8 +262,6 @@ def _on_command(event: CommandResult, run: RunView) -> None:
         row.applied_step, row.applied = event.step, dict(event.applied)
         if event.step is not None:
             run.markers.append(Marker(float(event.step), "command", _command_label(event)))
-        if event.command == "set":
-            run.hyperparameters.update({k: v for k, v in event.applied.items() if k in SETTABLE})
 
 
 def _command_label(event: CommandResult) -> str:
@@ -327,6 +271,16 @@ def _command_label(event: CommandResult) -> str:
         )
         return f"set {changes}" if changes else "set"
     return event.command
+
+
+def _on_tag(event: RunTag, run: RunView) -> None:
+    run.tags.update(event.tags)
+    run.tags = {k: v for k, v in run.tags.items() if v}  # an empty value removes the tag
+
+
+def _on_note(event: RunNote, run: RunView) -> None:
+    run.notes.append(NoteRow(event.time, run.step, event.issued_by, event.text))
+    run.markers.append(Marker(float(run.step), "note", _short(event.text)))
 
 
 def _on_loaded(event: PredictorLoaded, run: RunView) -> None:
@@ -339,6 +293,22 @@ def _on_loaded(event: PredictorLoaded, run: RunView) -> None:
     run.serving[(row.alias, row.instance)] = row
     while len(run.serving) > LOADS_CAP:
         del run.serving[next(iter(run.serving))]
+
+
+HANDLERS: dict[type[Event], Callable[[Any, RunView], None]] = {
+    RunStarted: _on_started,
+    TrainStep: _on_step,
+    Evaluation: _on_eval,
+    Checkpoint: _on_checkpoint,
+    AuditVerdict: _on_verdict,
+    AuditFlag: _on_flag,
+    CommandResult: _on_command,
+    RunTag: _on_tag,
+    RunNote: _on_note,
+    PredictorLoaded: _on_loaded,
+}
+"""The dashboard's own projections, per event type, on top of the lifecycle fold (which every event
+goes through first)."""
 
 
 def _short(text: str, most: int = 80) -> str:

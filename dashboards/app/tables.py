@@ -1,7 +1,7 @@
 """Table builders: pure functions from snapshots to the DataFrames the pages show.
 
 No Streamlit and no clock here: the caller passes ``now`` (Unix seconds), so a unit test can say
-exactly when a run turns ``stalled``. Every run state shown goes through ``runtime.liveness``.
+exactly when a run turns ``stalled``. Every run state shown goes through ``runtime.lifecycle``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from dashboards.app.rows import CommandRow, EvalPoint, LoadRow
 from dashboards.app.snapshot import RunSnapshot, RunSummary
 from dashboards.app.state import EVAL_METRICS
-from runtime.liveness import shown_state
+from runtime.lifecycle import shown_state
 
 STATES = ("running", "paused", "stalled", "stopping", "completed", "stopped", "failed", "unknown")
 """Every state a run can be shown in, in filter order."""
@@ -31,6 +31,18 @@ STATE_ICONS = {
     "unknown": ":material/help:",
 }
 """Icons for a state in Markdown (page headers); tables show the plain word."""
+
+
+RUN_LINK = "run?run={}"
+"""Where a run's name links to on the Runs page: the Run page (relative, so a dashboard served
+under a path prefix links right too)."""
+RUN_LINK_TEXT = r"run\?run=(.+)"
+"""What a run link shows (its first group: the run id), for ``st.column_config.LinkColumn``."""
+
+
+def run_link(run_id: str) -> str:
+    """The Run page of ``run_id`` (run ids are safe in a URL as they are)."""
+    return RUN_LINK.format(run_id)
 
 
 def state_of(run: RunSummary, now: float) -> str:
@@ -76,14 +88,14 @@ def tags_text(tags: Mapping[str, str]) -> str:
 
 def runs_table(runs: Iterable[RunSummary], now: float) -> pd.DataFrame:
     """The Runs page: one row per run, newest run first (a stable order, so a row stays put
-    while the table refreshes under the user's click)."""
+    while the table refreshes under the user's click); ``run`` is the link to the run's page."""
     rows = []
     for r in sorted(runs, key=lambda r: r.first_event_time, reverse=True):
         state = state_of(r, now)
         progress = min(1.0, r.step / r.max_steps) if r.max_steps else None
         rows.append(
             {
-                "run": r.run_id,
+                "run": run_link(r.run_id),
                 "state": state,
                 "progress": progress,
                 "step": f"{r.step} / {r.max_steps}" if r.max_steps else str(r.step),

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from runtime.bus.connect import BusTarget, connected
 from runtime.errors import BusUnavailable
-from runtime.liveness import STALL_AFTER_SECONDS, shown_state
+from runtime.lifecycle import STALL_AFTER_SECONDS, Lifecycle, fold, shown
 from runtime.logs import get_logger
 from runtime.settings import Settings, StreamSettings
 from schemas import (
@@ -34,7 +35,6 @@ from schemas import (
     Evaluation,
     Event,
     NewerSchema,
-    RunStarted,
     RunTag,
     TrainStep,
     parse_event,
@@ -277,17 +277,45 @@ async def run_ids(js: JetStreamContext) -> list[str]:
     return sorted({s.split(".")[2] for s in (info.state.subjects or {})})
 
 
-TRAINER_TYPES = (
-    "run.started",
-    "run.state",
-    "run.finished",
-    "train.step",
-    "eval",
-    "checkpoint",
-    "heartbeat",
-    "command.result",
-)
-"""The event types a trainer publishes: the newest of them tells whether it still lives."""
+NEWEST_TYPES = ("run.started", "run.state", "run.finished", "train.step", "eval", "checkpoint", "heartbeat")
+"""The trainer's event types a summary needs only the newest of; it reads every ``command.result``
+(an applied ``set`` changes the live hyper-parameters, and a later command's result must not hide it)."""
+
+
+async def _summary_events(js: JetStreamContext, run_id: str, newer: NewerEvents | None) -> list[Delivered]:
+    """The newest stored event of each of ``NEWEST_TYPES`` and every ``command.result``, in stream order."""
+    base = run_events(run_id)[:-1]
+    newest = await asyncio.gather(*(last_event(js, base + name) for name in NEWEST_TYPES))
+    commands = [item async for item in replay(js, base + "command.result")]
+    found = {item.stream_seq: item for item in [*newest, *commands] if item is not None}
+    for item in found.values():
+        if item.newer is not None and newer is not None:
+            newer.skip(item)
+    return [found[seq] for seq in sorted(found)]
+
+
+def summary_of(
+    run_id: str, life: Lifecycle, latest: dict[str, Event], now: float, stall_after: float
+) -> dict[str, Any]:
+    """What `trainbus runs` shows of one run: its lifecycle (``runtime.lifecycle``) plus the newest
+    ``train.step`` (``loss`` at ``loss_step``, the ``learning_rate`` in use) and ``eval`` accuracy."""
+    summary: dict[str, Any] = {"run_id": run_id, "state": shown(life, now, stall_after), "attempt": life.attempt}
+    if life.step is not None:
+        summary["step"] = life.step
+    if life.trainer_time:
+        summary["last_event"] = datetime.fromtimestamp(life.trainer_time, UTC).isoformat()
+        summary["age_seconds"] = round(max(0.0, now - life.trainer_time), 3)
+    if life.started is not None:
+        summary["model"], summary["max_steps"] = life.started.model, life.started.max_steps
+    if life.hyperparameters:
+        summary["hyperparameters"] = dict(life.hyperparameters)
+    step = latest.get("train.step")
+    if isinstance(step, TrainStep):
+        summary.update(loss_step=step.step, loss=step.loss, learning_rate=step.learning_rate)
+    evaluation = latest.get("eval")
+    if isinstance(evaluation, Evaluation):
+        summary["eval_accuracy"] = evaluation.accuracy
+    return summary
 
 
 async def run_summary(
@@ -298,54 +326,19 @@ async def run_summary(
     stall_after: float = STALL_AFTER_SECONDS,
     newer: NewerEvents | None = None,
 ) -> dict[str, Any]:
-    """Latest state of one run, from the newest stored event of each type its trainer publishes.
+    """Latest state of one run (``summary_of``), folded from the stored events it needs.
 
-    ``state`` is the one to show (``stalled`` for a live state whose trainer went silent, see
-    ``runtime.liveness``); ``age_seconds`` is how long ago its newest trainer event was sent;
-    ``step`` is the run's step now (from its newest event that has one: heartbeats carry it
-    between logged steps); ``loss`` is the last logged one, at ``loss_step``.
+    ``state`` is the one to show (``stalled`` for a live state whose trainer went silent);
+    ``last_event`` and ``age_seconds`` say when the run's trainer (its current attempt) last
+    published: tags, notes, audit and predictor events do not count; ``step`` is the run's step now
+    (heartbeats carry it between logged steps); ``hyperparameters`` are the live values, an applied
+    ``set`` included.
     """
-    base = run_events(run_id)[:-1]
-    newest = await asyncio.gather(*(last_event(js, base + name) for name in TRAINER_TYPES))
-    found: dict[str, Event] = {}
-    latest_seq: dict[str, int] = {}
-    for name, item in zip(TRAINER_TYPES, newest, strict=True):
-        if item is not None and item.newer is not None and newer is not None:
-            newer.skip(item)
-        if item is not None and item.event is not None:
-            found[name], latest_seq[name] = item.event, item.stream_seq
-    summary: dict[str, Any] = {"run_id": run_id, "state": "unknown"}
-    lifecycle = [name for name in found if name.startswith("run.")]
-    if lifecycle:
-        ev = found[max(lifecycle, key=latest_seq.__getitem__)]
-        summary["state"] = getattr(ev, "status", None) or getattr(ev, "state", None) or "running"
-        summary["attempt"] = ev.attempt
-        summary["updated"] = ev.time.isoformat()
-    if found:
-        last = found[max(found, key=latest_seq.__getitem__)]
-        now = time.time() if now is None else now
-        summary["last_event"] = last.time.isoformat()
-        summary["age_seconds"] = round(max(0.0, now - last.time.timestamp()), 3)
-        summary["state"] = shown_state(summary["state"], last.time.timestamp(), now, stall_after)
-    started = found.get("run.started")
-    if isinstance(started, RunStarted):
-        summary["model"] = started.model
-        summary["max_steps"] = started.max_steps
-        summary["hyperparameters"] = started.hyperparameters.model_dump()
-    steps = {name: step for name, event in found.items() if (step := getattr(event, "step", None)) is not None}
-    if steps:
-        summary["step"] = steps[max(steps, key=latest_seq.__getitem__)]
-    step = found.get("train.step")
-    if isinstance(step, TrainStep):
-        summary["loss_step"] = step.step
-        summary["loss"] = step.loss
-        summary["learning_rate"] = step.learning_rate
-        if step.hyperparameters is not None:
-            summary["hyperparameters"] = step.hyperparameters.model_dump()
-    evaluation = found.get("eval")
-    if isinstance(evaluation, Evaluation):
-        summary["eval_accuracy"] = evaluation.accuracy
-    return summary
+    life, latest = Lifecycle(), dict[str, Event]()
+    for item in await _summary_events(js, run_id, newer):
+        if item.event is not None and fold(life, item.event):
+            latest[item.event.type] = item.event
+    return summary_of(run_id, life, latest, time.time() if now is None else now, stall_after)
 
 
 async def list_runs(

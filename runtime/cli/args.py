@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from runtime.liveness import STALL_AFTER_SECONDS
+from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.settings import Settings, load_config
 from schemas import check_run_id

@@ -23,7 +23,7 @@ from runtime.bus.stream import count_stored, jetstream, list_runs, run_summary
 from runtime.cli.args import add_settings_args, add_stall_after_arg, choices_arg, run_id_arg, settings_from, since_arg
 from runtime.cli.render import age, flat, table, write_csv
 from runtime.errors import ConfigError, NotFound
-from runtime.liveness import LIVE_STATES
+from runtime.lifecycle import LIVE_STATES
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET
@@ -33,14 +33,25 @@ RUN_COLUMNS = [
     "run_id", "state", "last_event", "attempt", "step", "loss", "learning_rate", "lr_peak", "max_grad_norm", "eval_accuracy",
 ]  # fmt: skip
 
+RUNS_DESCRIPTION = (
+    "Every run on the bus with its state, step and attempt, as the dashboard and /metrics show them. "
+    "LAST_EVENT is how long ago the run's trainer last published (its current attempt: "
+    "steps, heartbeats, command results); tags, notes, audit verdicts and predictor loads do not count. "
+    "A running, paused or stopping run whose trainer has been silent for --stall-after is stalled. "
+    "LEARNING_RATE is the rate of the last logged step; LR_PEAK and the other hyper-parameters are "
+    "the live values, an applied `ctl set` included."
+)
+
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("runs", help="list runs with their latest state (`runs rm RUN` deletes one)")
+    p = sub.add_parser(
+        "runs", help="list runs with their latest state (`runs rm RUN` deletes one)", description=RUNS_DESCRIPTION
+    )
     p.add_argument("--state", dest="states", action="append", type=choices_arg(RUN_STATES, "run state"),
                    metavar="STATE[,STATE]", help="only runs in these states, e.g. running,stalled")  # fmt: skip
     p.add_argument("--name", metavar="GLOB", help="only run ids matching GLOB, e.g. 'tiny-*'")
     p.add_argument(
-        "--since", type=since_arg, metavar="WHEN", help="only runs with an event after WHEN: 10m, 2h, 1d, ISO"
+        "--since", type=since_arg, metavar="WHEN", help="only runs whose trainer published after WHEN: 10m, 2h, 1d, ISO"
     )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object per run")

@@ -1,6 +1,8 @@
 """The dashboard in a real browser (Debian's chromium, headless, driven by playwright) during a
-live tiny training run: the step moves, Pause/Resume/Set learning rate/Save/Stop work from the
-page, and the Try-it page answers from the checkpoint saved there (`trainbus serve --force`).
+live tiny training run: the run's name on the Runs page opens its page, the step moves, no metric
+tile is cut off, Pause/Resume/Set learning rate/Save/Stop work from the page, the stopped run's
+controls turn off with the reason, and the Try-it page answers from the checkpoint saved there
+(`trainbus serve --force`).
 
 ``TRAINBUS_SCREENSHOT=docs/dashboard-run.png`` also saves the Run page screenshot the README
 shows, and the Try-it page's beside it (``docs/dashboard-tryit.png``).
@@ -79,6 +81,30 @@ def serve(url: str, step: int, log: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def open_from_runs_page(context: Any, runs_page: Any) -> Any:
+    """Click the run's name, the first row of the filtered Runs table (a link drawn on the table's
+    canvas: the pointer hovers it first, as a person's does), and return the tab it opens."""
+    table = runs_page.locator('[data-testid="stDataFrame"]').first
+    table.wait_for(state="visible", timeout=60_000)
+    grid = table.bounding_box(timeout=60_000)
+    assert grid is not None
+    x, y = grid["x"] + 30, grid["y"] + 35 + 17  # the header row, then the middle of the first row
+    runs_page.mouse.move(x - 5, y)
+    runs_page.mouse.move(x, y)
+    with context.expect_page(timeout=60_000) as opened:
+        runs_page.mouse.click(x, y)
+    return opened.value
+
+
+def cut_tiles(page: Any) -> list[str]:
+    """Metric tiles whose label or value does not fit (``st.metric`` ends it with "…")."""
+    return page.evaluate(
+        """Array.from(document.querySelectorAll(
+            '[data-testid="stMetricValue"] .stMarkdownEllipsis, [data-testid="stMetricLabel"]'))
+            .filter(e => e.scrollWidth > e.clientWidth).map(e => e.innerText)"""
+    )
+
+
 def outcome(page: Any, text: str) -> None:
     """Wait until the control outcome ``text`` (e.g. ``pause: applied at step``) is on the page."""
     page.get_by_text(re.compile(re.escape(text))).first.wait_for(timeout=120_000)
@@ -89,13 +115,14 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
 ) -> None:
     url = nats_server.url
     with browser() as chrome:
-        page = chrome.new_page(viewport={"width": 1400, "height": 1500})
-        page.goto(dashboard.url)
-        page.get_by_role("textbox", name="Run name contains").fill(RUN)
-        page.keyboard.press("Enter")
-        page.get_by_text("1 of ").first.wait_for(timeout=60_000)
-        # the Run page by the link `make demo` prints (a row click opening it: test_dashboard_app)
-        page.goto(f"{dashboard.url}/run?run={RUN}")
+        context = chrome.new_context(viewport={"width": 1400, "height": 1500})  # tabs it opens are as wide
+        runs = context.new_page()
+        runs.goto(dashboard.url)
+        runs.get_by_role("textbox", name="Run name contains").fill(RUN)
+        runs.keyboard.press("Enter")
+        runs.get_by_text("1 of ").first.wait_for(timeout=60_000)
+        page = open_from_runs_page(context, runs)
+        assert page.url == f"{dashboard.url}/run?run={RUN}"
         first = step_on_page(page)
         wait_until(lambda: step_on_page(page) > first, timeout=120, what="the step on the page to increase")
 
@@ -115,6 +142,7 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
         page.get_by_role("spinbutton", name="learning rate").fill("0.001")
         page.get_by_role("button", name="Set", exact=True).click()
         outcome(page, "set learning_rate=0.001: applied at step")
+        page.get_by_text("peak 0.001").first.wait_for(timeout=60_000)  # beside the rate in use now
         applied = [r for r in of_type(stream(lambda ev: True, url), "command.result") if r.command == "set"]
         assert applied[-1].status == "applied" and applied[-1].issued_by
 
@@ -130,6 +158,7 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
             "document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] .mark-line.role-mark path').length >= 6",
             timeout=60_000,
         )
+        assert cut_tiles(page) == []
         page.screenshot(path=str(tmp_path / "dashboard-run.png"), full_page=True)
         if target := os.environ.get("TRAINBUS_SCREENSHOT", ""):
             page.screenshot(path=str(REPO / target), full_page=True)
@@ -142,6 +171,11 @@ def test_watch_pause_resume_set_and_stop_a_live_run_from_the_browser(
         finished = of_type(stream(lambda ev: of_type(ev, "run.finished"), url), "run.finished")[-1]
         assert finished.status == "stopped"
         page.get_by_text("· stopped").first.wait_for(timeout=60_000)
+        page.get_by_text(re.compile(rf"stopped at step {finished.step} .*no trainer listens to it")).first.wait_for(
+            timeout=60_000
+        )
+        assert page.get_by_role("button", name="Pause").is_disabled()
+        assert page.get_by_role("button", name="Stop").is_disabled()
 
         try:
             wait_until(

@@ -1,9 +1,9 @@
 """A recorded run for the dashboard tests, written to the real bus by the real publisher.
 
 ``record_run`` publishes, through ``NatsPublisher`` + ``Stamper`` (trainer and audit sources),
-what a trainer and the audit gate would: a run that starts, trains with a loss spike, is paused
-and resumed, gets a ``set``, evaluates, checkpoints (one approved, one rejected with reasons),
-is flagged, and completes. ``publish_invalid`` puts a message on the stream that is not an event.
+what a trainer and the audit gate would: a run that starts, trains with a loss spike and a
+linear learning-rate schedule that ends at 0, is paused and resumed, gets a ``set`` (halving the
+peak), evaluates, checkpoints (one approved, one rejected with reasons), is flagged, and completes. ``publish_invalid`` puts a message on the stream that is not an event.
 ``record_chat_run`` writes a chat fine-tuning run, ``record_loads`` what two predictor replicas
 announce, ``newer_event`` an event of a later schema version.
 """
@@ -88,8 +88,9 @@ def record_run(
     evals: list[int] = []
     checkpoints: list[Checkpoint] = []
     for step in range(1, steps + 1):
+        peak = learning_rate / 2 if step > 40 else learning_rate  # the set at step 40 halves it
         trainer.emit(
-            TrainStep, step=step, epoch=step / steps, loss=_loss(step), learning_rate=learning_rate,
+            TrainStep, step=step, epoch=step / steps, loss=_loss(step), learning_rate=peak * (1 - step / steps),
             grad_norm=0.5, tokens_per_second=1000.0 + step, samples_per_second=8.0, memory_bytes=200 << 20,
         )  # fmt: skip
         if step == SPIKE_STEP:

@@ -27,7 +27,7 @@ from runtime.bus.connect import BusTarget, Credentials
 from runtime.bus.server import RunningServer, start_server
 from runtime.cli.main import main as trainbus
 from runtime.settings import BusSettings, ServerSettings, Settings
-from schemas import RunStarted
+from schemas import RunFinished, RunStarted
 from tests.conftest import REPO, wait_until
 from tests.integration.recorded_run import (
     LABELS,
@@ -53,6 +53,7 @@ class Bus:
     recorded: Recorded
     long: Recorded
     other: Recorded
+    unfinished: Recorded
 
 
 def cli(url: str, *argv: str) -> None:
@@ -70,8 +71,9 @@ def _monitoring_url(server: RunningServer) -> str:
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     """A server of this module's own (with monitoring, to count connections) holding three
-    recorded classifier runs (two predictor replicas serving one, tags and a note on it), a chat
-    run, one message that is not an event and two events a newer trainbus wrote."""
+    recorded classifier runs (two predictor replicas serving one, tags and a note on it), one that
+    never finished (its trainer gone: commands reach nobody), a chat run, one message that is not
+    an event and two events a newer trainbus wrote."""
     tmp = tmp_path_factory.mktemp("dashboard-bus")
     server = start_server(ServerSettings(), tmp / "nats", extra_config='http: "127.0.0.1:-1"\n', lock=False)
     settings = Settings(state_dir=str(tmp / ".trainbus"), bus=BusSettings(url=server.url))
@@ -80,6 +82,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         recorded = record_run(target, settings, tmp, "recorded")
         long = record_run(target, settings, tmp, "long", steps=LONG_STEPS)
         other = record_run(target, settings, tmp, "other", steps=45, learning_rate=5e-4)
+        unfinished = record_run(target, settings, tmp, "unfinished", steps=30, finish=False)
         record_chat_run(target, settings, tmp, "chat")
         record_loads(target, settings, tmp, recorded)
         publish_invalid(server.url, "trainbus.events.recorded.train.step")
@@ -88,7 +91,7 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
         point_best(server.url, "recorded", recorded.approved_verdict_id)
         cli(server.url, "tag", "recorded", "team=risk", "dataset=v2")
         cli(server.url, "note", "recorded", "loss spike at 37: a bad batch?")
-        yield Bus(server, _monitoring_url(server), recorded, long, other)
+        yield Bus(server, _monitoring_url(server), recorded, long, other, unfinished)
     finally:
         connection._shared_reader.clear()  # stops the readers (on_release) before their server goes
         server.stop()
@@ -131,6 +134,13 @@ def frame(at: AppTest, *columns: str) -> pd.DataFrame:
     return found
 
 
+def runs_shown(at: AppTest) -> pd.DataFrame:
+    """The Runs page's table, indexed by run id (each row's ``run`` is the link to the run's page)."""
+    table = at.dataframe[0].value
+    assert table["run"].str.fullmatch(r"run\?run=[A-Za-z0-9_-]+").all(), table["run"].tolist()
+    return table.assign(run=table["run"].str.removeprefix("run?run=")).set_index("run")
+
+
 def texts(elements: Any) -> list[str]:
     return [str(e.value) for e in elements]
 
@@ -141,7 +151,7 @@ def button(at: AppTest, label: str) -> Any:
 
 def test_runs_page_lists_every_run_with_state_progress_and_verdicts(reader: BusReader) -> None:
     at = page()
-    table = at.dataframe[0].value.set_index("run")
+    table = runs_shown(at)
     row = table.loc["recorded"]
     assert (row["state"], row["step"], row["progress"], row["attempt"]) == ("completed", "60 / 60", 1.0, 1)
     assert (row["best accuracy"], row["checkpoints"]) == (0.9, "1 approved, 1 rejected")
@@ -153,27 +163,29 @@ def test_runs_page_lists_every_run_with_state_progress_and_verdicts(reader: BusR
 def test_runs_page_filters_by_state_and_name(reader: BusReader) -> None:
     at = page()
     at.text_input(key="runs-name").input("oth").run()
-    assert at.dataframe[0].value["run"].tolist() == ["other"]
+    assert runs_shown(at).index.tolist() == ["other"]
     at.text_input(key="runs-name").input("").run()
     at.multiselect(key="runs-states").select("completed").run()
-    assert {"recorded", "long", "other"} <= set(at.dataframe[0].value["run"])
+    assert {"recorded", "long", "other"} <= set(runs_shown(at).index)
     at.multiselect(key="runs-states").unselect("completed").select("running").run()
-    assert not {"recorded", "long", "other"} & set(at.dataframe[0].value["run"])
+    assert not {"recorded", "long", "other"} & set(runs_shown(at).index)
 
 
-def test_selecting_a_row_opens_the_run_page(reader: BusReader) -> None:
+def test_a_runs_name_is_a_link_to_its_page(reader: BusReader) -> None:
     at = page()
-    rows = at.dataframe[0].value["run"].tolist()
-    at.session_state["runs-table"] = {"selection": {"rows": [rows.index("other")], "columns": [], "cells": []}}
-    at.run()
-    assert at.query_params.get("run") in ("other", ["other"])
-    assert any(s.value.startswith(":material/check_circle: other") for s in at.subheader), texts(at.subheader)
+    table = at.dataframe[0]
+    assert "other" in runs_shown(at).index and "run?run=other" in table.value["run"].tolist()
+    column = json.loads(table.proto.columns)["run"]
+    assert column["type_config"] == {"type": "link", "display_text": r"run\?run=(.+)"}  # shows the run id
+    assert not table.proto.selection_mode  # no checkbox column: the name is what opens a run
+    opened = page("views/run.py", run="other")  # where the link leads
+    assert any(s.value.startswith(":material/check_circle: other") for s in opened.subheader), texts(opened.subheader)
 
 
 def test_run_page_charts_every_step_with_markers_from_the_replay(reader: BusReader, bus: Bus) -> None:
     at = page("views/run.py", run="recorded")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["step"] == "60" and metrics["attempt"] == "1" and metrics["learning rate"] == "0.001"
+    assert metrics["step"] == "60" and metrics["attempt"] == "1"
     shown = charts(at)
     assert set(shown) == {"train loss", "learning rate", "grad norm", "tokens/s", "samples/s", "memory (MiB)"}
     loss, spec = shown["train loss"]
@@ -274,20 +286,70 @@ def test_one_bus_connection_serves_every_session_and_rerun(reader: BusReader, bu
     assert names.count("trainbus-dashboard") == 1, names
 
 
-def test_without_a_trainer_the_panel_says_nobody_listens_and_shows_no_success(reader: BusReader) -> None:
+def test_the_learning_rate_tile_is_the_rate_in_use_with_the_peak_beside_it(reader: BusReader) -> None:
     at = page("views/run.py", run="recorded")
+    tile = next(m for m in at.metric if m.label == "learning rate")
+    assert (tile.value, tile.delta) == ("0", "peak 0.001")  # the schedule ended at 0; set halved the peak at 40
+    chart, _ = charts(at)["learning rate"]
+    assert chart["value"].iloc[-1] == 0.0 and chart["value"].max() == pytest.approx(2e-3 * (1 - 1 / 60))
+    assert {m.label for m in at.metric} == {
+        "step",
+        "loss",
+        "learning rate",
+        "best accuracy",
+        "attempt",
+        "since last event",
+    }
+    assert all(len(m.value) <= 7 for m in at.metric), [m.value for m in at.metric]  # st.metric would cut them
+
+
+def test_a_finished_run_shows_its_controls_off_with_the_reason(reader: BusReader) -> None:
+    at = page("views/run.py", run="recorded")
+    controls = ["Pause", "Resume", "Save checkpoint", "Evaluate", "Stop", "Set"]
+    assert all(button(at, label).disabled for label in controls)
+    assert all(n.disabled for n in at.number_input)
+    assert any(
+        "Run **recorded** completed at step 60 (max_steps reached): no trainer listens to it" in i
+        and "`trainbus train --resume recorded`" in i
+        for i in texts(at.info)
+    ), texts(at.info)
+    live = page("views/run.py", run="unfinished")
+    assert not any(button(live, label).disabled for label in controls)
+    assert not any("no trainer listens" in i for i in texts(live.info))
+
+
+def test_a_run_that_finishes_while_its_page_is_open_turns_its_controls_off(
+    reader: BusReader, bus: Bus, tmp_path: Path
+) -> None:
+    settings = Settings(state_dir=str(tmp_path / ".trainbus"), bus=BusSettings(url=bus.server.url))
+    record_run(BusTarget([bus.server.url], "test"), settings, tmp_path, "finishing", steps=30, finish=False)
+    wait_until(lambda: reader.run("finishing") is not None, what="the run")
+    at = page("views/run.py", run="finishing")
+    assert not button(at, "Pause").disabled
+    finished = RunFinished(
+        event_id="finishing.1.9999", run_id="finishing", seq=9999, status="failed", step=30, error="CUDA out of memory"
+    )
+    publish_raw(bus.server.url, "trainbus.events.finishing.run.finished", finished.model_dump_json().encode())
+    wait_until(lambda: (s := reader.run("finishing")) is not None and s.summary.finished, what="the run.finished")
+    at.run()  # the header notices first and redraws the page once (not again and again)
+    assert not at.exception and button(at, "Pause").disabled
+    assert any("Run **finishing** failed at step 30 (CUDA out of memory)" in i for i in texts(at.info)), texts(at.info)
+
+
+def test_without_a_trainer_the_panel_says_nobody_listens_and_shows_no_success(reader: BusReader) -> None:
+    at = page("views/run.py", run="unfinished")
     button(at, "Pause").click().run()
     sent = at.session_state[SENT]
     wait_until(lambda: sent[-1].future.done(), what="the pause to be answered")
     at.run()
-    assert any("no trainer is listening for run 'recorded'" in w for w in texts(at.warning)), texts(at.warning)
+    assert any("no trainer is listening for run 'unfinished'" in w for w in texts(at.warning)), texts(at.warning)
     assert not at.success
 
 
 def test_stop_asks_for_confirmation_first(reader: BusReader) -> None:
-    at = page("views/run.py", run="recorded")
+    at = page("views/run.py", run="unfinished")
     button(at, "Stop").click().run()
-    assert any("Stop run **recorded**?" in w for w in texts(at.warning))
+    assert any("Stop run **unfinished**?" in w for w in texts(at.warning))
     assert SENT not in at.session_state
     button(at, "Cancel").click().run()
     assert not any("Stop run" in w for w in texts(at.warning)) and SENT not in at.session_state
@@ -297,7 +359,7 @@ def test_stop_asks_for_confirmation_first(reader: BusReader) -> None:
 
 
 def test_set_needs_a_value(reader: BusReader) -> None:
-    at = page("views/run.py", run="recorded")
+    at = page("views/run.py", run="unfinished")
     button(at, "Set").click().run()
     assert any("Enter at least one value" in w for w in texts(at.warning)) and SENT not in at.session_state
 
@@ -322,7 +384,7 @@ def test_a_lost_bus_shows_a_banner_naming_the_url_and_the_reader_recovers(
         record_run(BusTarget([again.url], "test"), settings, tmp_path, "after")
         wait_until(lambda: shared.run("after") is not None, timeout=60, what="events published after the restart")
         at = page()
-        assert not at.error and set(at.dataframe[0].value["run"]) == {"before", "after"}
+        assert not at.error and set(runs_shown(at).index) == {"before", "after"}
     finally:
         shared.close()
         first.stop()
@@ -389,7 +451,7 @@ def test_a_chat_run_charts_loss_and_perplexity_and_shows_no_empty_panel(reader: 
 
 def test_tags_on_the_runs_and_run_pages_and_notes_as_markers_and_a_feed(reader: BusReader) -> None:
     wait_until(lambda: (s := reader.run("recorded")) is not None and s.notes, what="the note")
-    table = page().dataframe[0].value.set_index("run")
+    table = runs_shown(page())
     assert table.loc["recorded", "tags"] == "team=risk, dataset=v2" and table.loc["other", "tags"] == ""
     at = page("views/run.py", run="recorded")
     assert "tags: team=risk, dataset=v2" in texts(at.text)
@@ -432,10 +494,10 @@ def test_a_run_removed_with_runs_rm_leaves_the_running_dashboard(reader: BusRead
     settings = Settings(state_dir=str(tmp_path / ".trainbus"), bus=BusSettings(url=bus.server.url))
     record_run(BusTarget([bus.server.url], "test"), settings, tmp_path, "doomed", steps=30)
     wait_until(lambda: reader.run("doomed") is not None, what="the run to be read")
-    assert "doomed" in page().dataframe[0].value["run"].tolist()
+    assert "doomed" in runs_shown(page()).index
     cli(bus.server.url, "runs", "rm", "doomed", "--yes")
     wait_until(lambda: reader.run("doomed") is None, timeout=30, what="the dashboard to drop the removed run")
-    listed = page().dataframe[0].value["run"].tolist()
+    listed = runs_shown(page()).index.tolist()
     assert "doomed" not in listed and {"recorded", "long", "other", "chat"} <= set(listed)
     gone = page("views/run.py", run="doomed")
     assert any("Run **doomed** was removed from the bus" in i for i in texts(gone.info)), texts(gone.info)

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from consumers.sweep.space import load_space
 from consumers.sweep.study import default_storage, open_study, record_outcome
 from dashboards.app import connection
+from dashboards.app.tables import run_link
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer, start_server
 from runtime.publish.sinks import Stamper
@@ -111,7 +112,8 @@ def test_a_sweep_whose_study_is_elsewhere_still_lists_its_runs_from_the_bus(app_
 
 def test_runs_page_filters_by_sweep(app_env: Path) -> None:
     at = page("views/runs.py")
-    assert set(at.dataframe[0].value["run"]) == set(RUNS)
+    assert set(at.dataframe[0].value["run"]) == {run_link(run) for run in RUNS}
     at.selectbox(key="runs-sweep").select("lr").run()
     table = at.dataframe[0].value
-    assert sorted(table["run"]) == ["lr-t0", "lr-t1"] and sorted(table["sweep"]) == ["lr #0", "lr #1"]
+    assert sorted(table["run"]) == [run_link("lr-t0"), run_link("lr-t1")]
+    assert sorted(table["sweep"]) == ["lr #0", "lr #1"]

@@ -133,7 +133,7 @@ def test_finished_is_final_and_a_resumed_attempt_replaces_the_tail() -> None:
     events.append(r(RunFinished, status="failed", step=50, error="CUDA out of memory"))
     events.append(r(RunState, state="running", step=50))  # a straggler cannot undo "failed"
     state = fold(*events)
-    assert state.runs["r1"].state == "failed" and state.runs["r1"].reason == "CUDA out of memory"
+    assert state.runs["r1"].life.state == "failed" and state.runs["r1"].life.reason == "CUDA out of memory"
     again = Run(attempt=2)
     handle(again.started(resumed_from_step=30), state)
     handle(again.step(31, 0.5), state)
@@ -297,7 +297,7 @@ def test_predictor_loads_keep_the_newest_per_alias_and_replica() -> None:
         ("canary", "C", 40),
     ]
     assert [s.step for s in snap.loads] == [20, 20, 40, 40]
-    assert state.runs["r1"].state == "running"  # a predictor's event says nothing about training
+    assert state.runs["r1"].life.state == "running"  # a predictor's event says nothing about training
 
 
 def test_chat_evaluations_report_perplexity_and_no_classification_metrics() -> None:

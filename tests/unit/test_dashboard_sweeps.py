@@ -15,7 +15,7 @@ from consumers.sweep.study import default_storage, open_study, record_outcome, s
 from dashboards.app.snapshot import RunSummary, summarise
 from dashboards.app.state import DashboardState, handle
 from dashboards.app.sweeps import objective_chart, parameter_chart, trials_table
-from dashboards.app.tables import filter_runs, runs_table, sweep_names
+from dashboards.app.tables import filter_runs, run_link, runs_table, sweep_names
 from schemas import Hyperparameters, RunStarted, SweepTag
 
 SPACE = "parameters:\n  training.learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n  adapter.r: [8, 16]\n"
@@ -96,7 +96,7 @@ def test_the_runs_page_filters_by_sweep_and_shows_the_trial(sweep: dict[str, Any
     assert [r.run_id for r in filter_runs(runs.values(), now, sweep="sw")] == ["sw-t0"]
     assert len(filter_runs(runs.values(), now)) == 3
     table = runs_table(runs.values(), now).set_index("run")
-    assert (table.loc["sw-t0", "sweep"], table.loc["plain", "sweep"]) == ("sw #0", "")
+    assert (table.loc[run_link("sw-t0"), "sweep"], table.loc[run_link("plain"), "sweep"]) == ("sw #0", "")
     assert "sweep" not in runs_table([runs["plain"]], now).columns  # no column while no run is a trial
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dashboards.app.charts import (
     EVAL_CHARTS,
     compare_eval_chart,
@@ -12,9 +14,11 @@ from dashboards.app.charts import (
     reported,
     train_chart,
 )
-from dashboards.app.snapshot import snapshot_run
+from dashboards.app.control_panel import closed_because
+from dashboards.app.snapshot import snapshot_run, summarise
 from dashboards.app.state import DashboardState
 from dashboards.app.tables import (
+    RUN_LINK_TEXT,
     age,
     checkpoints_table,
     commands_table,
@@ -24,12 +28,25 @@ from dashboards.app.tables import (
     flags_table,
     loads_table,
     notes_table,
+    run_link,
     runs_table,
     serving_table,
     state_of,
 )
-from runtime.liveness import STALL_AFTER_SECONDS
-from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, RunNote, RunStarted, RunTag
+from dashboards.app.tiles import MOST_CHARS, compact, run_tiles
+from runtime.lifecycle import STALL_AFTER_SECONDS
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    CommandResult,
+    Evaluation,
+    RunFinished,
+    RunNote,
+    RunStarted,
+    RunTag,
+    TrainStep,
+)
 from schemas.predict import PredictorLoaded
 from tests.unit.test_dashboard_state import SHA, Run, fold
 
@@ -220,3 +237,46 @@ def test_the_probability_chart_has_a_bar_per_label_and_highlights_the_decision()
     ]
     abstains = probability_chart({"HIGH_RISK": 0.4, "NO_RISK": 0.35, "null": 0.25}, None)
     assert abstains.data["decision"].tolist() == [False, False, True]
+
+
+def test_the_learning_rate_tile_is_the_rate_in_use_and_names_the_peak() -> None:
+    r = Run()
+    state = fold(
+        r.started(hyperparameters={"learning_rate": 3e-3}),
+        r(TrainStep, step=430, epoch=1.0, loss=0.1, learning_rate=0.002988),
+        r(CommandResult, command_id="s", command="set", status="applied", step=430, applied={"learning_rate": 1e-5}),
+    )
+    snap = snapshot_run(state.runs["r1"])
+    tile = next(t for t in run_tiles(snap, snap.summary.last_event_time + 90) if t.label == "learning rate")
+    assert (tile.value, tile.note) == ("0.00299", "peak 1e-5")
+    since = run_tiles(snap, snap.summary.last_event_time + 90)[-1]
+    assert (since.label, since.value) == ("since last event", "2 min")
+
+
+def test_every_tile_value_fits_its_tile() -> None:
+    values = [0.0, 1.0, 0.123456, 0.002988, 1.234e-5, -1.234e-5, 123456.789, 9.99e12, float("nan"), float("inf")]
+    assert all(len(compact(v)) <= MOST_CHARS for v in values), [compact(v) for v in values]
+    assert (compact(0.002988, 3), compact(1.234e-5), compact(None)) == ("0.00299", "1.23e-5", "–")
+    r = Run()
+    state = fold(r.started(max_steps=9_999_999), r.step(9_999_999, 1.23456789e-7))
+    snap = snapshot_run(state.runs["r1"])
+    tiles = run_tiles(snap, snap.summary.last_event_time + 86400 * 400)
+    assert all(len(t.value) <= MOST_CHARS for t in tiles), [t.value for t in tiles]
+
+
+def test_a_finished_run_says_why_its_controls_are_off_and_a_live_one_keeps_them() -> None:
+    r = Run()
+    live = summarise(fold(r.started(), r.step(12)).runs["r1"])
+    assert closed_because(live, "") is None
+    done = fold(r.started(), r.step(12), r(RunFinished, status="stopped", step=12, reason="stop by alice"))
+    snap = snapshot_run(done.runs["r1"])
+    assert closed_because(snap.summary, snap.reason) == (
+        "Run **r1** stopped at step 12 (stop by alice): no trainer listens to it, so its controls are off. "
+        "`trainbus train --resume r1` continues it from its last checkpoint."
+    )
+
+
+def test_a_runs_name_links_to_its_run_page() -> None:
+    summary = snapshot_run(_state().runs["r1"]).summary
+    assert runs_table([summary], summary.last_event_time).iloc[0]["run"] == "run?run=r1" == run_link("r1")
+    assert re.fullmatch(RUN_LINK_TEXT, run_link("tiny-2027_01-01")).group(1) == "tiny-2027_01-01"  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""The Run page: one run, live: state, progress and tags, control, charts with markers, evaluation
+"""The Run page: one run, live: state, progress and tags, its tiles (``dashboards.app.tiles``),
+control (off once the run finished), charts with markers, evaluation
 (the metrics its task reports; a classifier's confusion matrix and per-label F1), config and live
 hyper-parameters, the command history and the notes.
 
@@ -29,6 +30,7 @@ from dashboards.app.tables import (
     state_of,
     tags_text,
 )
+from dashboards.app.tiles import run_tiles
 
 TABS = ["Training", "Evaluation", "Config", "Commands", "Notes"]
 MARKERS_NOTE = (
@@ -51,10 +53,6 @@ def _grid(charts: list[tuple[str, Chart]], per_row: int = 2) -> None:
                 _draw(chart, key)
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 @connection.live(connection.LIVE_SECONDS)
 def header(reader: BusReader, run_id: str) -> None:
     """State, progress and the latest values; the outcome of commands sent from this session."""
@@ -69,25 +67,28 @@ def header(reader: BusReader, run_id: str) -> None:
             st.text(f"tags: {tags_text(run.tags)}")
     if run.max_steps:
         st.progress(min(1.0, run.step / run.max_steps), text=f"step {run.step} of {run.max_steps}")
-    columns = st.columns(6)
-    with columns[0], st.container(key="live-step"):
-        st.metric("step", run.step)
-    columns[1].metric("loss", _fmt(run.loss))
-    columns[2].metric("learning rate", _fmt(snap.hyperparameters.get("learning_rate"), ".3g"))
-    if run.best_perplexity is not None and run.best_accuracy is None:  # a chat run
-        columns[3].metric("best perplexity", _fmt(run.best_perplexity, ".4g"))
-    else:
-        columns[3].metric("best accuracy", _fmt(run.best_accuracy, ".3f"))
-    columns[4].metric("attempt", run.attempt)
-    columns[5].metric("last event", f"{age(now - run.last_event_time)} ago" if run.last_event_time else "–")
+    # a row that wraps rather than cut a value (st.metric ends one that does not fit with "…")
+    with st.container(horizontal=True, horizontal_alignment="distribute", key="tiles"):
+        for tile in run_tiles(snap, now):
+            with st.container(key=tile.key, width="content"):
+                st.metric(
+                    tile.label,
+                    tile.value,
+                    tile.note,
+                    delta_color="off",
+                    delta_arrow="off",
+                    help=tile.help,
+                    width="content",
+                )
     if state == "stalled":
         st.warning(
             f"No event from the trainer for {age(now - run.last_event_time)} (no heartbeat, no `run.finished`): "
-            "it may have died. `trainbus train … --resume` continues it from its last checkpoint."
+            f"it may have died. `trainbus train --resume {run_id}` continues it from its last checkpoint."
         )
     elif snap.reason and state != "running":
         st.caption(f"{state}: {snap.reason}")
     control_panel.show_outcomes(snap)
+    control_panel.redraw_when_finished_changes(run)
 
 
 @connection.live(connection.CHART_SECONDS)
