@@ -55,7 +55,7 @@ from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.settings import Settings, load_config
+from runtime.settings import Settings, load_config, packaged
 
 SETTLE_S = 0.05  # between turns, so one variant's last event is handled before the other's clock starts
 START_TIMEOUT_S = 300.0
@@ -65,7 +65,9 @@ BLOCK_TIMEOUT_S = 120.0
 def register(sub: Any) -> None:
     """Add ``overhead`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("overhead", help="steps/s and peak RSS: plain Trainer vs trainbus with a live bus and consumer")
-    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", metavar="YAML", type=packaged, help="run config (default: %(default)s)"
+    )
     p.add_argument("--steps", type=int, default=200, help="training steps per variant and phase (default: %(default)s)")
     p.add_argument("--block", type=int, default=10, help="steps per turn (default: %(default)s)")
     p.add_argument(

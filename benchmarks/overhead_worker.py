@@ -35,7 +35,7 @@ from producers.config import RunConfig
 from runtime.errors import TrainbusError
 from runtime.logs import setup_logging
 from runtime.publish.sinks import EventSink, NullSink
-from runtime.settings import load_config
+from runtime.settings import load_config, packaged
 
 
 def peak_rss_mb() -> float:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.overhead_worker", description="one variant of trainbus bench overhead"
     )
     p.add_argument("variant", choices=VARIANTS)
-    p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument("config", type=packaged, help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--run-id", required=True)
     p.add_argument("--block", type=int, required=True, help="steps per block")
     p.add_argument("--control-fd", type=int, required=True, help="read a line here before each block")

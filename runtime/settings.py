@@ -43,7 +43,9 @@ def redact_url(url: str) -> str:
 def packaged(path: str) -> str:
     """``path`` when it exists from here; else trainbus's own copy (``configs/…``) when that exists.
 
-    So ``trainbus train configs/tiny.yaml`` and the default ``configs/labels.yaml`` work from any folder.
+    Every command's config, space, rules and labels file goes through it (as its argparse ``type=``),
+    so ``trainbus train configs/tiny.yaml``, ``trainbus sweep configs/tiny.yaml --space
+    configs/sweeps/tiny.yaml`` and the default ``configs/labels.yaml`` work from any folder alike.
     """
     if Path(path).is_absolute() or Path(path).exists() or not (PROJECT_ROOT / path).exists():
         return path

@@ -17,12 +17,13 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from consumers.predict.waiting import RunProgress
 from producers.config import RunConfig
-from runtime.bus.stream import replay
-from runtime.checkpoints import fingerprint
+from runtime.bus.stream import last_event, replay
+from runtime.checkpoints import changed_since_announced, fingerprint
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.settings import describe_validation_error
-from schemas import AuditVerdict, Checkpoint, RunStarted
+from schemas import AuditVerdict, Checkpoint, RunFinished, RunStarted, TrainStep
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
 Verdict = Literal["approved", "rejected", "pending"]
@@ -135,16 +136,39 @@ async def choose(
     )
 
 
+async def run_progress(js: JetStreamContext, run_id: str) -> RunProgress:
+    """Where the run stands for a predictor waiting on it: started, finished, its step, and the
+    verdict on each step's newest checkpoint."""
+    started: list[RunStarted] = await _events(js, run_id, "run.started")
+    finished: list[RunFinished] = await _events(js, run_id, "run.finished")
+    newest = {c.step: c.event_id for c in await _events(js, run_id, "checkpoint")}
+    judged = {v.checkpoint_event_id: v.verdict for v in await _events(js, run_id, "audit.verdict")}
+    ended = finished[-1] if finished and (not started or finished[-1].attempt >= started[-1].attempt) else None
+    step = ended.step if ended is not None else await _latest_step(js, run_id)
+    return RunProgress(
+        run_id,
+        started=bool(started),
+        finished=ended.status if ended is not None else None,
+        step=step,
+        verdicts={s: judged.get(event_id, "pending") for s, event_id in newest.items()},
+    )
+
+
+async def _latest_step(js: JetStreamContext, run_id: str) -> int | None:
+    try:
+        last = await last_event(js, event_subject(run_id, "train.step"))
+    except nats.js.errors.Error:  # no stream, or no direct get: the step is only for the message
+        return None
+    return last.event.step if last is not None and isinstance(last.event, TrainStep) else None
+
+
 def verify(chosen: Chosen) -> None:
     """Raise ``Refused`` unless the checkpoint folder hashes to what its event says."""
     if not chosen.path.is_dir():
         raise NotFound(f"checkpoint folder {chosen.path} does not exist (run {chosen.run_id}, step {chosen.step})")
-    digest, _ = fingerprint(chosen.path)
-    if digest != chosen.sha256:
-        raise Refused(
-            f"{chosen.path}: sha256 {digest[:12]}… differs from its checkpoint event's {chosen.sha256[:12]}…: "
-            "the files changed after the trainer saved them"
-        )
+    changed = changed_since_announced(chosen.path, chosen.sha256, chosen.event_id or "(none)")
+    if changed is not None:
+        raise Refused(changed)
 
 
 def _config(event: RunStarted) -> RunConfig:

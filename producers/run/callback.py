@@ -11,7 +11,8 @@ then starts offline (events wait in the outbox, the connection is retried in the
 Commands received on ``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
 publishes. However the run ends — completed, a crash in ``train()``, interpreter exit, SIGTERM —
 it publishes ``run.finished`` and flushes (see ``producers.run.exits``); every command accepted but
-not applied by then is answered ``rejected`` (``finished``).
+not applied by then is answered ``rejected`` (``finished``). A checkpoint, once announced, is never
+written again: a second save at its step points to it, and ``stop`` without save saves nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from schemas import (
     RunFinished,
     RunStarted,
     RunState,
+    Stop,
     SweepTag,
     TrainStep,
 )
@@ -133,6 +135,8 @@ class TrainbusCallback(TrainerCallback):
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._step = 0
+        self._saved: dict[int, tuple[str, str]] = {}
+        """Steps saved in this attempt: (path, sha256) of the checkpoint announced there (sha256 on rank 0 only)."""
         self._exit_guard = ExitGuard(self._ended)
         if channel is not None:
             channel.on_reply = self._on_reply
@@ -296,12 +300,12 @@ class TrainbusCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._off_training()
-        if not self.is_publisher:
-            return
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
+        self._saved[state.global_step] = (str(folder), "")  # every rank: they all skip a second save alike
+        if not self.is_publisher or not folder.is_dir():
             return
         digest, size = fingerprint(folder)
+        self._saved[state.global_step] = (str(folder), digest)
         trigger = self._pending_trigger.pop("save", "scheduled")
         metrics = dict(self.latest_eval)
         self.emit(
@@ -344,6 +348,21 @@ class TrainbusCallback(TrainerCallback):
         self._in_pause = False
         self._mark = time.monotonic()
         self._not_training += self._mark - paused_at
+        self._no_second_save(state, control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._no_second_save(state, control)  # the Trainer saves once more after its loop ends
+
+    def _no_second_save(self, state: TrainerState, control: TrainerControl) -> None:
+        """Cancel the save the Trainer is about to make when this step was saved already (a checkpoint,
+        once announced, is never rewritten: its sha256 would no longer hold) or after ``stop --no-save``
+        (which saves nothing, even at a ``save_steps`` boundary)."""
+        no_save = isinstance(self.stop_command, Stop) and not self.stop_command.save
+        if control.should_save and (no_save or state.global_step in self._saved):
+            control.should_save = False
+            self._pending_trigger.pop("save", None)
 
     def _off_training(self) -> None:
         """An evaluation or a save just ended: the time since the last mark was not training
@@ -388,14 +407,8 @@ class TrainbusCallback(TrainerCallback):
                 self._pending_trigger["save"] = "signal" if command.issued_by == "trainbus" else "command"
             self.emit(RunState, state="stopping", step=step, reason=command.reason or f"stop by {command.issued_by}")
         elif kind == "save_checkpoint":
-            self._pending_trigger["save"] = "command"
-            if self.paused and self.trainer is not None:
-                self.phase = "saving"
-                self.trainer._save_checkpoint(self.trainer.model, trial=None)  # type: ignore[arg-type]
-                self.on_save(args, state, control)
-                self.phase = "paused"
-            else:
-                control.should_save = True
+            self._save(command, args, state, control)
+            return
         elif kind == "evaluate":
             self._pending_trigger["evaluate"] = "command"
             if self.paused and self.trainer is not None:
@@ -409,6 +422,24 @@ class TrainbusCallback(TrainerCallback):
                 self.on_hyperparameters(effective)
             self._applied(command, step, effective)
             return
+        self._applied(command, step)
+
+    def _save(self, command: Command, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """``save_checkpoint``: at once while paused (training will not reach the Trainer's save), else at
+        this step boundary. A step saved already is not saved again: the result points to its checkpoint."""
+        step = state.global_step
+        if step in self._saved:
+            path, sha256 = self._saved[step]
+            self._applied(command, step, {"checkpoint": path, "sha256": sha256, "already_saved": True})
+            return
+        self._pending_trigger["save"] = "command"
+        if self.paused and self.trainer is not None:
+            self.phase = "saving"
+            self.trainer._save_checkpoint(self.trainer.model, trial=None)  # type: ignore[arg-type]
+            self.on_save(args, state, control)
+            self.phase = "paused"
+        else:
+            control.should_save = True
         self._applied(command, step)
 
     on_hyperparameters: Any = None

@@ -28,7 +28,7 @@ from producers.run.control_inbox import ControlChannel
 from producers.run.distributed import agree, init_if_launched, main_process_first, world
 from producers.run.progress import Progress
 from producers.run.publishing import open_bus
-from producers.run.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_verdicts
+from producers.run.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_saved
 from producers.task.chat import ChatDataset, Perplexity, use_chat_template
 from producers.task.chatdata import parse_conversation, write_chat_sample
 from producers.task.data import data_fingerprint, read_examples, read_jsonl
@@ -137,8 +137,8 @@ def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom)
     rank = world()[0]
     chosen = None
     if rank == 0:
-        verdicts = read_verdicts(cfg, run_id)
-        chosen = choose_checkpoint(run_id, run_dir, verdicts, from_step=asked.step, from_approved=asked.approved)
+        saved = read_saved(cfg, run_id)
+        chosen = choose_checkpoint(run_id, run_dir, saved, from_step=asked.step, from_approved=asked.approved)
         announce(chosen, get_logger(run_id=run_id))
     step = int(agree(str(chosen.step) if chosen is not None else None) or 0)
     return chosen if chosen is not None else choose_checkpoint(run_id, run_dir, None, from_step=step)

@@ -253,13 +253,18 @@ async def connect(
 
 @asynccontextmanager
 async def connected(target: BusTarget, settings: Settings, *, name: str) -> AsyncIterator[NATS]:
-    """``connect`` as an async context manager that drains the connection on exit."""
+    """``connect`` as an async context manager that drains the connection on exit, or closes it when
+    the body failed (e.g. the reader of stdout went away): a drain would then wait on subscriptions
+    nobody reads any more."""
     nc = await connect(target, settings, name=name)
     try:
         yield nc
-    finally:
+    except BaseException:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+            await nc.close()
+        raise
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), 5)
 
 
 def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from runtime.errors import ConfigError
 from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.settings import Settings, load_config
+from runtime.settings import Settings, load_config, packaged
 from schemas import check_run_id
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -19,7 +19,7 @@ def add_settings_args(
     p: argparse.ArgumentParser, config_help: str = "settings YAML (bus, stream, server, log)"
 ) -> None:
     """``--config`` and repeatable ``--set key=value`` on a subcommand."""
-    p.add_argument("--config", metavar="YAML", help=config_help)
+    p.add_argument("--config", metavar="YAML", type=packaged, help=config_help)
     p.add_argument(
         "--set",
         metavar="KEY=VALUE",

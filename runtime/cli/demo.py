@@ -29,7 +29,7 @@ from runtime.bus.stream import ensure_stream, replay
 from runtime.cli.args import settings_from
 from runtime.cli.render import event_row
 from runtime.cli.up import service_commands
-from runtime.settings import Settings
+from runtime.settings import Settings, packaged
 from schemas import run_events
 
 DASHBOARD = "dashboard"
@@ -41,7 +41,9 @@ _URL = re.compile(r"serving (https?://\S+)")
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the tiny default end to end on a local bus and watch it in the dashboard")
-    p.add_argument("--config", default="configs/tiny.yaml", help="run config to train (default: configs/tiny.yaml)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", type=packaged, help="run config to train (default: configs/tiny.yaml)"
+    )
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
     p.set_defaults(func=cmd_demo)
 

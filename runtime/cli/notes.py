@@ -46,8 +46,22 @@ def cmd_tag(args: argparse.Namespace) -> int:
             raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. dataset=v2")
         tags[key] = value
     event = _publish_annotation(args, RunTag, tags=tags)
-    print(f"tagged run {event.run_id}: " + " ".join(f"{k}={v}" for k, v in tags.items()))
+    print(tag_message(event.run_id, tags))
     return 0
+
+
+def tag_message(run_id: str, tags: dict[str, str]) -> str:
+    """``tagged run R: k=v`` for the keys set and ``removed tag k`` for those an empty value removed."""
+    added = " ".join(f"{k}={v}" for k, v in tags.items() if v)
+    removed = " ".join(k for k, v in tags.items() if not v)
+    if not removed:
+        return f"tagged run {run_id}: {added}"
+    noun = "tags" if " " in removed else "tag"
+    return (
+        f"tagged run {run_id}: {added}; removed {noun} {removed}"
+        if added
+        else f"removed {noun} {removed} from run {run_id}"
+    )
 
 
 def cmd_note(args: argparse.Namespace) -> int:

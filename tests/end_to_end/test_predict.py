@@ -429,6 +429,7 @@ def test_merged_export_loads_with_plain_transformers_and_equals_the_service(
     out = tmp_path / "merged"
     exported = cli(trained["url"], "export", "--run", RUN, "--merge", str(out))
     assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "Warning" not in exported.stderr and "Loading weights" not in exported.stderr  # quiet
     again = cli(trained["url"], "export", "--run", RUN, "--merge", str(out))
     assert again.returncode == 2 and "not an empty folder" in again.stderr  # nothing is overwritten
     plain = subprocess.run(

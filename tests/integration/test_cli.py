@@ -94,6 +94,27 @@ def test_events_follow_prints_live_events(
         proc.wait(10)
 
 
+@pytest.mark.parametrize("form", ["table", "--json"])
+def test_events_into_head_ends_quietly_when_head_has_read_enough(
+    nats_server: RunningServer, target: BusTarget, settings: Settings, tmp_path: Path, form: str
+) -> None:
+    run_id = f"piped-{time.monotonic_ns()}"
+    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "o.jsonl").start()
+    stamper = Stamper(publisher, run_id)
+    for step in range(2000):  # far more than a pipe holds: the writer meets the closed pipe
+        stamper.emit(Heartbeat, step=step, phase="training")
+    publisher.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"NATS_URL": nats_server.url}
+    flags = "--json" if form == "--json" else ""
+    out = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m runtime.cli events --run {run_id} {flags} | head -3; exit ${{PIPESTATUS[0]}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert len(out.stdout.splitlines()) == 3
+    assert out.stderr == ""  # no BrokenPipeError traceback, no never-retrieved CancelledError
+    assert out.returncode == 141  # what a shell reports for a writer its reader left (128 + SIGPIPE)
+
+
 def test_runs_lists_latest_state(nats_server: RunningServer, published_run: str, tmp_path: Path) -> None:
     out = trainbus("runs", "--json", cwd=tmp_path, env={"NATS_URL": nats_server.url})
     assert out.returncode == 0, out.stderr

@@ -104,7 +104,7 @@ def test_runs_filters_csv_and_the_runs_own_step(bus: str, run_id: str, capsys: p
 def test_tag_and_note_are_events_of_the_run(bus: str, run_id: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(capsys, "tag", run_id, "team=risk", "dataset=v2")[0] == 0
     code, out, err = run_cli(capsys, "tag", run_id, "dataset=")
-    assert code == 0 and out.strip() == f"tagged run {run_id}: dataset="
+    assert code == 0 and out.strip() == f"removed tag dataset from run {run_id}"
     code, out, err = run_cli(capsys, "note", run_id, "loss plateaued; try a lower lr")
     assert code == 0, err
     code, out, _ = run_cli(capsys, "events", "--run", run_id, "--type", "run.tag,run.note", "--json")

@@ -10,6 +10,7 @@ import pytest
 
 from producers.config import RunConfig
 from producers.run.arguments import check_training, training_arguments
+from runtime.cli.main import build_parser
 from runtime.errors import ConfigError
 from runtime.settings import PROJECT_ROOT, load_config, packaged
 
@@ -120,6 +121,34 @@ def test_trainbus_own_configs_are_found_from_any_folder(tmp_path: Path, monkeypa
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/tiny.yaml").write_text("run_name: mine\n")
     assert packaged("configs/tiny.yaml") == "configs/tiny.yaml"  # a copy here wins
+
+
+FILE_ARGUMENTS = [
+    (["train", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["sweep", "configs/tiny.yaml", "--space", "configs/sweeps/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["sweep", "configs/tiny.yaml", "--space", "configs/sweeps/tiny.yaml"], "space", "configs/sweeps/tiny.yaml"),
+    (
+        ["serve", "--config", "configs/predict.yaml", "--labels", "configs/labels.yaml"],
+        "config",
+        "configs/predict.yaml",
+    ),
+    (["serve", "--config", "configs/predict.yaml", "--labels", "configs/labels.yaml"], "labels", "configs/labels.yaml"),
+    (["export", "--run", "r", "--merge", "out", "--labels", "configs/labels.yaml"], "labels", "configs/labels.yaml"),
+    (["audit", "--rules", "configs/audit.yaml"], "rules", "configs/audit.yaml"),
+    (["demo"], "config", "configs/tiny.yaml"),
+    (["runs", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["up", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["ctl", "pause", "--run", "r", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+]
+
+
+@pytest.mark.parametrize(("argv", "dest", "shipped"), FILE_ARGUMENTS)
+def test_every_command_finds_trainbus_own_config_and_space_files_from_any_folder(
+    argv: list[str], dest: str, shipped: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == str(PROJECT_ROOT / shipped)
 
 
 def test_chat_task_defaults_to_its_own_sample_files() -> None:
