@@ -98,6 +98,9 @@ class StreamSettings(Section):
     """JetStream de-duplication window; at least 10 minutes so retries after an outage dedupe."""
     replicas: int | None = Field(None, ge=1, le=5)
     """Copies of the stream and buckets; unset: 3 on a cluster of at least three servers, else 1."""
+    objects_max_bytes: int = Field(2 << 30, gt=0)
+    """Size limit of the object store holding checkpoint folders (``TRAINBUS_CHECKPOINT_FILES``); set when
+    it is created. A checkpoint that does not fit stays on its trainer's disk."""
 
 
 class ServerSettings(Section):

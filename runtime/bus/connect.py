@@ -110,8 +110,11 @@ def split_urls(url: str) -> list[str]:
     return [s.strip() for s in url.split(",") if s.strip()]
 
 
-def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None, *, announce: bool = True) -> BusTarget:
-    """Find the bus (see module docstring). Starts an embedded server when there is none."""
+def resolve_target(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, announce: bool = True, start: bool = True
+) -> BusTarget:
+    """Find the bus (see module docstring). Starts an embedded server when there is none, unless
+    ``start`` is False: then no bus is ``BusUnavailable``."""
     env = os.environ if environ is None else environ
     state_dir = Path(settings.state_dir)
     url = settings.bus.url or env.get("NATS_URL") or None
@@ -124,6 +127,8 @@ def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None,
     local = read_state(state_dir)
     if local:
         return BusTarget(servers=split_urls(local), origin=LOCAL, state_dir=state_dir)
+    if not start:
+        raise BusUnavailable("no bus: NATS_URL is not set and no `trainbus up` runs in this folder")
     try:
         server = start_server(settings.server, state_dir / "nats")
     except StoreInUse:
