@@ -181,7 +181,7 @@ def train_variant(
     callback: TrainbusCallback | None = None
     if variant == "trainbus":
         channel = ControlChannel(prep.run_id)
-        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
+        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, window=cfg.publish.window_ms / 1000)
         callback = run_callback(prep, sink, channel)
         callbacks.append(callback)
     trainer = build_trainer(prep, [*callbacks, pacer])

@@ -236,8 +236,8 @@ def run(
     sink: EventSink = NullSink()
     if rank == 0 and cfg.publish.enabled:
         sink = open_bus(
-            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit,
-            offline_ok=cfg.publish.offline_ok,
+            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel,
+            offline_ok=cfg.publish.offline_ok, window=cfg.publish.window_ms / 1000,
         )  # fmt: skip
     if rank == 0:
         (prep.run_dir / RUN_FILE).write_text(
