@@ -23,7 +23,6 @@ class PublisherStats:
     published: int = 0
     duplicates: int = 0
     retried: int = 0
-    spilled: int = 0
     outbox_pending: int = 0
     invalid: int = 0
     dead_lettered: int = 0

@@ -28,8 +28,6 @@ NOW = b"!"
 """Wake byte: an event that goes at once was appended."""
 SOON = b"."
 """Wake byte: an event that may wait was appended while the publisher process was idle."""
-IDLE_TICK_S = 1.0
-"""How long an idle sender sleeps without a bell (it then looks at the journal once)."""
 
 
 class Idle(Protocol):
@@ -98,7 +96,7 @@ class Window:
                     self.shared.idle = False
                     self.soon()
             if not self.rung:
-                await self.doze(IDLE_TICK_S)
+                await self.doze(None)  # every byte on the wake pipe rings: no timer to look by itself
         self.rung = False
         self.shared.idle = False
         self.last_sent = time.monotonic()
@@ -112,15 +110,16 @@ class Window:
         while (left := until - time.monotonic()) > 0 and not (until_close and self.closing):
             await self.doze(left)
 
-    async def doze(self, timeout: float) -> None:
-        """Sleep until ``ring`` or ``timeout``; a bare future and timer."""
+    async def doze(self, timeout: float | None) -> None:
+        """Sleep until ``ring`` or ``timeout`` (None: no timeout); a bare future and timer."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _wake, waiter)
+        timer = loop.call_later(timeout, _wake, waiter) if timeout is not None else None
         try:
             await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
 
 

@@ -1,4 +1,4 @@
-"""A recorded run for the dashboard tests, written to the real bus by the real publisher.
+"""A recorded run for the dashboard tests, written to the real bus through the replay path.
 
 ``record_run`` publishes, through ``OutboxPublisher`` + ``Stamper`` (trainer and audit sources),
 what a trainer and the audit gate would: a run that starts, trains with a loss spike, is paused

@@ -5,6 +5,7 @@ its own embedded bus, and `trainbus outbox flush` sends what runs left behind.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -174,6 +175,34 @@ def test_outbox_flush_sends_what_runs_left_behind_once(tmp_path: Path, nats_serv
         2,
         "trainbus outbox: no run 'nope' under runs/ (neither runs/nope/ nor an outbox of it)\n",
     )
+
+
+def test_outbox_flush_on_a_terminal_writes_console_lines_not_json(tmp_path: Path, nats_server: RunningServer) -> None:
+    offline_outbox(tmp_path / "runs" / "tty" / "outbox.jsonl", "tty", range(1, 4))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
+    primary, terminal = os.openpty()  # stderr on a terminal, as in a shell
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "outbox", "flush", "tty"], cwd=tmp_path,
+            env={**env, "NATS_URL": nats_server.url}, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        os.close(terminal)
+        err = _read_all(primary)
+    finally:
+        os.close(primary)
+    assert out.returncode == 0 and out.stdout.endswith("3 events: 3 sent, 0 already stored, 0 left\n")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert any("events waiting in the outbox" in line for line in lines), err  # a log line, as the console writes it
+    assert not [line for line in lines if line.lstrip().startswith("{")], err
+
+
+def _read_all(fd: int) -> str:
+    data = b""
+    with contextlib.suppress(OSError):  # EIO once the other end is closed and drained
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return data.decode(errors="replace")
 
 
 def test_outbox_flush_leaves_an_outbox_its_trainer_still_holds(tmp_path: Path, nats_server: RunningServer) -> None:
