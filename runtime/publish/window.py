@@ -24,6 +24,8 @@ from typing import Protocol
 
 MAY_WAIT = frozenset({"train.step", "heartbeat", "eval"})
 """Event types that may wait up to the window for others to go with them."""
+IDLE_LOOK_S = 1.0
+"""How long an idle sender sleeps without a bell before it looks at the journal by itself."""
 NOW = b"!"
 """Wake byte: an event that goes at once was appended."""
 SOON = b"."
@@ -96,7 +98,9 @@ class Window:
                     self.shared.idle = False
                     self.soon()
             if not self.rung:
-                await self.doze(None)  # every byte on the wake pipe rings: no timer to look by itself
+                # a look once a second: the flag's store may become visible to the training process
+                # only after its append was missed by ``has_new`` (no fence between the two processes)
+                await self.doze(IDLE_LOOK_S)
         self.rung = False
         self.shared.idle = False
         self.last_sent = time.monotonic()
