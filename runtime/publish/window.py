@@ -4,9 +4,10 @@ Events that may wait (``MAY_WAIT``: ``train.step``, ``heartbeat``, ``eval``) are
 ``delay`` seconds after the first of them arrives, then go as one pipelined batch: one wake-up of
 the publisher process, one read of the journal, one write to the socket, one round of acks, for
 all of them. The window opens only while events come faster than that: when the last batch left
-longer than ``delay`` ago, waiting would gather nothing, and the event goes at once. Every other event (run state, checkpoints, ``run.finished``, command replies, and
-any type added later) rings the bell and goes at once, taking the waiting ones with it, so order
-is kept. ``delay`` 0 sends every event as soon as it is seen.
+longer than ``delay`` ago, waiting would gather nothing, and the event goes at once. Every other
+event (run state, checkpoints, ``run.finished``, command replies, and any type added later) rings
+the bell and goes at once, taking the waiting ones with it, so order is kept. ``delay`` 0 sends
+every event as soon as it is seen.
 
 The training process writes a byte on the wake pipe for an event that goes at once (``NOW``), and
 for one that may wait only when the publisher process said it is idle (``idle`` in the journal's
