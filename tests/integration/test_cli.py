@@ -99,7 +99,7 @@ def test_events_into_head_ends_quietly_when_head_has_read_enough(
     nats_server: RunningServer, target: BusTarget, settings: Settings, tmp_path: Path, form: str
 ) -> None:
     run_id = f"piped-{time.monotonic_ns()}"
-    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "o.jsonl").start()
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp_path / "o.jsonl")
     stamper = Stamper(publisher, run_id)
     for step in range(2000):  # far more than a pipe holds: the writer meets the closed pipe
         stamper.emit(Heartbeat, step=step, phase="training")
