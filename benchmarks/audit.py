@@ -22,13 +22,12 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from benchmarks.common import percentile
+from benchmarks.common import percentile, trainer_sink
 from runtime.bus.connect import BusTarget, connect
 from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.errors import TrainbusError
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings, packaged
 from schemas import AuditFlag, TrainStep, event_subject, parse_event
 
@@ -77,7 +76,7 @@ async def _measure(target: BusTarget, settings: Settings, rate: int, seconds: fl
 
     await nc.subscribe(event_subject(RUN, "audit.flag"), cb=on_flag)
     await nc.flush()
-    publisher = NatsPublisher(target, settings, outbox_path=workdir / "outbox.jsonl", name="bench-audit").start()
+    publisher = trainer_sink(target, settings, workdir / "outbox.jsonl", RUN)
     stamper = Stamper(publisher, RUN)
     total = int(rate * seconds)
     t0 = time.perf_counter()

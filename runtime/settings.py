@@ -115,6 +115,9 @@ class ServerSettings(Section):
     max_file_bytes: int = Field(4 << 30, gt=0)
     config_file: Annotated[str | None, PATH] = None
     """Optional nats-server config (e.g. configs/nats/roles.conf) to include."""
+    cores: int = Field(1, ge=0)
+    """Cores nats-server runs Go code on at once (``GOMAXPROCS``). 1 costs the least CPU per event
+    when it shares the machine with a trainer: it hands work between fewer threads. 0: every core."""
 
 
 class LogSettings(Section):

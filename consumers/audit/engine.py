@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from consumers.audit.rules import EVAL_METRICS, AuditConfig, Best, Problem, Rule, eval_checks, train_checks
+from runtime.publish.direct import event_id
 from schemas import AuditFlag, AuditVerdict, Checkpoint, Evaluation, Event, Heartbeat, TrainStep
 
 
@@ -171,7 +172,7 @@ def _judge(
 def _fire(state: AuditState, run: RunAudit, rule_name: str, key: str, judged: Judged, problem: Problem) -> Publish:
     rule = state.rules[rule_name]
     flag = AuditFlag(
-        event_id=f"{run.run_id}.audit.{rule_name}.{judged.event_id}",
+        event_id=event_id(run.run_id, "audit", rule_name, judged.event_id),
         run_id=run.run_id,
         attempt=judged.attempt,
         seq=1,
@@ -251,7 +252,7 @@ def _verdict(state: AuditState, run: RunAudit, ckpt: Checkpoint, seen: EvalSeen 
     if seen is not None:
         metrics["eval_step"] = float(seen.step)
     verdict = AuditVerdict(
-        event_id=f"{run.run_id}.audit.verdict.{ckpt.event_id}",
+        event_id=event_id(run.run_id, "audit", "verdict", ckpt.event_id),
         run_id=run.run_id,
         attempt=ckpt.attempt,
         seq=1,

@@ -25,7 +25,7 @@ def main() -> int:
     run_id = spec.run_id
 
     def responders(sink: JournalSink) -> Responders:
-        if spec.commands_fd < 0:  # a publisher without a control channel
+        if spec.commands_fd < 0:  # a publisher process without a control channel
             return {}
         stamper = Stamper(sink, run_id, attempt=None)  # the trainer's attempt, from the shared state
 

@@ -233,12 +233,7 @@ def run(
             setattr(cfg.training, name, live[name])
     rank, _ = world()
     channel = ControlChannel(prep.run_id) if rank == 0 else None
-    sink: EventSink = NullSink()
-    if rank == 0 and cfg.publish.enabled:
-        sink = open_bus(
-            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit,
-            offline_ok=cfg.publish.offline_ok,
-        )  # fmt: skip
+    sink = _bus_sink(prep, cfg, channel)
     if rank == 0:
         (prep.run_dir / RUN_FILE).write_text(
             json.dumps(
@@ -281,6 +276,16 @@ def run(
         if rank == 0:
             print(summary_line(prep, ended, stats), flush=True)
     return 0
+
+
+def _bus_sink(prep: Prepared, cfg: RunConfig, channel: ControlChannel | None) -> EventSink:
+    """The run's publisher process on rank 0 (the one with a control channel) when publishing is on; else a null sink."""
+    if channel is None or not cfg.publish.enabled:
+        return NullSink()
+    return open_bus(
+        prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel,
+        offline_ok=cfg.publish.offline_ok, window=cfg.publish.window_ms / 1000,
+    )  # fmt: skip
 
 
 def summary_line(prep: Prepared, status: str, stats: PublisherStats) -> str:

@@ -162,3 +162,9 @@ def test_a_run_config_written_before_kept_its_extra_arguments_under_extra() -> N
     old = {"training": {"max_steps": 5, "extra": {"eval_strategy": "no"}}}  # as an older run.started carries it
     cfg = RunConfig.model_validate(old)
     assert cfg.training.arguments() == {"eval_strategy": "no"} and cfg.training.max_steps == 5
+
+
+def test_a_config_that_still_sets_publish_memory_limit_loads_and_the_value_has_no_effect() -> None:
+    """Events wait in the run's outbox file, not in memory: old configs and run.started snapshots still load."""
+    cfg = RunConfig.model_validate({"publish": {"memory_limit": 40, "heartbeat_seconds": 1.0}})
+    assert cfg.publish.heartbeat_seconds == 1.0 and "memory_limit" not in cfg.publish.model_dump()
