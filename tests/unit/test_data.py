@@ -79,6 +79,9 @@ def test_rows_become_examples_with_source_and_defaults(tmp_path: Path, labels: L
         ('{"text": "hi there", "label": "NO_RISK", "metadata": {"a": [1]}}', r":2: field 'metadata.a': expected"),
         ('{"text": "hi there", "label": "NO_RISK", "rationale": 3}', r":2: field 'rationale': expected a string"),
         ('["text", "label"]', r":2: expected a JSON object, got array"),
+        ('{"text": "hi there", "label": "NO_RISK", "metadata": [1]}', r":2: field 'metadata': expected an object, got"),
+        ('{"text": "hi there", "label": 7}', r":2: field 'label': 7 is not one of HIGH_RISK"),
+        ('{"text": "   ", "label": "NO_RISK", "lable": 1}', r":2: field 'lable': unknown key"),  # unknown keys first
     ],
 )
 def test_bad_row_names_file_line_and_field(tmp_path: Path, labels: LabelSet, row: str, message: str) -> None:
@@ -88,6 +91,15 @@ def test_bad_row_names_file_line_and_field(tmp_path: Path, labels: LabelSet, row
     assert str(info.value).startswith(f"{path}:2: ")
     assert str(info.value).endswith("(set data.skip_invalid=true to skip bad rows instead)")
     assert "\n" not in str(info.value)
+
+
+def test_metadata_values_keep_their_json_types(tmp_path: Path, labels: LabelSet) -> None:
+    row = {"text": "hi there", "label": None, "metadata": {"vip": True, "score": 1.5, "n": 2, "lang": "en"}}
+    path = write_lines(tmp_path, [json.dumps(row), json.dumps({**row, "metadata": None})])
+    examples, _ = read_examples(path, labels)
+    assert examples[0].metadata == {"vip": True, "score": 1.5, "n": 2, "lang": "en"}
+    assert [type(v) for v in examples[0].metadata.values()] == [bool, float, int, str]
+    assert examples[1].metadata == {}
 
 
 def test_skip_invalid_skips_and_counts(tmp_path: Path, labels: LabelSet) -> None:
