@@ -68,6 +68,8 @@ _EVAL_FIELDS = (
     "num_samples",
     "num_abstained",
     "perplexity",
+    "text_only_accuracy",
+    "text_only_abstain_rate",
 )
 
 
@@ -118,6 +120,7 @@ class TrainbusCallback(TrainerCallback):
         data_fingerprint: str = "",
         outbox_dir: Path | None = None,
         sweep: SweepTag | None = None,
+        metadata_seen: dict[str, list[str]] | None = None,
     ) -> None:
         self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.rank, self.world_size = world()
@@ -132,6 +135,7 @@ class TrainbusCallback(TrainerCallback):
         self.data_fingerprint = data_fingerprint
         self.outbox_dir = outbox_dir
         self.sweep = sweep
+        self.metadata_seen = metadata_seen or {}
         self.trainer: Trainer | None = None
         self.phase = "starting"
         self.paused = False
@@ -209,6 +213,7 @@ class TrainbusCallback(TrainerCallback):
             resumed_from_step=state.global_step or None,
             host=socket.gethostname(),
             sweep=self.sweep,
+            metadata_seen=self.metadata_seen,
         )
         self.phase = "training"
         self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)

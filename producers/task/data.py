@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,6 +31,7 @@ from pydantic import (
 
 from producers.task.labels import LabelSet
 from runtime.errors import ConfigError
+from schemas.predict import MAX_VALUE_CHARS, MAX_VALUES_SEEN
 
 ANSWER_PREFIX = '{"decision": '
 """The start of every answer: what follows is the label as a JSON string, or ``null``."""
@@ -206,15 +207,30 @@ def _metadata_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def metadata_seen(examples: Sequence[Example], limit: int = MAX_VALUES_SEEN) -> dict[str, list[str]]:
+    """Each metadata key of ``examples`` with the values seen, as the prompt writes them: sorted,
+    the first ``limit`` of those up to ``MAX_VALUE_CHARS`` long (a longer one is free text, not a
+    choice). What a request may add to its text (``trainbus serve`` says it)."""
+    values: dict[str, set[str]] = {}
+    for example in examples:
+        for key, value in example.metadata.items():
+            shown = values.setdefault(key, set())
+            if len(written := _metadata_value(value)) <= MAX_VALUE_CHARS:
+                shown.add(written)
+    return {key: sorted(seen)[:limit] for key, seen in sorted(values.items())}
+
+
 def build_prompt(example: Example, system_prompt: str) -> str:
     """The prompt for ``example``; the model's answer (``answer_json``) follows it directly.
 
-    Layout: the system prompt, ``Text: <text>``, one ``key: value`` line per metadata item (keys
-    sorted), then ``Answer: `` with a trailing space.
+    Layout: the system prompt, one ``key: value`` line per metadata item (keys sorted), ``Text:
+    <text>``, then ``Answer: `` with a trailing space. The metadata comes first so that what
+    follows the text is the same with or without it: a request with the text alone differs from
+    one with its metadata only in lines the model reads before the text.
     """
-    lines = [system_prompt.strip(), f"Text: {example.text}"]
+    lines = [system_prompt.strip()]
     lines += [f"{key}: {_metadata_value(example.metadata[key])}" for key in sorted(example.metadata)]
-    lines.append("Answer: ")
+    lines += [f"Text: {example.text}", "Answer: "]
     return "\n".join(lines)
 
 

@@ -11,6 +11,10 @@ from typing import Any
 from runtime.checkpoints import fingerprint
 from tests.end_to_end.conftest import REPO, of_type, trainbus_env
 
+MAX_STEPS = 600
+"""configs/tiny.yaml's: it evaluates and saves every 100 steps."""
+EVALS = list(range(100, MAX_STEPS + 1, 100))
+
 
 def test_default_run_exits_0_and_says_what_it_published(default_run: dict[str, Any]) -> None:
     assert default_run["code"] == 0, default_run["output"][-3000:]
@@ -24,8 +28,8 @@ def test_default_run_output_off_a_terminal_is_json_lines_without_warnings(defaul
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert not [r for r in records if r["level"] in ("warning", "error")]
     steps = [r["step"] for r in records if r["event"] == "step"]
-    assert steps == list(range(10, 401, 10))
-    assert [r["step"] for r in records if r["event"] == "evaluated"] == [100, 200, 300, 400]
+    assert steps == list(range(10, MAX_STEPS + 1, 10))
+    assert [r["step"] for r in records if r["event"] == "evaluated"] == EVALS
 
 
 def test_tiny_default_learns_the_classifier_within_its_steps(default_run: dict[str, Any]) -> None:
@@ -33,9 +37,12 @@ def test_tiny_default_learns_the_classifier_within_its_steps(default_run: dict[s
     evals = of_type(events, "eval")
     final = evals[-1]
     started = of_type(events, "run.started")[0]
-    assert final.step == started.max_steps == 400
+    assert final.step == started.max_steps == MAX_STEPS
     assert final.accuracy >= 0.9, [e.accuracy for e in evals]
     assert final.abstain_rate <= 0.15
+    # and as serving is asked, with the text alone (trained for: data.metadata_dropout)
+    assert final.text_only_accuracy is not None and final.text_only_accuracy >= 0.9, final
+    assert final.text_only_abstain_rate is not None and final.text_only_abstain_rate <= 0.15
 
 
 def test_stream_is_complete_and_in_order(default_run: dict[str, Any]) -> None:
@@ -47,13 +54,13 @@ def test_stream_is_complete_and_in_order(default_run: dict[str, Any]) -> None:
     assert trainer_events[-1].status == "completed"
     started = trainer_events[0]
     assert started.world_size == 1 and started.adapter == "lora" and len(started.config_hash) == 64
-    assert started.config["training"]["max_steps"] == 400 and len(started.data_fingerprint) == 64
+    assert started.config["training"]["max_steps"] == MAX_STEPS and len(started.data_fingerprint) == 64
     assert 0 < started.trainable_parameters < started.total_parameters
 
 
 def test_train_steps_carry_the_metrics_at_logging_cadence(default_run: dict[str, Any]) -> None:
     steps = of_type(default_run["events"], "train.step")
-    assert [s.step for s in steps] == list(range(10, 401, 10))
+    assert [s.step for s in steps] == list(range(10, MAX_STEPS + 1, 10))
     for s in steps:
         assert s.loss > 0 and s.learning_rate > 0 and s.grad_norm is not None
         assert s.tokens_per_second > 0 and s.samples_per_second > 0 and s.step_time_seconds > 0
@@ -64,7 +71,7 @@ def test_train_steps_carry_the_metrics_at_logging_cadence(default_run: dict[str,
 
 def test_eval_events_carry_classification_metrics(default_run: dict[str, Any]) -> None:
     evals = of_type(default_run["events"], "eval")
-    assert [e.step for e in evals] == [100, 200, 300, 400]
+    assert [e.step for e in evals] == EVALS
     final = evals[-1]
     assert final.labels == ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
     assert set(final.per_label_f1) == set(final.labels)
@@ -76,7 +83,7 @@ def test_eval_events_carry_classification_metrics(default_run: dict[str, Any]) -
 
 def test_checkpoint_events_match_the_files_on_disk(default_run: dict[str, Any]) -> None:
     checkpoints = of_type(default_run["events"], "checkpoint")
-    assert [c.step for c in checkpoints] == [100, 200, 300, 400]
+    assert [c.step for c in checkpoints] == EVALS
     for c in checkpoints:
         digest, size = fingerprint(Path(c.path))
         assert (digest, size) == (c.sha256, c.size_bytes)
@@ -95,12 +102,12 @@ def test_healthy_run_has_every_checkpoint_judged(default_run: dict[str, Any]) ->
     """The default run trained with the gate (shipped rules) watching: one verdict per checkpoint."""
     events, url, run = default_run["events"], default_run["url"], default_run["run_id"]
     checkpoints = of_type(events, "checkpoint")
-    assert [c.step for c in checkpoints] == [100, 200, 300, 400]
+    assert [c.step for c in checkpoints] == EVALS
     verdicts = of_type(events, "audit.verdict")
     assert sorted(v.checkpoint_event_id for v in verdicts) == sorted(c.event_id for c in checkpoints)
     flags = of_type(events, "audit.flag")
     assert not [f for f in flags if f.severity == "critical" and f.rule in ("non_finite", "loss_spike")]
-    final = next(v for v in verdicts if v.checkpoint_step == 400)
+    final = next(v for v in verdicts if v.checkpoint_step == MAX_STEPS)
     assert final.verdict == "approved", final.reasons
     out = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "checkpoints", "--run", run, "--json"],

@@ -142,13 +142,15 @@ def test_answer_json_is_exact_and_starts_with_prefix() -> None:
 def test_prompt_layout_is_deterministic_and_answer_follows_it() -> None:
     ex = Example("Line one", "LOW_RISK", "Rude.", {"lang": "en", "channel": "chat", "score": 1.5, "vip": True}, "x:1")
     prompt = build_prompt(ex, SYSTEM)
-    assert prompt == (f"{SYSTEM}\nText: Line one\nchannel: chat\nlang: en\nscore: 1.5\nvip: true\nAnswer: ")
+    assert prompt == (f"{SYSTEM}\nchannel: chat\nlang: en\nscore: 1.5\nvip: true\nText: Line one\nAnswer: ")
     # metadata insertion order does not change the prompt
     reordered = Example(ex.text, ex.label, ex.rationale, dict(reversed(list(ex.metadata.items()))), ex.source)
     assert build_prompt(reordered, SYSTEM) == prompt
     sequence = prompt + answer_json(ex)
     assert sequence[len(prompt) :] == answer_json(ex)
-    assert build_prompt(Example("t", None, "r", {}, "x:1"), SYSTEM) == f"{SYSTEM}\nText: t\nAnswer: "
+    bare = build_prompt(Example("Line one", None, "r", {}, "x:1"), SYSTEM)
+    assert bare == f"{SYSTEM}\nText: Line one\nAnswer: "
+    assert prompt.endswith(bare.removeprefix(SYSTEM))  # with or without metadata, the text ends the prompt alike
 
 
 def test_fingerprint_tracks_content_and_order_not_directory(tmp_path: Path) -> None:
