@@ -91,6 +91,10 @@ class DataConfig(Section):
         "Classify the risk of the text as HIGH_RISK, MEDIUM_RISK, LOW_RISK or NO_RISK. "
         'Answer with JSON: {"decision": LABEL or null, "rationale": str, "abstain": bool}.'
     )
+    metadata_dropout: float = Field(0.5, ge=0, le=1)
+    """Share of the training examples whose prompt leaves out the metadata lines, drawn anew each
+    epoch, so that a request with the text alone is answered as well as one with its metadata.
+    0 keeps every prompt whole (a model that then only knows prompts with metadata)."""
     max_eval_samples: int | None = Field(None, ge=1)
     chat_template: str | None = None
     """``chat``: a Jinja chat template for a tokenizer that has none (default: the tokenizer's own)."""

@@ -51,6 +51,14 @@ EVAL_GAUGES = {
         "trainbus_eval_critical_error_cost",
         "Harm-weighted cost of critical confusions in the latest evaluation.",
     ),
+    "text_only_accuracy": (
+        "trainbus_eval_text_only_accuracy_ratio",
+        "Accuracy of the latest evaluation asked with the text alone, without metadata (0-1).",
+    ),
+    "text_only_abstain_rate": (
+        "trainbus_eval_text_only_abstention_ratio",
+        "Share of abstentions in the latest evaluation asked with the text alone (0-1).",
+    ),
     "step": ("trainbus_eval_step", "Global step of the latest evaluation."),
 }
 RUN = ["run_id"]

@@ -43,7 +43,10 @@ _TRAIN_FIELDS = (
     "step_time_seconds",
     "memory_bytes",
 )
-_EVAL_FIELDS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+_EVAL_FIELDS = (
+    "loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost", "text_only_accuracy",
+    "text_only_abstain_rate",
+)  # fmt: skip
 
 
 @dataclass

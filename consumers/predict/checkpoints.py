@@ -8,7 +8,7 @@ Nothing here loads a model. ``choose`` refuses a rejected or unjudged checkpoint
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,8 @@ class Chosen:
     """The run's config as its ``run.started`` event recorded it (model, prompt, labels file)."""
     attempt: int = 1
     event_id: str | None = None
+    metadata_seen: dict[str, list[str]] = field(default_factory=dict)
+    """The metadata keys and values the run trained with (its ``run.started``)."""
 
 
 def best_key(run_id: str) -> str:
@@ -115,7 +117,11 @@ async def choose(
             steps = ", ".join(str(c.step) for c in checkpoints) or "none"
             raise NotFound(f"run {run_id}: no {what} in the stream (checkpoints at steps: {steps})")
         # --force on a folder no event vouches for: serve it as is, verdict unknown
-        return Chosen(run_id, _step_of(path), Path(path), _sha_of(Path(path)), "pending", True, _config(started[-1]))
+        last = started[-1]
+        return Chosen(
+            run_id, _step_of(path), Path(path), _sha_of(Path(path)), "pending", True, _config(last),
+            metadata_seen=last.metadata_seen,
+        )  # fmt: skip
     ckpt = wanted[-1]  # a resumed run saves the same step again: the newest attempt wins
     verdicts: list[AuditVerdict] = await _events(js, run_id, "audit.verdict")
     verdict: Verdict = next((v.verdict for v in verdicts if v.checkpoint_event_id == ckpt.event_id), "pending")
@@ -133,6 +139,7 @@ async def choose(
         _config(config),
         ckpt.attempt,
         ckpt.event_id,
+        config.metadata_seen,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from dataclasses import dataclass
@@ -175,7 +176,10 @@ class Predictor:
         served = await asyncio.to_thread(self._verified_load, chosen)
         self.served = served
         self.loads += 1
-        self.metadata.update(step=str(chosen.step), sha256=chosen.sha256)  # INFO shows what serves now
+        # INFO shows what serves now, and the metadata keys (with the values seen) a request may add
+        self.metadata.update(
+            step=str(chosen.step), sha256=chosen.sha256, metadata_seen=json.dumps(chosen.metadata_seen, sort_keys=True)
+        )
         if self.service is None:
             self.service = await add_service(
                 self.nc,
@@ -201,6 +205,7 @@ class Predictor:
             host=socket.gethostname(),
             load_seconds=time.monotonic() - started,
             previous_step=previous.ref.step if previous else None,
+            metadata_seen=chosen.metadata_seen,
         )
         self.log.info(
             "serving", step=chosen.step, sha256=chosen.sha256, verdict=chosen.verdict, announced=event is not None
