@@ -25,7 +25,7 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
-from schemas.jobs import JobState
+from schemas.jobs import JobState, LaunchTag
 from schemas.predict import MetadataSeen, PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
@@ -73,6 +73,8 @@ class RunStarted(Envelope):
     host: str = ""
     sweep: SweepTag | None = None
     """Set when the run is a trial of a hyper-parameter sweep; absent in events of older trainers."""
+    launch: LaunchTag | None = None
+    """Set when a `trainbus agent` started the run (its job, the agent, the GPUs it saw); absent otherwise."""
     metadata_seen: MetadataSeen = Field(default_factory=dict)
     """The metadata keys of the training rows' prompts, each with the values seen there (classify
     runs; empty for chat and in events of older trainers)."""

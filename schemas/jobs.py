@@ -99,6 +99,15 @@ class JobState(Envelope):
     reason: ShortText = ""
 
 
+class LaunchTag(Model):
+    """How a run was launched by a `trainbus agent` (in its ``run.started``)."""
+
+    job_id: JobId
+    agent: AgentId
+    devices: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` as the trainer saw it: the GPUs the agent gave the job."""
+
+
 class AgentStatus(Model):
     """An agent's heartbeat, kept in the ``TRAINBUS_AGENTS`` bucket (key: agent id) while it lives."""
 

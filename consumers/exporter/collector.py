@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from consumers.exporter.state import RUN_STATES, ExporterState, RunMetrics, expire
-from runtime.lifecycle import STALL_AFTER_SECONDS, shown
+from consumers.exporter.state import ExporterState, RunMetrics, expire
+from runtime.lifecycle import RUN_STATES, STALL_AFTER_SECONDS, shown
 from schemas import EVENT_TYPES
 from schemas.commands import COMMAND_TYPES
 from schemas.events import CommandStatus

@@ -239,7 +239,8 @@ class Agent:
         folder = self.o.workdir / spec.job_id
         folder.mkdir(parents=True, exist_ok=True)
         config = config_file(spec, folder)
-        threads = thread_share(self.o.cpus, spec.slots, self.slots.total, bool(self.slots.gpus))
+        own = "OMP_NUM_THREADS" in self.o.environ  # the user's own setting wins
+        threads = None if own else thread_share(self.o.cpus, spec.slots, self.slots.total, bool(self.slots.gpus))
         env = trainer_env(self.o.environ, servers=self.o.servers, job_id=spec.job_id, agent_id=self.o.agent_id,
                           gpus=record.gpus, threads=threads)  # fmt: skip
         trainer = Trainer.start(train_argv(spec, config, resume=record.attempt >= 1), env, folder / "train.log")

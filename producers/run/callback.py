@@ -39,6 +39,7 @@ from producers.run import hyperparams
 from producers.run.control_inbox import ControlChannel, internal_stop, result_fields
 from producers.run.distributed import release_command_group, share_commands, world
 from producers.run.exits import ExitGuard, wrap_train
+from producers.run.fencing import launch_tag
 from producers.run.publishing import open_bus
 from runtime.checkpoints import fingerprint
 from runtime.publish.sinks import EventSink, NullSink, Stamper
@@ -217,6 +218,7 @@ class TrainbusCallback(TrainerCallback):
             resumed_from_step=state.global_step or None,
             host=socket.gethostname(),
             sweep=self.sweep,
+            launch=launch_tag(os.environ),
             metadata_seen=self.metadata_seen,
         )
         self.phase = "training"

@@ -303,3 +303,16 @@ def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Aw
 def issuer() -> str:
     """Who is acting: the NATS user we connect as, else the OS user."""
     return os.environ.get("NATS_USER") or getpass.getuser()
+
+
+def listener(handler: Callable[[bytes], None], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A subscription callback that only reads: it never replies (a JetStream-published message
+    carries the publisher's ack inbox as its reply subject)."""
+
+    async def hear(msg: Any) -> None:
+        try:
+            handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the connection's loop
+            log.error("listener failed", subject=msg.subject, error=repr(exc))
+
+    return hear

@@ -39,6 +39,7 @@ from runtime.settings import Settings
 from schemas import Event
 
 Responders = dict[str, Callable[[bytes], bytes]]
+Listeners = dict[str, Callable[[bytes], None]]
 
 
 class Spec(BaseModel):
@@ -90,8 +91,15 @@ class JournalSink:
         return PublisherStats()
 
 
-def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Responders]) -> int:
-    """Run until the training process closes the wake pipe (or dies); returns the exit code."""
+def serve(
+    spec: Spec,
+    journal: Journal,
+    responders: Callable[[JournalSink], Responders],
+    listeners: Callable[[Callable[[], bool]], Listeners] | None = None,
+) -> int:
+    """Run until the training process closes the wake pipe (or dies); returns the exit code.
+
+    ``listeners`` are subjects the process only reads, given whether the connection is up now."""
     setup_logging(spec.log_level, spec.log_format)
     log = get_logger(component="publisher", pid=os.getpid())
     # one publisher process per journal at a time: the one of a killed attempt may still be sending
@@ -109,6 +117,8 @@ def serve(spec: Spec, journal: Journal, responders: Callable[[JournalSink], Resp
         provision_stream=spec.provision_stream, responders=responders(sink), offline_ok=spec.offline_ok,
         on_ready=lambda: _say("ready"),
     )  # fmt: skip
+    if listeners is not None:
+        sender.listeners = listeners(lambda: sender.connected)
     if spec.restart:
         log.warning("publisher process restarted; sending the journal from where it was acknowledged", restarts=spec.restart)  # fmt: skip
     base = journal.published  # what earlier publisher processes of this attempt sent

@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from runtime.bus.connect import BusTarget, Credentials, connect, responder
+from runtime.bus.connect import BusTarget, Credentials, connect, listener, responder
 from runtime.bus.stream import ensure_stream
 from runtime.errors import BusUnavailable
 from runtime.publish.delivery import Acks, Backoff, BatchAcks, denied_subject
@@ -56,6 +56,7 @@ class Sender:
         credentials: Credentials | None = None,
         provision_stream: bool = True,
         responders: dict[str, Callable[[bytes], bytes]] | None = None,
+        listeners: dict[str, Callable[[bytes], None]] | None = None,
         offline_ok: bool = False,
         on_ready: Callable[[], None] = lambda: None,
     ) -> None:
@@ -66,6 +67,8 @@ class Sender:
         self.credentials = credentials
         self.provision_stream = provision_stream
         self.responders = dict(responders or {})
+        self.listeners = dict(listeners or {})
+        """Subjects the process only reads (e.g. a launched run's fence); subscribed on every connection."""
         self.offline_ok = offline_ok
         self.on_ready = on_ready
         self.pending: deque[Item] = deque()
@@ -73,6 +76,12 @@ class Sender:
         self._acks: Acks | None = None
         self._backoff = Backoff()
         self._episode: float | None = None  # since when publishing has been refused
+        self._nc: NATS | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (what a listener that times silence needs to know)."""
+        return self._nc is not None and self._nc.is_connected
 
     @property
     def outbox_path(self) -> Path:
@@ -104,6 +113,7 @@ class Sender:
             self.target, self.settings, name=self.name, credentials=self.credentials, log=self.log,
             on_permission_error=self._on_denied,
         )  # fmt: skip
+        self._nc = nc
         try:
             if self.provision_stream:
                 try:
@@ -112,7 +122,9 @@ class Sender:
                     raise BusUnavailable(f"the bus at {self.target.display} ({self.target.origin}): {exc}") from None
             for subject, handler in self.responders.items():
                 await nc.subscribe(subject, cb=responder(handler, self.log))
-            if self.responders:
+            for subject, hear in self.listeners.items():
+                await nc.subscribe(subject, cb=listener(hear, self.log))
+            if self.responders or self.listeners:
                 await nc.flush()
         except BaseException:
             with contextlib.suppress(Exception):
