@@ -22,14 +22,13 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from benchmarks.common import percentile
+from benchmarks.common import percentile, trainer_sink
 from runtime.bus.connect import BusTarget, connect
 from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.errors import TrainbusError
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
-from runtime.settings import Settings
+from runtime.settings import Settings, packaged
 from schemas import AuditFlag, TrainStep, event_subject, parse_event
 
 RUN = "bench-audit"
@@ -40,7 +39,7 @@ def register(inner: Any) -> None:
     b = inner.add_parser("audit", help="publish -> audit.flag latency of the audit gate on an embedded server")
     b.add_argument("--rate", type=int, default=100, help="train.step events/s (every other one has a NaN loss)")
     b.add_argument("--seconds", type=float, default=10.0, help="duration of the run")
-    b.add_argument("--rules", default="configs/audit.yaml", help="rules file the audit process uses")
+    b.add_argument("--rules", default="configs/audit.yaml", type=packaged, help="rules file the audit process uses")
     b.set_defaults(func=bench_audit)
 
 
@@ -77,7 +76,7 @@ async def _measure(target: BusTarget, settings: Settings, rate: int, seconds: fl
 
     await nc.subscribe(event_subject(RUN, "audit.flag"), cb=on_flag)
     await nc.flush()
-    publisher = NatsPublisher(target, settings, outbox_path=workdir / "outbox.jsonl", name="bench-audit").start()
+    publisher = trainer_sink(target, settings, workdir / "outbox.jsonl", RUN)
     stamper = Stamper(publisher, RUN)
     total = int(rate * seconds)
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream, last_event
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import get_logger, setup_logging
-from runtime.settings import Settings, load_config
+from runtime.settings import Settings, load_config, packaged
 from schemas import CommandResult, TrainStep, event_subject
 
 ISSUER = "bench-control"
@@ -64,7 +64,9 @@ DELIVERY_P99_MS = 5.0
 def register(sub: Any) -> None:
     """Add ``control`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("control", help="command accepted/applied latency against a live trainer's step time")
-    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", metavar="YAML", type=packaged, help="run config (default: %(default)s)"
+    )
     p.add_argument("--commands", type=int, default=200, help="set commands to time")
     p.add_argument("--warmup", type=int, default=5, help="commands sent first and not counted (at least 2)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the trainer to start")

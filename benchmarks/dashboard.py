@@ -35,12 +35,11 @@ from typing import Any
 import psutil
 from nats.aio.client import Client as NATS
 
-from benchmarks.common import log_tail, percentile
+from benchmarks.common import log_tail, percentile, trainer_sink
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import start_server
 from runtime.errors import ConfigError, TrainbusError
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
 from schemas import Heartbeat, RunStarted, TrainStep, event_subject
 
@@ -152,8 +151,8 @@ def start_dashboard(
 
 
 def publish_run(target: BusTarget, settings: Settings, tmp: Path, run_id: str, steps: int) -> None:
-    """A run of ``steps`` ``train.step`` events, through the real publisher, acked by JetStream."""
-    publisher = NatsPublisher(target, settings, outbox_path=tmp / f"{run_id}.outbox.jsonl").start()
+    """A run of ``steps`` ``train.step`` events, through the trainer's publish path, acked by JetStream."""
+    publisher = trainer_sink(target, settings, tmp / f"{run_id}.outbox.jsonl", run_id)
     stamper = Stamper(publisher, run_id)
     stamper.emit(
         RunStarted, config={"bench": True}, config_hash="-", model="bench", adapter="none", data_fingerprint="-",
@@ -185,7 +184,7 @@ class LiveRun:
         return self
 
     def _run(self) -> None:
-        publisher = NatsPublisher(self.target, self.settings, outbox_path=self.tmp / "live.outbox.jsonl").start()
+        publisher = trainer_sink(self.target, self.settings, self.tmp / "live.outbox.jsonl", self.run_id)
         stamper = Stamper(publisher, self.run_id)
         stamper.emit(
             RunStarted, config={"bench": "live"}, config_hash="-", model="bench", adapter="none", data_fingerprint="-",

@@ -26,12 +26,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import percentile
+from benchmarks.common import percentile, trainer_sink
 from runtime.bus.connect import BusTarget, connect
 from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
 from schemas import TrainStep
 
@@ -123,10 +122,9 @@ def bench_exporter(args: argparse.Namespace) -> int:
             proc, url = _start_exporter(server.url, workdir)
             print(f"embedded nats-server {server.url}; exporter subprocess serving {url}")
             poller = Poller(url)
-            publisher = NatsPublisher(target, settings, outbox_path=workdir / "outbox.jsonl", name="bench").start()
+            publisher = trainer_sink(target, settings, workdir / "outbox.jsonl", RUN_ID)
             stamper = Stamper(publisher, RUN_ID)
             stamper.emit(TrainStep, step=0, epoch=0.0, loss=1.0, learning_rate=1e-4)
-            publisher.flush()
             deadline = time.monotonic() + 30
             while poller.scrape() < 0 and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -41,7 +41,7 @@ from runtime.bus.connect import BusTarget, connect
 from runtime.bus.stream import count_stored, decode, ensure_stream, replay
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.settings import Settings, StreamSettings, load_config
+from runtime.settings import Settings, StreamSettings, load_config, packaged
 from schemas import EVENTS_STREAM, Event, TrainStep, run_events
 
 ISSUER = "bench-failover"
@@ -50,7 +50,9 @@ ISSUER = "bench-failover"
 def register(sub: Any) -> None:
     """Add ``failover`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("failover", help="kill the stream leader of a 3-node cluster mid-run: stall, loss, commands")
-    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", metavar="YAML", type=packaged, help="run config (default: %(default)s)"
+    )
     p.add_argument("--steps", type=int, default=300, help="steps of the run")
     p.add_argument("--kill-at", type=int, default=100, help="kill the leader once this step is stored")
     p.add_argument("--down", type=float, default=10.0, help="seconds the killed node stays down")

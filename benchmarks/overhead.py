@@ -4,6 +4,7 @@ Run from the repository root::
 
     trainbus bench overhead                      # configs/tiny.yaml, 200 steps a variant and phase, a train.step every step
     trainbus bench overhead --logging-steps 10   # the config's cadence instead of the worst case
+    trainbus bench overhead --fast               # and (c): fast steps (~15 ms), everything on the same cores
 
 The same config is trained by (A) the bare ``transformers.Trainer`` of ``build_trainer(prep, [])``
 and (B) the same trainer with a ``TrainbusCallback`` publishing to an embedded nats-server while
@@ -19,6 +20,9 @@ a user can tell apart:
   process's own CPU time, all its threads) <= +1 %, peak RSS <= +50 MB.
 - **shared cores** (b): what running the bus and the consumer on the same machine costs: nothing
   pinned, torch at its default threads over every core, the bus processes competing for them.
+- **fast steps** (c, ``--fast``): (b) with the small model on batches of 4 short rows, LoRA alone
+  (``FAST_OVERRIDES``: a step of 10-15 ms on 2 cores), so the bus's cost per event weighs most.
+  Targets: steps/s B/A >= 0.97, CPU per step <= +2 %.
 
 Each variant trains in a process of its own (``benchmarks.overhead_worker``, so its peak RSS is its
 own), and the two take turns block by block, A B then B A, while the other waits at a step
@@ -55,8 +59,13 @@ from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.settings import Settings, load_config
+from runtime.settings import Settings, load_config, packaged
 
+FAST_OVERRIDES = [
+    "training.per_device_train_batch_size=4", "data.max_length=64", "adapter.r=8", "adapter.modules_to_save=[]",
+]  # fmt: skip
+"""Phase (c): the same 2-layer model, LoRA only, batches of 4 short rows: a step of 10-15 ms on 2 cores."""
+PHASES = ("own", "shared", "fast")
 SETTLE_S = 0.05  # between turns, so one variant's last event is handled before the other's clock starts
 START_TIMEOUT_S = 300.0
 BLOCK_TIMEOUT_S = 120.0
@@ -65,7 +74,9 @@ BLOCK_TIMEOUT_S = 120.0
 def register(sub: Any) -> None:
     """Add ``overhead`` to ``trainbus bench`` (entry point of the ``trainbus.benchmarks`` group)."""
     p = sub.add_parser("overhead", help="steps/s and peak RSS: plain Trainer vs trainbus with a live bus and consumer")
-    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", metavar="YAML", type=packaged, help="run config (default: %(default)s)"
+    )
     p.add_argument("--steps", type=int, default=200, help="training steps per variant and phase (default: %(default)s)")
     p.add_argument("--block", type=int, default=10, help="steps per turn (default: %(default)s)")
     p.add_argument(
@@ -75,7 +86,10 @@ def register(sub: Any) -> None:
         metavar="N",
         help="log (and publish train.step) every N steps in both (default: 1)",
     )
-    p.add_argument("--phases", default="own,shared", help="own (a), shared (b) or both (default: %(default)s)")
+    p.add_argument(
+        "--phases", default="own,shared", help="own (a), shared (b), fast (c), comma-separated (default: %(default)s)"
+    )
+    p.add_argument("--fast", action="store_true", help="add phase (c): fast steps, everything on the same cores")
     p.add_argument("--aa", action="store_true", help="B trains plain too: the noise floor of every figure (A/A)")
     p.set_defaults(func=bench_overhead)
 
@@ -182,7 +196,7 @@ def _start_consumer(run_id: str, work: Path, env: dict[str, str]) -> tuple[subpr
 def _cores(phase: str) -> tuple[list[int] | None, list[int] | None]:
     """(trainer cores, bus cores) of a phase; (None, None): nothing pinned."""
     cpus = sorted(os.sched_getaffinity(0))
-    if phase == "shared" or len(cpus) < 2:
+    if phase != "own" or len(cpus) < 2:
         return None, None
     return cpus[:-1], cpus[-1:]
 
@@ -247,7 +261,7 @@ def _run_phase(
             argv += ["--run-id", run_ids[variant], "--block", str(args.block)]
             if phase.bus_cpus:
                 argv += ["--bus-cpus", ",".join(map(str, phase.bus_cpus))]
-            for item in overrides:
+            for item in [*overrides, *(FAST_OVERRIDES if phase.name == "fast" else [])]:
                 argv += ["--set", item]
             log = work / f"{phase.name}-{variant}.log"
             workers[variant] = Worker(variant, argv, log, env, phase.trainer_cpus)
@@ -273,8 +287,9 @@ def bench_overhead(args: argparse.Namespace) -> int:
     if args.block < 1 or args.steps < 2 * args.block or args.steps % args.block:
         raise ConfigError("--steps must be a multiple of --block and at least two blocks (one is the warm-up)")
     names = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if not names or any(p not in ("own", "shared") for p in names):
-        raise ConfigError("--phases: own, shared or own,shared")
+    names += ["fast"] if args.fast and "fast" not in names else []
+    if not names or any(p not in PHASES for p in names):
+        raise ConfigError("--phases: own, shared, fast, or several of them comma-separated")
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="trainbus-bench-overhead-") as tmp:
         work = Path(tmp)

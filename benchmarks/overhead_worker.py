@@ -35,7 +35,7 @@ from producers.config import RunConfig
 from runtime.errors import TrainbusError
 from runtime.logs import setup_logging
 from runtime.publish.sinks import EventSink, NullSink
-from runtime.settings import load_config
+from runtime.settings import load_config, packaged
 
 
 def peak_rss_mb() -> float:
@@ -118,7 +118,7 @@ class GcTimer:
 
 class OwnCpu:
     """CPU time trainbus itself takes in this process, counted directly: its callback's per-step hooks
-    on the training thread, and every other Python thread (the heartbeat, an in-process publisher thread).
+    on the training thread, and every other Python thread (the heartbeat).
 
     The A/B difference of whole-process CPU carries the noise of the training itself; this is the
     part that is trainbus's by construction (what it adds to the interpreter, e.g. GIL hand-offs, is
@@ -181,7 +181,7 @@ def train_variant(
     callback: TrainbusCallback | None = None
     if variant == "trainbus":
         channel = ControlChannel(prep.run_id)
-        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit)
+        sink = open_bus(prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, window=cfg.publish.window_ms / 1000)
         callback = run_callback(prep, sink, channel)
         callbacks.append(callback)
     trainer = build_trainer(prep, [*callbacks, pacer])
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.overhead_worker", description="one variant of trainbus bench overhead"
     )
     p.add_argument("variant", choices=VARIANTS)
-    p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument("config", type=packaged, help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--run-id", required=True)
     p.add_argument("--block", type=int, required=True, help="steps per block")
     p.add_argument("--control-fd", type=int, required=True, help="read a line here before each block")

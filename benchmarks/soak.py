@@ -50,7 +50,7 @@ from runtime.bus.stream import ensure_stream, last_event
 from runtime.cli.up import service_commands, with_extra_args
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.settings import Settings, StreamSettings, load_config
+from runtime.settings import Settings, StreamSettings, load_config, packaged
 from schemas import EVENTS_STREAM, event_subject
 
 ISSUER = "bench-soak"
@@ -62,7 +62,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("soak", help="concurrent runs and every consumer for minutes: lag, RSS growth, commands, loss")
     p.add_argument("--runs", type=int, default=6, help="concurrent trainers")
     p.add_argument("--minutes", type=float, default=10.0, help="how long they train")
-    p.add_argument("--config", default="configs/tiny.yaml", metavar="YAML", help="run config (default: %(default)s)")
+    p.add_argument(
+        "--config", default="configs/tiny.yaml", metavar="YAML", type=packaged, help="run config (default: %(default)s)"
+    )
     p.add_argument("--cluster", action="store_true", help="on a local 3-node cluster instead of one server")
     p.add_argument("--command-every", type=float, default=5.0, metavar="SECONDS", help="seconds between commands")
     p.set_defaults(func=bench_soak)

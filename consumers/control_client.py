@@ -4,8 +4,11 @@ A command is a request on ``trainbus.control.<run_id>``; the trainer answers at 
 (``accepted``/``rejected``). With ``wait`` the client also waits for the ``command.result``
 event with status ``applied`` (or ``rejected``: the run ended before applying it, exit 2), and
 for ``evaluate``/``save_checkpoint`` for what it produced: the ``eval`` event (its metrics are
-printed) or the ``checkpoint`` event (its path). No answer means no trainer is listening for
-that run; a server that denies this user says so in one line.
+printed) or the ``checkpoint`` event (its path); a save at a step saved already names that
+checkpoint, which is not written again. What is printed names the action as typed (``save``,
+``eval``). No answer means no trainer is listening for that run: when the stream holds the run's
+``run.finished`` the client says how it ended (``run R completed at step N``, exit 2), else that
+nobody listens (exit 3); a server that denies this user says so in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -22,6 +26,7 @@ from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from runtime.bus.connect import bus_target, connect, issuer
+from runtime.bus.stream import last_event
 from runtime.cli.args import add_settings_args, settings_from
 from runtime.cli.render import summary
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
@@ -36,9 +41,11 @@ from schemas import (
     Evaluation,
     Event,
     NewerSchema,
+    RunFinished,
     SetHyperparameters,
     check_run_id,
     control_subject,
+    event_subject,
     parse_event,
     run_events,
 )
@@ -52,12 +59,19 @@ ACTIONS = {
     "eval": "evaluate",
     "set": "set",
 }
+TYPED = {kind: action for action, kind in ACTIONS.items()}
 
 
 class NoTrainer(TrainbusError):
     """Nobody answered on the run's control subject."""
 
     exit_code = 3
+
+
+class RunEnded(NoTrainer):
+    """Nobody answered because the run is over: its latest attempt published ``run.finished``."""
+
+    exit_code = 2
 
 
 class Rejected(TrainbusError):
@@ -143,54 +157,113 @@ async def send_command(
     return reply, applied
 
 
+def typed(command: Command) -> str:
+    """The ``ctl`` action a command is sent by (``save`` for ``save_checkpoint``): what the user typed."""
+    return TYPED.get(command.type, command.type)
+
+
+@dataclass
+class Waiting:
+    """What ``--wait`` has seen of one command: its ``applied`` result and the events it may have produced."""
+
+    command: Command
+    applied: CommandResult | None = None
+    seen: list[Event] = field(default_factory=list)
+
+    def take(self, event: Event | None) -> None:
+        """One event of the run, in stream order; raises ``Rejected`` when the run ended before applying it."""
+        if isinstance(event, Evaluation | Checkpoint):
+            self.seen.append(event)
+        elif isinstance(event, CommandResult) and event.command_id == self.command.command_id:
+            if event.status == "rejected":  # accepted, then the run ended before applying it
+                raise Rejected(f"{typed(self.command)} was accepted but not applied ({event.code}): {event.message}")
+            if event.status == "applied":
+                self.applied = event
+
+    @property
+    def produced(self) -> Evaluation | Checkpoint | None:
+        return _produced(self.seen, self.command, self.applied.step) if self.applied is not None else None
+
+    @property
+    def done(self) -> bool:
+        """Applied, and what it makes (an evaluation, a checkpoint) is here or was there already."""
+        if self.applied is None:
+            return False
+        return self.command.type not in PRODUCES or already_saved(self.applied) or self.produced is not None
+
+    def timed_out(self, wait_timeout: float) -> TrainbusError:
+        if self.applied is None:
+            return TrainbusError(f"{typed(self.command)} was accepted but not applied within {wait_timeout:g}s")
+        what = "evaluation" if self.command.type == "evaluate" else "checkpoint"
+        return TrainbusError(
+            f"{typed(self.command)} was applied at step {self.applied.step}, but no {what} came within {wait_timeout:g}s"
+        )
+
+
+def already_saved(applied: CommandResult) -> bool:
+    """A ``save`` at a step saved already: the result names that checkpoint, none is written again."""
+    return bool(applied.applied.get("already_saved"))
+
+
 async def send_and_wait(
     nc: NATS, command: Command, *, timeout: float = 5.0, wait: bool = False, wait_timeout: float = 60.0
 ) -> tuple[CommandReply, CommandResult | None, Evaluation | Checkpoint | None]:
     """``send_command``, and with ``wait`` for ``evaluate``/``save_checkpoint`` also the ``eval`` or
     ``checkpoint`` event the command produced."""
-    subject = control_subject(command.run_id)
     # one subscription to the run's events keeps their order: a save made while paused comes before its result
     results = await nc.subscribe(run_events(command.run_id)) if wait else None
     try:
-        try:
-            msg = await nc.request(subject, command.model_dump_json().encode(), timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise NoTrainer(
-                f"no trainer is listening for run {command.run_id!r} (nobody subscribes to {subject})"
-            ) from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            raise NoTrainer(f"no trainer answered on {subject} within {timeout:g}s") from None
-        reply = CommandReply.model_validate_json(msg.data)
+        reply = await _request(nc, command, timeout)
         if reply.status == "rejected" or results is None:
             return reply, None, None
+        waiting = Waiting(command)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_timeout
-        applied: CommandResult | None = None
-        seen: list[Event] = []
-        while (left := deadline - loop.time()) > 0:
+        while not waiting.done and (left := deadline - loop.time()) > 0:
             try:
-                event_msg = await results.next_msg(timeout=left)
+                waiting.take(_readable((await results.next_msg(timeout=left)).data))
             except (TimeoutError, nats.errors.TimeoutError):
                 break
-            event = _readable(event_msg.data)
-            if isinstance(event, Evaluation | Checkpoint):
-                seen.append(event)
-            elif isinstance(event, CommandResult) and event.command_id == command.command_id:
-                if event.status == "rejected":  # accepted, then the run ended before applying it
-                    raise Rejected(f"{command.type} was accepted but not applied ({event.code}): {event.message}")
-                if event.status == "applied":
-                    applied = event
-            if applied is not None and (command.type not in PRODUCES or _produced(seen, command, applied.step)):
-                return reply, applied, _produced(seen, command, applied.step)
-        if applied is not None:
-            what = "evaluation" if command.type == "evaluate" else "checkpoint"
-            raise TrainbusError(
-                f"{command.type} was applied at step {applied.step}, but no {what} came within {wait_timeout:g}s"
-            )
-        raise TrainbusError(f"{command.type} was accepted but not applied within {wait_timeout:g}s")
+        if not waiting.done:
+            raise waiting.timed_out(wait_timeout)
+        return reply, waiting.applied, waiting.produced
     finally:
         if results is not None:
             await results.unsubscribe()
+
+
+async def _request(nc: NATS, command: Command, timeout: float) -> CommandReply:
+    """The trainer's answer; ``NoTrainer`` (``RunEnded`` when the stream says the run is over) without one."""
+    subject = control_subject(command.run_id)
+    try:
+        msg = await nc.request(subject, command.model_dump_json().encode(), timeout=timeout)
+    except nats.errors.NoRespondersError:
+        why = f"no trainer is listening for run {command.run_id!r} (nobody subscribes to {subject})"
+    except (TimeoutError, nats.errors.TimeoutError):
+        why = f"no trainer answered on {subject} within {timeout:g}s"
+    else:
+        return CommandReply.model_validate_json(msg.data)
+    ended = await run_ended(nc, command.run_id)
+    if ended is not None:
+        raise RunEnded(
+            f"run {command.run_id} {ended.status} at step {ended.step}: {typed(command)} has no trainer to act on"
+        )
+    raise NoTrainer(why)
+
+
+async def run_ended(nc: NATS, run_id: str) -> RunFinished | None:
+    """The run's ``run.finished`` when its latest attempt has one, else None (also when the stream cannot say)."""
+    try:
+        js = nc.jetstream()
+        finished = await last_event(js, event_subject(run_id, "run.finished"))
+        started = await last_event(js, event_subject(run_id, "run.started"))
+    except (nats.errors.Error, TimeoutError):
+        return None
+    if finished is None or not isinstance(finished.event, RunFinished):
+        return None
+    if started is not None and started.event is not None and started.event.attempt > finished.event.attempt:
+        return None  # a later attempt started: its trainer should answer
+    return finished.event
 
 
 def register_ctl(sub: Any) -> None:
@@ -210,22 +283,7 @@ def register_ctl(sub: Any) -> None:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    try:
-        run_id = check_run_id(args.run)
-    except ValueError as exc:
-        raise ConfigError(f"--run: {exc}") from None
-    if args.values and args.action != "set":
-        raise ConfigError(f"{args.action} takes no KEY=VALUE arguments")
-    if args.action == "set" and not args.values:
-        raise ConfigError("set needs at least one KEY=VALUE, e.g. learning_rate=1e-5")
-    command = build_command(
-        args.action,
-        run_id,
-        issued_by=args.issued_by or default_issuer(),
-        reason=args.reason,
-        settings=args.values,
-        save=not args.no_save,
-    )
+    command = _command(args)
     denied: list[str] = []
     with bus_target(settings) as target:
 
@@ -241,7 +299,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             except NoTrainer:
                 if denied:
                     raise BusUnavailable(
-                        f"the server denied user {default_issuer()!r} publishing to {control_subject(run_id)} "
+                        f"the server denied user {default_issuer()!r} publishing to {control_subject(command.run_id)} "
                         "(a viewer may not send commands; use an operator's credentials)"
                     ) from None
                 raise
@@ -249,22 +307,59 @@ def cmd_ctl(args: argparse.Namespace) -> int:
                 await nc.close()
 
         reply, applied, produced = asyncio.run(go())
-    if reply.status == "rejected":
-        raise Rejected(f"{command.type} rejected ({reply.code}): {reply.message}")
-    if applied is not None:
-        extra = f" {json.dumps(applied.applied)}" if applied.applied else ""
-        print(f"{command.type} applied at step {applied.step} (command {command.command_id}){extra}")
-        if isinstance(produced, Evaluation):
-            print(f"evaluation at step {produced.step}: {summary(produced)}")
-        elif isinstance(produced, Checkpoint):
-            print(
-                f"checkpoint at step {produced.step}: {produced.path} (sha256 {produced.sha256[:12]}…, {produced.size_bytes} bytes)"
-            )
-    else:
-        print(
-            f"{command.type} accepted at step {reply.step} (command {command.command_id}); it applies at the next step boundary"
-        )
+    for line in report(command, reply, applied, produced):
+        print(line)
     return 0
+
+
+def _command(args: argparse.Namespace) -> Command:
+    """The command ``trainbus ctl`` was asked to send; a mistake is a ``ConfigError`` naming it."""
+    try:
+        run_id = check_run_id(args.run)
+    except ValueError as exc:
+        raise ConfigError(f"--run: {exc}") from None
+    if args.values and args.action != "set":
+        raise ConfigError(f"{args.action} takes no KEY=VALUE arguments")
+    if args.action == "set" and not args.values:
+        raise ConfigError("set needs at least one KEY=VALUE, e.g. learning_rate=1e-5")
+    return build_command(
+        args.action,
+        run_id,
+        issued_by=args.issued_by or default_issuer(),
+        reason=args.reason,
+        settings=args.values,
+        save=not args.no_save,
+    )
+
+
+def report(
+    command: Command, reply: CommandReply, applied: CommandResult | None, produced: Evaluation | Checkpoint | None
+) -> list[str]:
+    """What ``trainbus ctl`` prints, naming the action as the user typed it; raises ``Rejected``."""
+    action = typed(command)
+    if reply.status == "rejected":
+        raise Rejected(f"{action} rejected ({reply.code}): {reply.message}")
+    if applied is None:
+        return [
+            f"{action} accepted at step {reply.step} (command {command.command_id}); it applies at the next step boundary"
+        ]
+    if already_saved(applied):
+        sha = str(applied.applied.get("sha256", ""))
+        return [
+            f"{action} applied at step {applied.step} (command {command.command_id})",
+            f"checkpoint at step {applied.step} was saved already: {applied.applied.get('checkpoint')} "
+            f"(sha256 {sha[:12]}…); it is not written again",
+        ]
+    extra = f" {json.dumps(applied.applied)}" if applied.applied else ""
+    lines = [f"{action} applied at step {applied.step} (command {command.command_id}){extra}"]
+    if isinstance(produced, Evaluation):
+        lines.append(f"evaluation at step {produced.step}: {summary(produced)}")
+    elif isinstance(produced, Checkpoint):
+        lines.append(
+            f"checkpoint at step {produced.step}: {produced.path} "
+            f"(sha256 {produced.sha256[:12]}…, {produced.size_bytes} bytes)"
+        )
+    return lines
 
 
 class _Quiet:

@@ -91,6 +91,10 @@ class DataConfig(Section):
         "Classify the risk of the text as HIGH_RISK, MEDIUM_RISK, LOW_RISK or NO_RISK. "
         'Answer with JSON: {"decision": LABEL or null, "rationale": str, "abstain": bool}.'
     )
+    metadata_dropout: float = Field(0.5, ge=0, le=1)
+    """Share of the training examples whose prompt leaves out the metadata lines, drawn anew each
+    epoch, so that a request with the text alone is answered as well as one with its metadata.
+    0 keeps every prompt whole (a model that then only knows prompts with metadata)."""
     max_eval_samples: int | None = Field(None, ge=1)
     chat_template: str | None = None
     """``chat``: a Jinja chat template for a tokenizer that has none (default: the tokenizer's own)."""
@@ -222,13 +226,23 @@ class PublishConfig(Section):
     """How the trainer publishes."""
 
     heartbeat_seconds: float = Field(2.0, gt=0)
-    memory_limit: int = Field(10_000, ge=1)
-    """Pending events kept in memory while the bus is away; beyond it they spill to the outbox."""
+    window_ms: float = Field(30.0, ge=0, le=1000)
+    """How long a ``train.step``, ``heartbeat`` or ``eval`` may wait for others to go with it in one
+    batch (less bus CPU per event); other events go at once. 0: every event at once."""
     close_timeout: float = Field(10.0, gt=0)
     enabled: bool = True
     """False: train offline with a null sink."""
     offline_ok: bool = False
     """True: an unreachable bus does not stop the run; events wait in the outbox until it connects (``--offline-ok``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_memory_limit(cls, data: Any) -> Any:
+        # events wait in the run's outbox file, not in memory: a config, or a run.started snapshot,
+        # that still sets memory_limit loads, and the value has no effect
+        if isinstance(data, dict) and "memory_limit" in data:
+            data = {k: v for k, v in data.items() if k != "memory_limit"}
+        return data
 
 
 class RunConfig(Settings):

@@ -27,3 +27,15 @@ def checkpoint_folders(run_dir: Path) -> dict[int, Path]:
         if step.isdigit() and path.is_dir():
             found[int(step)] = path
     return dict(sorted(found.items()))
+
+
+def changed_since_announced(folder: Path, sha256: str, event_id: str) -> str | None:
+    """One line naming the folder and its ``checkpoint`` event when the files no longer hash to the
+    sha256 the event announced (serving, export and resume refuse such files); None when they do."""
+    digest, _ = fingerprint(folder)
+    if digest == sha256:
+        return None
+    return (
+        f"{folder}: its files hash to sha256 {digest[:12]}…, but its checkpoint event {event_id} announced "
+        f"{sha256[:12]}…: the files changed after the trainer saved them"
+    )

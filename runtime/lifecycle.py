@@ -22,6 +22,10 @@ The rules, and why:
 - **hyperparameters** are the live values: ``run.started``'s, replaced by every ``train.step``
   that carries them (the trainer's values at that step), updated by every applied ``set`` (its
   effective values), so a ``set`` applied after the last logged step shows at once.
+- **launch**: a run queued with `trainbus submit` is ``queued``, then ``starting`` (or ``cancelled``,
+  or ``failed`` when its trainer refused the config) from its ``job.state`` events until its
+  trainer speaks; a job requeued after its agent was lost shows ``queued`` again until the next
+  attempt starts.
 - **times**: ``last_event_time`` is the newest event of the run from anyone; ``trainer_time`` the
   newest event of the current attempt's trainer. Liveness reads ``trainer_time``: a tag, a note
   or the audit gate's flag about the silence says nothing about whether the trainer lives.
@@ -37,11 +41,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas import CommandResult, Event, Heartbeat, RunFinished, RunStarted, RunState, TrainStep
+from schemas import CommandResult, Event, Heartbeat, JobState, RunFinished, RunStarted, RunState, TrainStep
 from schemas.commands import SETTABLE
 
 LIVE_STATES = frozenset({"running", "paused", "stopping"})
 """States of a run whose trainer should still be sending heartbeats."""
+RUN_STATES = ("queued", "starting", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed", "cancelled", "unknown")  # fmt: skip
+"""Every state a run is shown in; ``queued``, ``starting`` and ``cancelled`` come from its launch job."""
+_JOB_STATES = {
+    "queued": "queued",
+    "requeued": "queued",
+    "starting": "starting",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+"""What a launch job's state says of a run its trainer has not spoken for (yet, or again)."""
 STALL_AFTER_SECONDS = 30.0
 """Silence after which a live run counts as stalled (the audit gate's ``run_stalled`` default)."""
 
@@ -66,6 +80,8 @@ class Lifecycle:
     """Unix time of the run's newest event, from any source (publisher clock)."""
     trainer_time: float = 0.0
     """Unix time of the newest event of the current attempt's trainer: what liveness reads."""
+    job: JobState | None = None
+    """The newest ``job.state`` of the run's launch job (None: started by hand)."""
 
 
 def fold(life: Lifecycle, event: Event) -> bool:
@@ -73,6 +89,8 @@ def fold(life: Lifecycle, event: Event) -> bool:
     but ``last_event_time``)."""
     when = event.time.timestamp()
     life.last_event_time = max(life.last_event_time, when)
+    if isinstance(event, JobState):
+        _on_job(life, event, when)
     if event.source != "trainer":
         return True
     if event.attempt < life.attempt:
@@ -84,6 +102,16 @@ def fold(life: Lifecycle, event: Event) -> bool:
     if handler is not None:
         handler(life, event)
     return True
+
+
+def _on_job(life: Lifecycle, event: JobState, when: float) -> None:
+    life.job = event
+    shown = _JOB_STATES.get(event.state)
+    if shown is None or (life.trainer_time and when < life.trainer_time):
+        return  # the trainer speaks for the run; an older job change says nothing new
+    if life.started is None or (event.state in ("requeued", "starting") and life.trainer_time):
+        life.state, life.reason = shown, event.reason
+        life.finished = shown in ("failed", "cancelled")
 
 
 def _new_attempt(life: Lifecycle, attempt: int) -> None:

@@ -43,7 +43,9 @@ def redact_url(url: str) -> str:
 def packaged(path: str) -> str:
     """``path`` when it exists from here; else trainbus's own copy (``configs/…``) when that exists.
 
-    So ``trainbus train configs/tiny.yaml`` and the default ``configs/labels.yaml`` work from any folder.
+    Every command's config, space, rules and labels file goes through it (as its argparse ``type=``),
+    so ``trainbus train configs/tiny.yaml``, ``trainbus sweep configs/tiny.yaml --space
+    configs/sweeps/tiny.yaml`` and the default ``configs/labels.yaml`` work from any folder alike.
     """
     if Path(path).is_absolute() or Path(path).exists() or not (PROJECT_ROOT / path).exists():
         return path
@@ -96,6 +98,9 @@ class StreamSettings(Section):
     """JetStream de-duplication window; at least 10 minutes so retries after an outage dedupe."""
     replicas: int | None = Field(None, ge=1, le=5)
     """Copies of the stream and buckets; unset: 3 on a cluster of at least three servers, else 1."""
+    objects_max_bytes: int = Field(2 << 30, gt=0)
+    """Size limit of the object store holding checkpoint folders (``TRAINBUS_CHECKPOINT_FILES``); set when
+    it is created. A checkpoint that does not fit stays on its trainer's disk."""
 
 
 class ServerSettings(Section):
@@ -110,6 +115,9 @@ class ServerSettings(Section):
     max_file_bytes: int = Field(4 << 30, gt=0)
     config_file: Annotated[str | None, PATH] = None
     """Optional nats-server config (e.g. configs/nats/roles.conf) to include."""
+    cores: int = Field(1, ge=0)
+    """Cores nats-server runs Go code on at once (``GOMAXPROCS``). 1 costs the least CPU per event
+    when it shares the machine with a trainer: it hands work between fewer threads. 0: every core."""
 
 
 class LogSettings(Section):

@@ -38,6 +38,7 @@ from schemas.events import (
     TrainStep,
     parse_event,
 )
+from schemas.jobs import AgentStatus, JobRecord, JobSpec, JobState
 from schemas.subjects import (
     ALL_EVENTS,
     EVENTS_STREAM,
@@ -54,6 +55,7 @@ __all__ = [
     "EVENT_ADAPTER",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "AgentStatus",
     "AuditFlag",
     "AuditVerdict",
     "Checkpoint",
@@ -65,6 +67,9 @@ __all__ = [
     "Event",
     "Heartbeat",
     "Hyperparameters",
+    "JobRecord",
+    "JobSpec",
+    "JobState",
     "MetricFloat",
     "NewerSchema",
     "Pause",

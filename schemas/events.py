@@ -25,7 +25,8 @@ from schemas.common import (
     NonNegativeFinite,
     ShortText,
 )
-from schemas.predict import PredictorLoaded
+from schemas.jobs import JobState, LaunchTag
+from schemas.predict import MetadataSeen, PredictorLoaded
 
 RunStateName = Literal["running", "paused", "stopping"]
 FinishStatus = Literal["completed", "stopped", "failed"]
@@ -72,6 +73,11 @@ class RunStarted(Envelope):
     host: str = ""
     sweep: SweepTag | None = None
     """Set when the run is a trial of a hyper-parameter sweep; absent in events of older trainers."""
+    launch: LaunchTag | None = None
+    """Set when a `trainbus agent` started the run (its job, the agent, the GPUs it saw); absent otherwise."""
+    metadata_seen: MetadataSeen = Field(default_factory=dict)
+    """The metadata keys of the training rows' prompts, each with the values seen there (classify
+    runs; empty for chat and in events of older trainers)."""
 
 
 class RunState(Envelope):
@@ -142,6 +148,11 @@ class Evaluation(Envelope):
     num_samples: Count = 0
     num_abstained: Count | None = None
     """How many of the ``num_samples`` examples the model abstained on."""
+    text_only_accuracy: MetricFloat | None = None
+    """``accuracy`` of the same examples sent with the text alone (no metadata lines), as
+    `trainbus predict "TEXT"` sends them; None from a trainer that did not measure it."""
+    text_only_abstain_rate: MetricFloat | None = None
+    """``abstain_rate`` of the same examples sent with the text alone; None as ``text_only_accuracy``."""
     trigger: Literal["scheduled", "command", "final"] = "scheduled"
 
 
@@ -244,7 +255,8 @@ Event = Annotated[
     | Heartbeat
     | PredictorLoaded
     | RunTag
-    | RunNote,
+    | RunNote
+    | JobState,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

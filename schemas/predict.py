@@ -2,8 +2,9 @@
 back, and the ``predictor.loaded`` event each (re)load of a served checkpoint publishes.
 
 Request: ``{"text": "..."}`` or ``{"texts": ["...", ...]}`` (plus ``metadata`` and
-``rationale``). Reply: ``{"answers": [...]}``, one answer per text in order. A bad request gets
-no body but the NATS service error headers (``Nats-Service-Error``: one line naming the field,
+``rationale``; the metadata keys the model knows are in ``$SRV.INFO`` and ``predictor.loaded``).
+Reply: ``{"answers": [...]}``, one answer per text in order. A bad request gets no body but the
+NATS service error headers (``Nats-Service-Error``: one line naming the field,
 ``Nats-Service-Error-Code``: ``400`` bad input, ``413`` text too long, ``500`` the model failed).
 """
 
@@ -19,6 +20,12 @@ Alias = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)]
 """A served name: like a run id, 1-64 of ``[A-Za-z0-9_-]``, one subject token."""
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 MetadataValue = str | int | float | bool
+
+MAX_VALUES_SEEN = 20
+MAX_VALUE_CHARS = 100
+MetadataSeen = dict[str, list[Annotated[str, Field(max_length=MAX_VALUE_CHARS)]]]
+"""Metadata key -> the values a model saw in training (as its prompt writes them), at most
+``MAX_VALUES_SEEN`` per key: what a request may add to the text."""
 
 MAX_TEXTS = 256
 """Texts in one request; a client with more sends several requests."""
@@ -103,3 +110,6 @@ class PredictorLoaded(Envelope):
     """The NATS service instance id (``$SRV.INFO``) that loaded it."""
     host: str = ""
     load_seconds: NonNegativeFinite = 0.0
+    metadata_seen: MetadataSeen = Field(default_factory=dict)
+    """The metadata keys the model was trained with and the values seen (its run's ``run.started``):
+    optional ``metadata`` of a request. Empty when the run has none, or from an older predictor."""

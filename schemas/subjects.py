@@ -11,7 +11,17 @@ EVENTS_PREFIX = "trainbus.events"
 CONTROL_PREFIX = "trainbus.control"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 CHECKPOINTS_BUCKET = "TRAINBUS_CHECKPOINTS"
+CHECKPOINT_FILES_BUCKET = "TRAINBUS_CHECKPOINT_FILES"
+"""The object store holding checkpoint folders (``runtime.bus.objects``)."""
 PREDICT_PREFIX = "trainbus.predict"
+QUEUE_STREAM = "TRAINBUS_QUEUE"
+"""The launch queue: one message per queued job, removed when an agent finishes it (work-queue retention)."""
+QUEUE_PREFIX = "trainbus.jobs.queue"
+JOBS_BUCKET = "TRAINBUS_JOBS"
+"""Each job's record (``schemas.jobs.JobRecord``), key: job id."""
+AGENTS_BUCKET = "TRAINBUS_AGENTS"
+"""Each live agent's heartbeat (``schemas.jobs.AgentStatus``), key: agent id."""
+AGENT_PREFIX = "trainbus.agents"
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
@@ -51,3 +61,18 @@ def run_id_of(subject: str) -> str | None:
     if len(parts) >= 3 and parts[0] == "trainbus" and parts[1] in ("events", "control"):
         return parts[2]
     return None
+
+
+def queue_subject(priority: str) -> str:
+    """``trainbus.jobs.queue.<priority>``: where jobs of one priority wait for an agent."""
+    return f"{QUEUE_PREFIX}.{priority}"
+
+
+def dispatch_consumer(priority: str) -> str:
+    """The durable consumer every agent pulls jobs of ``priority`` from."""
+    return f"dispatch-{priority}"
+
+
+def agent_subject(agent_id: str) -> str:
+    """``trainbus.agents.<agent_id>``: where an agent answers requests (drain)."""
+    return f"{AGENT_PREFIX}.{agent_id}"

@@ -10,6 +10,7 @@ expressions the schemas use), ``minimum``/``exclusiveMinimum``/``maximum``, ``mi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,46 @@ def _number(schema: dict[str, Any], integer: bool) -> float | int:
     return int(value) if integer else float(value)
 
 
+def _object(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    required = list(schema.get("required", []))
+    for branch in (schema.get("anyOf", []) + schema.get("oneOf", []))[:1]:  # "one of": satisfy the first
+        required += [name for name in branch.get("required", []) if name not in required]
+    properties = schema.get("properties", {})
+    return {name: required_payload(properties.get(name, {"type": "string"}), root) for name in required}
+
+
+def _string(schema: dict[str, Any], root: dict[str, Any]) -> str:
+    if schema.get("format") == "date-time":
+        return datetime.now(UTC).isoformat()
+    if "pattern" in schema:
+        return string_for(schema["pattern"], schema.get("minLength", 0))
+    return "x" * max(1, schema.get("minLength", 0))
+
+
+def _array(schema: dict[str, Any], root: dict[str, Any]) -> list[Any]:
+    return [required_payload(schema.get("items", {"type": "string"}), root)] * schema.get("minItems", 0)
+
+
+def _untyped(schema: dict[str, Any], root: dict[str, Any]) -> Any:
+    for combinator in ("oneOf", "anyOf"):
+        if combinator in schema:
+            return required_payload(schema[combinator][0], root)
+    raise AssertionError(f"schema client: no type in {schema}")
+
+
+# One builder per JSON Schema ``type`` (None: a bare ``oneOf``/``anyOf``).
+_BUILDERS: dict[str | None, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
+    None: _untyped,
+    "object": _object,
+    "string": _string,
+    "integer": lambda schema, root: _number(schema, integer=True),
+    "number": lambda schema, root: _number(schema, integer=False),
+    "boolean": lambda schema, root: False,
+    "null": lambda schema, root: None,
+    "array": _array,
+}
+
+
 def required_payload(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
     """A value for ``schema`` made of what it requires and nothing else."""
     root = schema if root is None else root
@@ -64,29 +105,7 @@ def required_payload(schema: dict[str, Any], root: dict[str, Any] | None = None)
     if "enum" in schema:
         return schema["enum"][0]
     kind = schema.get("type")
-    if kind is None:
-        for combinator in ("oneOf", "anyOf"):
-            if combinator in schema:
-                return required_payload(schema[combinator][0], root)
-        raise AssertionError(f"schema client: no type in {schema}")
-    if kind == "object":
-        required = list(schema.get("required", []))
-        for branch in (schema.get("anyOf", []) + schema.get("oneOf", []))[:1]:  # "one of": satisfy the first
-            required += [name for name in branch.get("required", []) if name not in required]
-        properties = schema.get("properties", {})
-        return {name: required_payload(properties.get(name, {"type": "string"}), root) for name in required}
-    if kind == "string":
-        if schema.get("format") == "date-time":
-            return datetime.now(UTC).isoformat()
-        if "pattern" in schema:
-            return string_for(schema["pattern"], schema.get("minLength", 0))
-        return "x" * max(1, schema.get("minLength", 0))
-    if kind in ("integer", "number"):
-        return _number(schema, kind == "integer")
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    if kind == "array":
-        return [required_payload(schema.get("items", {"type": "string"}), root)] * schema.get("minItems", 0)
-    raise AssertionError(f"schema client: unsupported type {kind!r}")
+    builder = _BUILDERS.get(kind) if kind is None or isinstance(kind, str) else None
+    if builder is None:
+        raise AssertionError(f"schema client: unsupported type {kind!r}")
+    return builder(schema, root)

@@ -45,7 +45,9 @@ def default_rules() -> str:
 
 def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="the audit gate: flag problems, judge every checkpoint, pause runs")
-    p.add_argument("--rules", default=None, metavar="YAML", help=f"rules file (default: {DEFAULT_RULES})")
+    p.add_argument(
+        "--rules", default=None, metavar="YAML", type=packaged, help=f"rules file (default: {DEFAULT_RULES})"
+    )
     p.add_argument("--run", type=run_id_arg, help="audit only this run (its own durable consumer)")
     p.add_argument(
         "--partition",

@@ -15,12 +15,25 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from consumers.audit.rules import EVAL_METRICS, AuditConfig, Best, Problem, Rule, eval_checks, train_checks
-from schemas import AuditFlag, AuditVerdict, Checkpoint, Evaluation, Event, Heartbeat, TrainStep
+from runtime.publish.direct import event_id
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    Evaluation,
+    Event,
+    Heartbeat,
+    RunFinished,
+    RunStarted,
+    RunState,
+    TrainStep,
+)
 
 
 @dataclass(frozen=True)
@@ -119,28 +132,13 @@ def handle(event: Event | Tick, state: AuditState) -> tuple[AuditState, list[Out
     """Apply the rules to one event (or tick); returns the state and what to publish or send."""
     if isinstance(event, Tick):
         return state, _tick(event.now, state)
-    if event.type not in ("train.step", "eval", "checkpoint", "heartbeat", "run.started", "run.state", "run.finished"):
+    react = HANDLERS.get(type(event))
+    if react is None:
         return state, []
     run = state.runs.setdefault(event.run_id, RunAudit(event.run_id))
-    out: list[Output] = []
     if event.attempt > run.attempt:
         _new_attempt(run, event.attempt)
-    if isinstance(event, TrainStep):
-        for rule, key, problem in train_checks(event, run.losses, state.rules):
-            out += _judge(state, run, rule, key, event, problem)
-    elif isinstance(event, Evaluation):
-        out += _on_eval(state, run, event)
-    elif isinstance(event, Checkpoint):
-        out += _on_checkpoint(state, run, event)
-    elif isinstance(event, Heartbeat):
-        out += _on_heartbeat(state, run, event)
-    elif event.type == "run.started":
-        run.finished = False
-    elif event.type == "run.finished":
-        run.finished = True
-        out += [_verdict(state, run, ckpt, None) for ckpt in run.pending]
-        run.pending.clear()
-    return state, out
+    return state, react(state, run, event)
 
 
 def _new_attempt(run: RunAudit, attempt: int) -> None:
@@ -171,7 +169,7 @@ def _judge(
 def _fire(state: AuditState, run: RunAudit, rule_name: str, key: str, judged: Judged, problem: Problem) -> Publish:
     rule = state.rules[rule_name]
     flag = AuditFlag(
-        event_id=f"{run.run_id}.audit.{rule_name}.{judged.event_id}",
+        event_id=event_id(run.run_id, "audit", rule_name, judged.event_id),
         run_id=run.run_id,
         attempt=judged.attempt,
         seq=1,
@@ -251,7 +249,7 @@ def _verdict(state: AuditState, run: RunAudit, ckpt: Checkpoint, seen: EvalSeen 
     if seen is not None:
         metrics["eval_step"] = float(seen.step)
     verdict = AuditVerdict(
-        event_id=f"{run.run_id}.audit.verdict.{ckpt.event_id}",
+        event_id=event_id(run.run_id, "audit", "verdict", ckpt.event_id),
         run_id=run.run_id,
         attempt=ckpt.attempt,
         seq=1,
@@ -319,6 +317,42 @@ def _stall(state: AuditState, run: RunAudit, last: Heartbeat, seconds: float) ->
     )
     problem = Problem(message, seconds, rule.seconds)
     return _fire(state, run, "run_stalled", "run_stalled", last, problem)
+
+
+def _on_train_step(state: AuditState, run: RunAudit, event: TrainStep) -> list[Output]:
+    out: list[Output] = []
+    for rule, key, problem in train_checks(event, run.losses, state.rules):
+        out += _judge(state, run, rule, key, event, problem)
+    return out
+
+
+def _on_started(state: AuditState, run: RunAudit, event: RunStarted) -> list[Output]:
+    run.finished = False
+    return []
+
+
+def _on_state(state: AuditState, run: RunAudit, event: RunState) -> list[Output]:
+    return []  # only a newer attempt matters (``handle``)
+
+
+def _on_finished(state: AuditState, run: RunAudit, event: RunFinished) -> list[Output]:
+    """No evaluation comes any more: the checkpoints waiting for one are judged on their flags."""
+    run.finished = True
+    out: list[Output] = [_verdict(state, run, ckpt, None) for ckpt in run.pending]
+    run.pending.clear()
+    return out
+
+
+HANDLERS: dict[type[Any], Callable[[AuditState, RunAudit, Any], list[Output]]] = {
+    TrainStep: _on_train_step,
+    Evaluation: _on_eval,
+    Checkpoint: _on_checkpoint,
+    Heartbeat: _on_heartbeat,
+    RunStarted: _on_started,
+    RunState: _on_state,
+    RunFinished: _on_finished,
+}
+"""What each event the gate reads does to its run; any other event is passed over."""
 
 
 def _tick(now: datetime, state: AuditState) -> list[Output]:

@@ -6,7 +6,8 @@ already stored (their ids, and the last ``seq`` per run and attempt). Outputs of
 ``event_id`` is not stored were missed (the auditor died before publishing them): they are
 published now, with the next ``seq``. Then the durable consumer ``trainbus-audit`` delivers
 what comes after; events at or below the replayed stream sequence are skipped. Each audit event
-is published with ``Nats-Msg-Id`` = its ``event_id``, so a duplicate is dropped by JetStream too.
+is published with ``runtime.publish.direct.publish_event`` (``Nats-Msg-Id`` = its ``event_id``), so a
+duplicate is dropped by JetStream too.
 
 Side effects come before the event that records them: a flag's ``pause``/``stop`` is sent and an
 approved checkpoint written to the ``TRAINBUS_CHECKPOINTS`` bucket, then the event is published.
@@ -36,8 +37,9 @@ from runtime.bus.consume import ConsumerStats, consume
 from runtime.bus.stream import Delivered, NewerEvents, auto_replicas, ensure_bucket, ensure_stream, replay
 from runtime.errors import BusUnavailable, TrainbusError
 from runtime.logs import get_logger
+from runtime.publish.direct import publish_event
 from runtime.settings import Settings
-from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event, event_subject
+from schemas import ALL_EVENTS, EVENTS_STREAM, AuditFlag, AuditVerdict, Event
 from schemas.common import utc_now
 from schemas.subjects import CHECKPOINTS_BUCKET
 
@@ -183,10 +185,8 @@ class Auditor:
         update: dict[str, Any] = {"seq": seq, "time": utc_now()}
         if isinstance(event, AuditFlag):
             update["actions_taken"] = taken
-        data = event.model_copy(update=update).model_dump_json().encode()
-        subject = event_subject(event.run_id, event.type)
-        headers = {"Nats-Msg-Id": event.event_id}
-        ack = await self._retry(f"publish {event.event_id}", lambda: self.js.publish(subject, data, headers=headers))
+        stamped = event.model_copy(update=update)
+        ack = await self._retry(f"publish {event.event_id}", lambda: publish_event(self.js, stamped))
         if ack is None:
             return
         if not ack.duplicate:

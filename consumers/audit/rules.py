@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -20,7 +21,10 @@ from schemas import Evaluation, TrainStep
 from schemas.events import Severity
 
 Action = Literal["flag", "reject_checkpoint", "pause_run", "stop_run"]
-EvalMetric = Literal["accuracy", "macro_f1", "loss", "abstain_rate", "ece", "critical_error_cost"]
+EvalMetric = Literal[
+    "accuracy", "macro_f1", "loss", "abstain_rate", "ece", "critical_error_cost", "text_only_accuracy",
+    "text_only_abstain_rate",
+]  # fmt: skip
 Mode = Literal["max", "min"]
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
 
@@ -168,6 +172,26 @@ class AccuracyFloor(Rule):
     min_accuracy: float = Field(ge=0, le=1)
 
 
+class TextOnly(Rule):
+    """Asked with the text alone (no metadata lines, as `trainbus predict "TEXT"` asks): an eval's
+    accuracy below ``min_accuracy``, or its abstention rate above ``max_abstain_rate``."""
+
+    min_accuracy: float = Field(ge=0, le=1)
+    max_abstain_rate: float | None = Field(None, ge=0, le=1)
+    """Default: ``max_abstain_rate`` of the labels file (``labels_file``)."""
+
+    def check(self, event: Evaluation) -> Problem | None:
+        accuracy, abstained = event.text_only_accuracy, event.text_only_abstain_rate
+        if accuracy is not None and not accuracy >= self.min_accuracy:
+            return Problem(
+                f"asked with the text alone, accuracy was {accuracy:.3g} at step {event.step}, below the minimum "
+                f"of {self.min_accuracy:g}",
+                accuracy,
+                self.min_accuracy,
+            )
+        return _above("asked with the text alone, the abstain rate", abstained, self.max_abstain_rate, event.step)
+
+
 class RunStalled(Rule):
     """No heartbeat for ``seconds`` from a run that has not finished."""
 
@@ -191,6 +215,7 @@ class Rules(Section):
     critical_error_cost: CriticalErrorCost | None = None
     calibration: Calibration | None = None
     accuracy_floor: AccuracyFloor | None = None
+    text_only: TextOnly | None = None
     run_stalled: RunStalled | None = None
 
     def enabled(self) -> dict[str, Rule]:
@@ -229,39 +254,59 @@ def train_checks(event: TrainStep, losses: deque[float], rules: dict[str, Rule])
     return out
 
 
+def _abstain_rate(rule: AbstainRate, event: Evaluation) -> Problem | None:
+    return _above("abstain rate", event.abstain_rate, rule.max_rate, event.step)
+
+
+def _critical_error_cost(rule: CriticalErrorCost, event: Evaluation) -> Problem | None:
+    return _above("critical error cost", event.critical_error_cost, rule.threshold, event.step)
+
+
+def _calibration(rule: Calibration, event: Evaluation) -> Problem | None:
+    return _above("calibration error (ece)", event.ece, rule.max_ece, event.step)
+
+
+def _accuracy_floor(rule: AccuracyFloor, event: Evaluation) -> Problem | None:
+    if event.accuracy is None or event.accuracy >= rule.min_accuracy:
+        return None
+    return Problem(
+        f"accuracy was {event.accuracy:.3g} at step {event.step}, below the minimum of {rule.min_accuracy:g}",
+        event.accuracy,
+        rule.min_accuracy,
+    )
+
+
+def _text_only(rule: TextOnly, event: Evaluation) -> Problem | None:
+    return rule.check(event)
+
+
+EVAL_LIMITS: dict[str, tuple[str, Callable[[Any, Evaluation], Problem | None]]] = {
+    "abstain_rate": ("abstain_rate", _abstain_rate),
+    "critical_error_cost": ("critical_error_cost", _critical_error_cost),
+    "calibration": ("ece", _calibration),
+    "accuracy_floor": ("accuracy", _accuracy_floor),
+    "text_only": ("text_only_accuracy", _text_only),
+}
+"""The eval rules that compare one metric with a limit: rule name -> (the metric an eval must carry
+for the rule to apply, the check). An eval without the metric (a chat run, an older trainer) is not judged by it."""
+
+
 def eval_checks(event: Evaluation, best: Best | None, rules: dict[str, Rule]) -> tuple[list[Check], Best | None]:
     """The eval rules that apply to ``event``, and the run's best regression metric after it."""
     out: list[Check] = []
-    step = event.step
     rule = rules.get("non_finite")
     if isinstance(rule, NonFinite):
-        out.append(("non_finite", "non_finite.eval", rule.check("eval loss", event.loss, step)))
+        out.append(("non_finite", "non_finite.eval", rule.check("eval loss", event.loss, event.step)))
     rule = rules.get("eval_regression")
     if isinstance(rule, EvalRegression):
         value = getattr(event, rule.metric)
         if value is not None and math.isfinite(value):
-            out.append(("eval_regression", "eval_regression", rule.check(value, best, step)))
-            best = rule.better(value, step, best)
-    rule = rules.get("abstain_rate")
-    if isinstance(rule, AbstainRate) and event.abstain_rate is not None:
-        out.append(("abstain_rate", "abstain_rate", _above("abstain rate", event.abstain_rate, rule.max_rate, step)))
-    rule = rules.get("critical_error_cost")
-    if isinstance(rule, CriticalErrorCost) and event.critical_error_cost is not None:
-        problem = _above("critical error cost", event.critical_error_cost, rule.threshold, step)
-        out.append(("critical_error_cost", "critical_error_cost", problem))
-    rule = rules.get("calibration")
-    if isinstance(rule, Calibration) and event.ece is not None:
-        out.append(("calibration", "calibration", _above("calibration error (ece)", event.ece, rule.max_ece, step)))
-    rule = rules.get("accuracy_floor")
-    if isinstance(rule, AccuracyFloor) and event.accuracy is not None:
-        problem = None
-        if not event.accuracy >= rule.min_accuracy:
-            problem = Problem(
-                f"accuracy was {event.accuracy:.3g} at step {step}, below the minimum of {rule.min_accuracy:g}",
-                event.accuracy,
-                rule.min_accuracy,
-            )
-        out.append(("accuracy_floor", "accuracy_floor", problem))
+            out.append(("eval_regression", "eval_regression", rule.check(value, best, event.step)))
+            best = rule.better(value, event.step, best)
+    for name, (metric, check) in EVAL_LIMITS.items():
+        rule = rules.get(name)
+        if rule is not None and getattr(event, metric) is not None:
+            out.append((name, name, check(rule, event)))
     return out, best
 
 
@@ -296,10 +341,21 @@ def load_rules(path: str | Path) -> AuditConfig:
         config = AuditConfig.model_validate(read_yaml(Path(path)))
     except ValidationError as exc:
         raise ConfigError(_rule_error(exc, origin)) from None
-    abstain = config.rules.abstain_rate
-    if abstain is not None and abstain.max_rate is None:
-        labels = Path(config.labels_file)
-        if not labels.is_absolute() and not labels.exists():
-            labels = Path(path).resolve().parent.parent / labels  # relative to the project the rules live in
-        abstain.max_rate = max_abstain_rate(labels)
+    # the abstention limits a rule leaves out are the labels file's max_abstain_rate
+    unset = [
+        (rule, name)
+        for rule, name in ((config.rules.abstain_rate, "max_rate"), (config.rules.text_only, "max_abstain_rate"))
+        if rule is not None and getattr(rule, name) is None
+    ]
+    if unset:
+        rate = max_abstain_rate(_labels_file(config, Path(path)))
+        for rule, name in unset:
+            setattr(rule, name, rate)
     return config
+
+
+def _labels_file(config: AuditConfig, rules_file: Path) -> Path:
+    labels = Path(config.labels_file)
+    if not labels.is_absolute() and not labels.exists():
+        labels = rules_file.resolve().parent.parent / labels  # relative to the project the rules live in
+    return labels

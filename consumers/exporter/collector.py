@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from consumers.exporter.state import RUN_STATES, ExporterState, RunMetrics, expire
-from runtime.lifecycle import STALL_AFTER_SECONDS, shown
+from consumers.exporter.state import ExporterState, RunMetrics, expire
+from runtime.lifecycle import RUN_STATES, STALL_AFTER_SECONDS, shown
 from schemas import EVENT_TYPES
 from schemas.commands import COMMAND_TYPES
 from schemas.events import CommandStatus
@@ -50,6 +50,14 @@ EVAL_GAUGES = {
     "critical_error_cost": (
         "trainbus_eval_critical_error_cost",
         "Harm-weighted cost of critical confusions in the latest evaluation.",
+    ),
+    "text_only_accuracy": (
+        "trainbus_eval_text_only_accuracy_ratio",
+        "Accuracy of the latest evaluation asked with the text alone, without metadata (0-1).",
+    ),
+    "text_only_abstain_rate": (
+        "trainbus_eval_text_only_abstention_ratio",
+        "Share of abstentions in the latest evaluation asked with the text alone (0-1).",
     ),
     "step": ("trainbus_eval_step", "Global step of the latest evaluation."),
 }

@@ -20,7 +20,6 @@ from runtime.lifecycle import Lifecycle, fold
 from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, Event, RunStarted, TrainStep
 from schemas.predict import PredictorLoaded
 
-RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
 """Every value of ``trainbus_run_state{state=...}``; exactly one is 1 per run."""
 VERDICTS = ("pending", "approved", "rejected")
 """Every value of ``trainbus_checkpoints{verdict=...}``; all are exported, 0 included."""
@@ -43,7 +42,10 @@ _TRAIN_FIELDS = (
     "step_time_seconds",
     "memory_bytes",
 )
-_EVAL_FIELDS = ("loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost")
+_EVAL_FIELDS = (
+    "loss", "accuracy", "macro_f1", "abstain_rate", "ece", "critical_error_cost", "text_only_accuracy",
+    "text_only_abstain_rate",
+)  # fmt: skip
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Replicas of one alias publish on the same subject, so the envelope's ``seq`` (no gaps per run and
 source) is taken from the last stored event on that subject and the publish is conditional on it
 (``Nats-Expected-Last-Subject-Sequence``): when two replicas race, the loser reads again and
-takes the next number. ``Nats-Msg-Id`` is the event id, so a retried publish is stored once.
+takes the next number. It goes out with ``runtime.publish.direct.publish_event``, ``Nats-Msg-Id`` =
+the event id, so a retried publish is stored once.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from nats.js import JetStreamContext
 
 from consumers.predict.checkpoints import Chosen
 from runtime.logs import get_logger
+from runtime.publish.direct import WRONG_LAST_SEQUENCE, event_id, publish_event
 from schemas import EVENTS_STREAM, event_subject, parse_event
 from schemas.predict import PredictorLoaded
 
-WRONG_LAST_SEQUENCE = 10071
-"""JetStream's error code when the subject moved on since we read it."""
 ATTEMPTS = 10
 
 
@@ -46,7 +46,7 @@ async def announce(
     for _ in range(ATTEMPTS):
         stream_seq, seq = await _last_on(js, subject)
         event = PredictorLoaded(
-            event_id=f"{chosen.run_id}.predictor.{instance}.{number}",  # the same on a retry: stored once
+            event_id=event_id(chosen.run_id, "predictor", instance, number),  # the same on a retry: stored once
             run_id=chosen.run_id,
             attempt=chosen.attempt,
             seq=seq + 1,
@@ -61,9 +61,8 @@ async def announce(
             trigger="start" if fields.get("previous_step") is None else "hot_swap",
             **fields,
         )
-        headers = {"Nats-Msg-Id": event.event_id, "Nats-Expected-Last-Subject-Sequence": str(stream_seq)}
         try:
-            await js.publish(subject, event.model_dump_json().encode(), headers=headers)
+            await publish_event(js, event, after=stream_seq)
         except nats.js.errors.APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 continue  # another replica announced first: number ours after it

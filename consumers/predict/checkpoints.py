@@ -8,7 +8,7 @@ Nothing here loads a model. ``choose`` refuses a rejected or unjudged checkpoint
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +17,13 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from consumers.predict.waiting import RunProgress
 from producers.config import RunConfig
-from runtime.bus.stream import replay
-from runtime.checkpoints import fingerprint
+from runtime.bus.stream import last_event, replay
+from runtime.checkpoints import changed_since_announced, fingerprint
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.settings import describe_validation_error
-from schemas import AuditVerdict, Checkpoint, RunStarted
+from schemas import AuditVerdict, Checkpoint, RunFinished, RunStarted, TrainStep
 from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
 
 Verdict = Literal["approved", "rejected", "pending"]
@@ -49,6 +50,8 @@ class Chosen:
     """The run's config as its ``run.started`` event recorded it (model, prompt, labels file)."""
     attempt: int = 1
     event_id: str | None = None
+    metadata_seen: dict[str, list[str]] = field(default_factory=dict)
+    """The metadata keys and values the run trained with (its ``run.started``)."""
 
 
 def best_key(run_id: str) -> str:
@@ -114,7 +117,11 @@ async def choose(
             steps = ", ".join(str(c.step) for c in checkpoints) or "none"
             raise NotFound(f"run {run_id}: no {what} in the stream (checkpoints at steps: {steps})")
         # --force on a folder no event vouches for: serve it as is, verdict unknown
-        return Chosen(run_id, _step_of(path), Path(path), _sha_of(Path(path)), "pending", True, _config(started[-1]))
+        last = started[-1]
+        return Chosen(
+            run_id, _step_of(path), Path(path), _sha_of(Path(path)), "pending", True, _config(last),
+            metadata_seen=last.metadata_seen,
+        )  # fmt: skip
     ckpt = wanted[-1]  # a resumed run saves the same step again: the newest attempt wins
     verdicts: list[AuditVerdict] = await _events(js, run_id, "audit.verdict")
     verdict: Verdict = next((v.verdict for v in verdicts if v.checkpoint_event_id == ckpt.event_id), "pending")
@@ -132,19 +139,43 @@ async def choose(
         _config(config),
         ckpt.attempt,
         ckpt.event_id,
+        config.metadata_seen,
     )
+
+
+async def run_progress(js: JetStreamContext, run_id: str) -> RunProgress:
+    """Where the run stands for a predictor waiting on it: started, finished, its step, and the
+    verdict on each step's newest checkpoint."""
+    started: list[RunStarted] = await _events(js, run_id, "run.started")
+    finished: list[RunFinished] = await _events(js, run_id, "run.finished")
+    newest = {c.step: c.event_id for c in await _events(js, run_id, "checkpoint")}
+    judged = {v.checkpoint_event_id: v.verdict for v in await _events(js, run_id, "audit.verdict")}
+    ended = finished[-1] if finished and (not started or finished[-1].attempt >= started[-1].attempt) else None
+    step = ended.step if ended is not None else await _latest_step(js, run_id)
+    return RunProgress(
+        run_id,
+        started=bool(started),
+        finished=ended.status if ended is not None else None,
+        step=step,
+        verdicts={s: judged.get(event_id, "pending") for s, event_id in newest.items()},
+    )
+
+
+async def _latest_step(js: JetStreamContext, run_id: str) -> int | None:
+    try:
+        last = await last_event(js, event_subject(run_id, "train.step"))
+    except nats.js.errors.Error:  # no stream, or no direct get: the step is only for the message
+        return None
+    return last.event.step if last is not None and isinstance(last.event, TrainStep) else None
 
 
 def verify(chosen: Chosen) -> None:
     """Raise ``Refused`` unless the checkpoint folder hashes to what its event says."""
     if not chosen.path.is_dir():
         raise NotFound(f"checkpoint folder {chosen.path} does not exist (run {chosen.run_id}, step {chosen.step})")
-    digest, _ = fingerprint(chosen.path)
-    if digest != chosen.sha256:
-        raise Refused(
-            f"{chosen.path}: sha256 {digest[:12]}… differs from its checkpoint event's {chosen.sha256[:12]}…: "
-            "the files changed after the trainer saved them"
-        )
+    changed = changed_since_announced(chosen.path, chosen.sha256, chosen.event_id or "(none)")
+    if changed is not None:
+        raise Refused(changed)
 
 
 def _config(event: RunStarted) -> RunConfig:

@@ -27,7 +27,7 @@ from runtime.cli.args import add_settings_args, run_id_arg
 from runtime.cli.render import table
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.logs import setup_logging
-from runtime.settings import describe_validation_error, load_config, parse_override
+from runtime.settings import describe_validation_error, load_config, packaged, parse_override
 from schemas.predict import Answer, MetadataValue
 
 
@@ -48,7 +48,7 @@ def register_serve(sub: Any) -> None:
     which.add_argument("--step", type=int, help="serve this step's checkpoint instead of following the best one")
     which.add_argument("--checkpoint", metavar="PATH", help="serve this checkpoint folder instead of the best one")
     p.add_argument("--force", action="store_true", help="serve a checkpoint the audit gate rejected or has not judged")
-    p.add_argument("--labels", metavar="YAML", help="label set (default: the run's data.labels_file)")
+    p.add_argument("--labels", metavar="YAML", type=packaged, help="label set (default: the run's data.labels_file)")
     p.add_argument("--max-batch", type=int, help="most texts per model call (default 32)")
     p.add_argument("--max-wait-ms", type=float, help="longest a request waits for others to join its batch")
     p.add_argument("--threads", type=int, help="torch threads for the model")
@@ -95,7 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 chosen = await choose(nc.jetstream(), run, step=args.step, path=args.checkpoint, force=args.force)
             import torch
 
+            from consumers.predict.quiet import quiet_loading
             from consumers.predict.service import Target, serve
+
+            quiet_loading()
 
             if config.threads:
                 torch.set_num_threads(config.threads)
@@ -248,7 +251,7 @@ def register_export(sub: Any) -> None:
     p.add_argument("--step", type=int, help="checkpoint step (default: the run's best approved checkpoint)")
     p.add_argument("--merge", required=True, type=Path, metavar="OUT", help="output folder (new or empty)")
     p.add_argument("--force", action="store_true", help="export a checkpoint the audit gate rejected or has not judged")
-    p.add_argument("--labels", metavar="YAML", help="label set (default: the run's data.labels_file)")
+    p.add_argument("--labels", metavar="YAML", type=packaged, help="label set (default: the run's data.labels_file)")
     add_settings_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -287,8 +290,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         chosen = asyncio.run(pick(where))  # refused before the model code loads
     verify(chosen)
     from consumers.predict.export import export_merged
+    from consumers.predict.quiet import quiet_loading, say_loading
     from consumers.predict.serving import load_served
 
+    quiet_loading()
+    say_loading("export", chosen)
     export_merged(load_served(chosen, labels_file=args.labels), args.merge)
     print(f"trainbus export: run {chosen.run_id} step {chosen.step} ({chosen.verdict}) merged into {args.merge}")
     return 0

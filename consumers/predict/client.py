@@ -12,6 +12,7 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -69,6 +70,20 @@ class ServedAlias:
     """Service instance ids."""
     steps: list[int] = field(default_factory=list)
     """Checkpoint step each replica serves (the same unless a hot swap is under way)."""
+    metadata_seen: dict[str, list[str]] = field(default_factory=dict)
+    """The metadata keys the served model was trained with, each with the values seen: optional
+    ``metadata`` of a request (empty from a predictor that does not say)."""
+
+
+def _metadata_seen(raw: Any) -> dict[str, list[str]]:
+    """The ``metadata_seen`` of an endpoint's INFO metadata (JSON in a string), or {} if unreadable."""
+    try:
+        seen = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError:
+        return {}
+    if not isinstance(seen, dict):
+        return {}
+    return {str(k): [str(v) for v in values] for k, values in seen.items() if isinstance(values, list)}
 
 
 async def served_aliases(nc: NATS, *, wait: float = 1.0) -> list[ServedAlias]:
@@ -97,6 +112,7 @@ async def served_aliases(nc: NATS, *, wait: float = 1.0) -> list[ServedAlias]:
                 entry.replicas.append(str(info.get("id")))
                 if str(meta.get("step", "")).isdigit():
                     entry.steps.append(int(meta["step"]))
+                entry.metadata_seen = entry.metadata_seen or _metadata_seen(meta.get("metadata_seen"))
     finally:
         await sub.unsubscribe()
     return sorted(found.values(), key=lambda a: a.alias)

@@ -32,7 +32,7 @@ def export_info(served: Served) -> dict[str, Any]:
         "verdict": chosen.verdict,
         "forced": chosen.forced,
         "system_prompt": served.system_prompt,
-        "prompt": "<system_prompt>\\nText: <text>\\n<key>: <value> per metadata item, keys sorted\\nAnswer: "
+        "prompt": "<system_prompt>\\n<key>: <value> per metadata item, keys sorted\\nText: <text>\\nAnswer: "
         + ANSWER_PREFIX,
         "options": answer_options(served.labels),
         "labels": served.labels.names,

@@ -5,13 +5,16 @@ error headers) and then micro-batched onto the served model; the handler returns
 so the next request is read while the model works. Following the audit gate's ``<run>.best``
 pointer, a new checkpoint is verified and loaded beside the one serving, then swapped in between
 two batches: a request in flight finishes on the model it started on, none fails. Every load is
-announced with a ``predictor.loaded`` event.
+announced with a ``predictor.loaded`` event. Until a first checkpoint is served it says what it
+waits for, every minute; a finished run whose checkpoints were all rejected ends it (exit 2, see
+``consumers.predict.waiting``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from dataclasses import dataclass
@@ -26,10 +29,12 @@ from pydantic import ValidationError
 
 from consumers.predict.announce import announce
 from consumers.predict.batching import MicroBatcher
-from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, verify
+from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, run_progress, verify
 from consumers.predict.client import SERVICE_NAME, describe_invalid
 from consumers.predict.config import ServeConfig
+from consumers.predict.quiet import say_loading
 from consumers.predict.serving import Job, Served, answer_jobs, load_served, too_long
+from consumers.predict.waiting import SAY_EVERY, Every, nothing_to_serve, waiting_line
 from runtime.errors import TrainbusError
 from runtime.logs import get_logger
 from schemas.predict import Answer, PredictReply, PredictRequest
@@ -48,6 +53,52 @@ class Target:
     """Serve a best pointer's checkpoint even if its verdict is not ``approved`` (never the case today)."""
 
 
+class NothingToServe(TrainbusError):
+    """The run has finished and the audit gate approved none of its checkpoints: waiting cannot end."""
+
+    exit_code = 2
+
+
+class BestUpdates:
+    """The entries a watcher of ``<run>.best`` delivers, and ``stop``, in one queue."""
+
+    def __init__(self, watcher: Any, stop: asyncio.Event) -> None:
+        self.watcher = watcher
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None: stop
+        loop = asyncio.get_running_loop()
+        self.watching = loop.create_task(self._watch())
+        self.stopping = loop.create_task(self._stop(stop))
+
+    async def _watch(self) -> None:
+        async for entry in self.watcher:
+            best = parse_best(entry.value) if entry is not None and not entry.operation else None
+            if best is not None:
+                self.queue.put_nowait(best)
+
+    async def _stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.queue.put_nowait(None)
+
+    async def newest(self, timeout: float) -> dict[str, Any] | None:
+        """The newest entry that came (one superseded while loading is skipped), None to stop (asked,
+        or the watcher ended); ``TimeoutError`` when nothing came within ``timeout`` seconds."""
+        try:
+            items = [await asyncio.wait_for(self.queue.get(), timeout)]
+        except TimeoutError:
+            if not self.watching.done():
+                raise
+            self.watching.result()  # the watcher ended: raise what ended it
+            return None
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return None if None in items else items[-1]
+
+    async def close(self) -> None:
+        await self.watcher.stop()
+        self.watching.cancel()
+        self.stopping.cancel()
+
+
 class Predictor:
     """The served checkpoint, the batcher in front of it, and the handlers of the service."""
 
@@ -63,6 +114,7 @@ class Predictor:
         self.failed = 0
         self.loads = 0
         self.said: set[str] = set()
+        self.say_waiting = Every(SAY_EVERY)
         self.log = get_logger(consumer="predict", alias=target.alias, run_id=target.run_id)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -120,10 +172,14 @@ class Predictor:
         """Verify and load ``chosen`` off the event loop, swap it in, announce it."""
         previous = self.served
         started = time.monotonic()
+        say_loading("serve", chosen)
         served = await asyncio.to_thread(self._verified_load, chosen)
         self.served = served
         self.loads += 1
-        self.metadata.update(step=str(chosen.step), sha256=chosen.sha256)  # INFO shows what serves now
+        # INFO shows what serves now, and the metadata keys (with the values seen) a request may add
+        self.metadata.update(
+            step=str(chosen.step), sha256=chosen.sha256, metadata_seen=json.dumps(chosen.metadata_seen, sort_keys=True)
+        )
         if self.service is None:
             self.service = await add_service(
                 self.nc,
@@ -149,6 +205,7 @@ class Predictor:
             host=socket.gethostname(),
             load_seconds=time.monotonic() - started,
             previous_step=previous.ref.step if previous else None,
+            metadata_seen=chosen.metadata_seen,
         )
         self.log.info(
             "serving", step=chosen.step, sha256=chosen.sha256, verdict=chosen.verdict, announced=event is not None
@@ -172,47 +229,41 @@ class Predictor:
             raise TrainbusError(f"cannot load {chosen.path}: {detail}") from None
 
     async def follow_best(self, stop: asyncio.Event) -> None:
-        """Serve the run's best checkpoint, and each new one the audit gate names, until ``stop``."""
+        """Serve the run's best checkpoint, and each new one the audit gate names, until ``stop``.
+
+        Until one is served it says what it waits for, at once and every minute; raises
+        ``NothingToServe`` when the run has finished and the audit gate approved none of its checkpoints.
+        """
         bucket = await self._wait_for_bucket(stop)
         if bucket is None:
             return
-        watcher = await bucket.watch(best_key(self.target.run_id))
-        updates: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None: stop
-
-        async def watch() -> None:
-            async for entry in watcher:
-                best = parse_best(entry.value) if entry is not None and not entry.operation else None
-                if best is not None:
-                    updates.put_nowait(best)
-
-        async def stopper() -> None:
-            await stop.wait()
-            updates.put_nowait(None)
-
-        loop = asyncio.get_running_loop()
-        watching, stopping = loop.create_task(watch()), loop.create_task(stopper())
+        updates = BestUpdates(await bucket.watch(best_key(self.target.run_id)), stop)
         try:
-            while True:
-                try:
-                    items = [await asyncio.wait_for(updates.get(), 2.0)]
-                except TimeoutError:
-                    if watching.done():
-                        watching.result()  # the watcher ended: raise what ended it
-                        return
-                    if self.served is None:
-                        self._say_once(f"waiting for an approved checkpoint of run {self.target.run_id}")
-                    continue
-                while not updates.empty():  # only the newest matters: one superseded while loading is skipped
-                    items.append(updates.get_nowait())
-                best = items[-1]
-                if best is None or None in items:
-                    return
+            while (best := await self._next_best(updates)) is not None:
                 if self.served is None or self.served.chosen.event_id != best["checkpoint_event_id"]:
                     await self._swap(best)
         finally:
-            await watcher.stop()
-            watching.cancel()
-            stopping.cancel()
+            await updates.close()
+
+    async def _next_best(self, updates: BestUpdates) -> dict[str, Any] | None:
+        """The newest ``best`` entry (None: stop), saying meanwhile what is awaited."""
+        while True:
+            try:
+                return await updates.newest(timeout=2.0)
+            except TimeoutError:
+                await self._still_waiting()
+
+    async def _still_waiting(self) -> None:
+        """With nothing served: say what the predictor waits for (at once, then every minute), or
+        raise ``NothingToServe`` when that can no longer come."""
+        if self.served is not None or not self.say_waiting.due(time.monotonic()):
+            return
+        progress = await run_progress(self.js, self.target.run_id)
+        never = nothing_to_serve(progress)
+        if never is not None:
+            raise NothingToServe(never)
+        self.log.info("waiting", detail=waiting_line(progress))
+        print(f"trainbus serve: {waiting_line(progress)}", flush=True)
 
     async def _swap(self, best: dict[str, Any]) -> None:
         try:
@@ -230,6 +281,7 @@ class Predictor:
             if bucket is not None:
                 return bucket
             self._say_once("waiting for the audit gate's checkpoint bucket (start `trainbus audit`)")
+            await self._still_waiting()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
         return None

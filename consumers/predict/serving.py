@@ -24,6 +24,7 @@ from producers.task.labels import LabelSet, load_labels
 from producers.task.metrics import decide
 from producers.task.model import BASE_MODEL_DIR, load_model_and_tokenizer
 from runtime.errors import ConfigError
+from runtime.settings import packaged
 from schemas.predict import Answer, CheckpointRef, MetadataValue
 
 NULL = "null"
@@ -57,9 +58,9 @@ class Served:
 def labels_path(chosen: Chosen, override: str | None) -> Path:
     """The label file: ``override``, else the run's ``data.labels_file`` here or in trainbus's folder."""
     name = override or chosen.config.data.labels_file
-    for candidate in (Path(name), Path(__file__).resolve().parents[2] / name):
-        if candidate.is_file():
-            return candidate
+    candidate = Path(packaged(name))
+    if candidate.is_file():
+        return candidate
     raise ConfigError(f"labels file {name!r} not found (the run's data.labels_file; pass --labels FILE)")
 
 

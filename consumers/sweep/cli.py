@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from consumers.sweep.progress import IN_A_LOG, ON_A_TERMINAL
 from runtime.bus.connect import BusTarget, bus_target, connect
 from runtime.bus.stream import ensure_stream
 from runtime.cli.args import seconds_arg
@@ -22,7 +25,7 @@ from runtime.cli.render import table
 from runtime.errors import ConfigError
 from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.settings import Settings, layers, redact_url, validate_layers
+from runtime.settings import Settings, layers, packaged, redact_url, validate_layers
 from schemas.common import SWEEP_NAME_PATTERN
 
 SHOW = "show"
@@ -46,11 +49,16 @@ def register_sweep(sub: Any) -> None:
         "trainbus sweep show NAME [--storage URL] [--json]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", metavar="CONFIG", help="run config YAML of every trial, or `show`")
+    p.add_argument("config", metavar="CONFIG", type=packaged, help="run config YAML of every trial, or `show`")
     p.add_argument("show_name", metavar="NAME", nargs="?", help="with `show`: the sweep to print")
-    p.add_argument("--space", metavar="YAML", help="search space file, e.g. configs/sweeps/tiny.yaml")
+    p.add_argument("--space", metavar="YAML", type=packaged, help="search space file, e.g. configs/sweeps/tiny.yaml")
     p.add_argument("--trials", type=_positive, help="how many trials the study should have in all")
-    p.add_argument("--parallel", type=_positive, default=1, help="trials running at once (default 1)")
+    p.add_argument(
+        "--parallel",
+        type=_positive,
+        default=1,
+        help=f"trials running at once (default 1; at most the cores, {cores()} here: each trial gets an equal share)",
+    )
     p.add_argument("--name", help="the sweep (Optuna study) name; drivers with the same name share the study")
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<state_dir>/sweeps.db)")
     p.add_argument(
@@ -72,6 +80,29 @@ def register_sweep(sub: Any) -> None:
     every_trial = "override a config key of every trial, e.g. training.max_steps=40 (`show`: state_dir)"
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help=every_trial)
     p.set_defaults(func=cmd_sweep)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_trial(parallel: int) -> int:
+    """Each trial's torch threads: an equal share of the cores, at least one. Trials whose threads
+    together outnumber the cores slow each other down far more than the extra threads gain: OpenMP
+    threads busy-wait for cores another trial holds."""
+    return max(1, cores() // parallel)
+
+
+def share_line(parallel: int) -> str:
+    """How the trials share the machine, said once when the sweep starts."""
+    have, threads = cores(), threads_per_trial(parallel)
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"each trial uses OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} torch threads (as set); {have} cores"
+    line = f"each trial uses {threads} torch thread{'s' if threads > 1 else ''} ({have} cores, {parallel} at a time)"
+    if parallel > have:
+        line += f"; --parallel {parallel} is more than the cores: trials share them and each runs slower"
+    return line
 
 
 def driver_settings(config: str | None, overrides: list[str]) -> Settings:
@@ -112,6 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{space.direction} {space.metric}; study {name} in {redact_url(storage)}",
         flush=True,
     )
+    print(f"sweep {name}: {share_line(args.parallel)}", flush=True)
     with bus_target(settings) as target:
         return asyncio.run(_drive(target, settings, study, args, name, space))
 
@@ -130,6 +162,8 @@ async def _drive(target: BusTarget, settings: Settings, study: Any, args: argpar
         stall_after=args.stall_after,
         log_dir=Path(settings.state_dir) / "sweeps" / name,
         bus_url=",".join(target.servers),
+        threads=threads_per_trial(args.parallel),
+        progress_every=ON_A_TERMINAL if sys.stdout.isatty() else IN_A_LOG,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

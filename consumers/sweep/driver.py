@@ -28,10 +28,13 @@ from pathlib import Path
 import nats.errors
 import optuna
 from nats.aio.client import Client as NATS
-from nats.js import api
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
 
 from consumers.control_client import NoTrainer, build_command, send_command
+from consumers.sweep.clock import TrialClock
 from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
+from consumers.sweep.progress import ON_A_TERMINAL, Progress
 from consumers.sweep.space import Space
 from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_identity, record_outcome
 from runtime.bus.stream import decode
@@ -41,8 +44,6 @@ from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from schemas import EVENTS_STREAM, run_events
 
-EXIT_GRACE = 5.0
-"""Seconds after its trainer process exited for the run's last events to reach us."""
 STOP_GRACE = 60.0
 """Seconds a judged trial's trainer gets to exit by itself before it is sent SIGTERM."""
 
@@ -63,6 +64,10 @@ class SweepOptions:
     log_dir: Path = Path(".trainbus/sweeps")
     bus_url: str = ""
     """``NATS_URL`` for the trials: the bus the driver itself uses."""
+    threads: int = 0
+    """torch threads of each trial (``OMP_NUM_THREADS``), its share of the cores; 0: torch's default."""
+    progress_every: float = ON_A_TERMINAL
+    """Seconds between two progress lines while trials run."""
 
 
 @dataclass
@@ -78,6 +83,17 @@ class Running:
     @property
     def run_id(self) -> str:
         return self.watch.run_id
+
+
+def trial_env(opts: SweepOptions) -> dict[str, str]:
+    """A trial's environment: the driver's bus, and its share of the cores as torch threads
+    (unless ``OMP_NUM_THREADS`` was set by the user, which wins)."""
+    env = dict(os.environ)
+    if opts.bus_url:
+        env["NATS_URL"] = opts.bus_url
+    if opts.threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(opts.threads)
+    return env
 
 
 def frozen_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -110,6 +126,8 @@ class Sweep:
         self.bad_input: str | None = None
         self.log = get_logger(sweep=opts.name)
         self.me = driver_identity()
+        self.progress = Progress(opts.space.metric, opts.progress_every)
+        self.began = time.monotonic()
 
     def say(self, number: int, run_id: str, text: str) -> None:
         self.out(f"trial {number} (run {run_id}): {text}", flush=True)
@@ -135,6 +153,7 @@ class Sweep:
                     if item.task.done():
                         del self.running[number]
                         await self._finish(item, item.task.result())
+                self._report_progress()
         finally:
             stopper.cancel()
             for item in self.running.values():
@@ -155,6 +174,12 @@ class Sweep:
             self.out(line, flush=True)
         done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return 0 if done else 1
+
+    def _report_progress(self) -> None:
+        """Each running trial's step and latest evaluation, every ``progress_every`` seconds."""
+        now = time.monotonic()
+        if self.running and self.progress.due(now):
+            self.out(self.progress.line(self.opts.name, now - self.began), flush=True)
 
     def _adopt(self) -> None:
         """Watch every running trial of the study that has lost its driver."""
@@ -189,7 +214,7 @@ class Sweep:
             argv += ["--set", item]
         opts.log_dir.mkdir(parents=True, exist_ok=True)
         log = opts.log_dir / f"{run_id}.log"
-        env = {**os.environ, "NATS_URL": opts.bus_url} if opts.bus_url else dict(os.environ)
+        env = trial_env(opts)
         with log.open("wb") as handle:
             # its own session: Ctrl-C or a kill of the driver leaves the run going; a new driver judges it
             process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -203,6 +228,7 @@ class Sweep:
 
     async def _finish(self, item: Running, result: Outcome | None) -> None:
         """Tell Optuna the judgement; wait for the trainer to exit so the next trial gets its CPU."""
+        self.progress.drop(item.number)
         if result is None or not self._tell(item.number, result):
             # another driver watched the same run and told Optuna first (the same stream gives the
             # same judgement): nothing to add
@@ -234,61 +260,62 @@ class Sweep:
     ) -> Outcome | None:
         """Follow the run's events from ``start_seq`` until ``judge.outcome`` has a judgement
         (None: another driver of the study judged the trial first)."""
-        opts, run_id = self.opts, watch.run_id
         trial = trial_handle(self.study, number)
-        reported = set(frozen_trial(self.study, number).intermediate_values)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-        sub = await self.js.subscribe(run_events(run_id), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
+        sub = await self.js.subscribe(run_events(watch.run_id), stream=EVENTS_STREAM, ordered_consumer=True, config=config)  # fmt: skip
         loop = asyncio.get_running_loop()
-        heard = renewed = loop.time()
-        finished_at: float | None = None
-        exited_at: float | None = None
+        clock = TrialClock(loop.time(), self.opts.stall_after, self.opts.verdict_timeout)
+        followed = Followed(number, watch, trial, set(frozen_trial(self.study, number).intermediate_values), clock)
         try:
             while True:
-                try:
-                    msg = await sub.next_msg(timeout=1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    msg = None
+                msg = await _next_msg(sub)
                 now = loop.time()
-                if now - renewed >= LEASE_RENEW:
-                    renewed = now
-                    try:
-                        trial.set_user_attr("lease", time.time())
-                    except optuna.exceptions.UpdateFinishedTrialError:
-                        return None
-                if msg is not None:
-                    item = decode(msg, msg.metadata.sequence.stream)
-                    if item.event is not None:
-                        heard = now if item.event.type in TRAINER_EVENTS else heard
-                        for action in handle(item.event, watch):
-                            await self._act(action, number, watch, trial, reported)
-                    if msg.metadata.num_pending:
-                        continue  # judge on the whole stored history, not half of it
-                finished_at = (finished_at or now) if watch.finished is not None else None
-                gone = None
-                if process is not None and process.poll() is not None:
-                    exited_at = exited_at or now
-                    if now - exited_at >= EXIT_GRACE:
-                        gone = f"trainbus train exited with {process.returncode}: {_last_line(log)}"
-                elif process is None and now - heard >= opts.stall_after:
-                    gone = f"no event from its trainer for {opts.stall_after:g} s (it died without finishing)"
-                waited = finished_at is not None and now - finished_at >= opts.verdict_timeout
-                result = outcome(watch, verdict_waited=waited, gone=gone)
+                if clock.renew_due(now) and not _renew(trial):
+                    return None
+                if msg is not None and await self._take(msg, followed, now):
+                    continue  # judge on the whole stored history, not half of it
+                waited = clock.verdict_waited(now, watch.finished is not None)
+                result = outcome(watch, verdict_waited=waited, gone=self._gone(clock, now, process, log))
                 if result is not None:
-                    if waited and watch.checkpoint is not None and watch.last_verdict is None:
-                        self.log.warning(
-                            "no audit verdict on the last checkpoint; judged without one (is the audit gate running?)",
-                            run_id=run_id,
-                            waited_seconds=opts.verdict_timeout,
-                        )
+                    if waited:
+                        self._judged_without_verdict(watch)
                     return result
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _act(
-        self, action: Report | StopRun, number: int, watch: TrialWatch, trial: optuna.trial.Trial, reported: set[int]
-    ) -> None:
+    async def _take(self, msg: Msg, followed: Followed, now: float) -> bool:
+        """Take one stored message of the run; True while more are stored behind it."""
+        item = decode(msg, msg.metadata.sequence.stream)
+        if item.event is not None:
+            if item.event.type in TRAINER_EVENTS:
+                followed.clock.heard_trainer(now)
+            self.progress.saw(followed.number, item.event)
+            for action in handle(item.event, followed.watch):
+                await self._act(action, followed)
+        return bool(msg.metadata.num_pending)
+
+    def _gone(self, clock: TrialClock, now: float, process: subprocess.Popen[bytes] | None, log: Path | None) -> str | None:  # fmt: skip
+        """Why the trainer can no longer finish the run, if it cannot: its process exited, or (a
+        trial adopted from another driver) it has been silent for ``stall_after``."""
+        if process is not None:
+            if clock.exited(now, process.poll()):
+                return f"trainbus train exited with {process.returncode}: {_last_line(log)}"
+            return None
+        if clock.silent(now):
+            return f"no event from its trainer for {self.opts.stall_after:g} s (it died without finishing)"
+        return None
+
+    def _judged_without_verdict(self, watch: TrialWatch) -> None:
+        if watch.checkpoint is not None and watch.last_verdict is None:
+            self.log.warning(
+                "no audit verdict on the last checkpoint; judged without one (is the audit gate running?)",
+                run_id=watch.run_id,
+                waited_seconds=self.opts.verdict_timeout,
+            )
+
+    async def _act(self, action: Report | StopRun, followed: Followed) -> None:
+        number, watch, trial, reported = followed.number, followed.watch, followed.trial, followed.reported
         if isinstance(action, StopRun):
             await self._stop(number, watch, action.reason)
             return
@@ -323,3 +350,31 @@ async def _reap(process: subprocess.Popen[bytes]) -> None:
             process.terminate()
             deadline = loop.time() + STOP_GRACE
         await asyncio.sleep(0.5)
+
+
+@dataclass
+class Followed:
+    """One trial as its watch follows it: Optuna's handle, the steps already reported to it, its clock."""
+
+    number: int
+    watch: TrialWatch
+    trial: optuna.trial.Trial
+    reported: set[int]
+    clock: TrialClock
+
+
+async def _next_msg(sub: JetStreamContext.PushSubscription) -> Msg | None:
+    """The next stored or live message of the run, or None after a second without one."""
+    try:
+        return await sub.next_msg(timeout=1.0)
+    except (TimeoutError, nats.errors.TimeoutError):
+        return None
+
+
+def _renew(trial: optuna.trial.Trial) -> bool:
+    """Renew this driver's lease on the trial; False once the study has it finished (another driver judged it)."""
+    try:
+        trial.set_user_attr("lease", time.time())
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True

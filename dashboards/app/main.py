@@ -23,6 +23,8 @@ def pages() -> list[st.Page]:
         st.Page("views/checkpoints.py", title="Checkpoints & audit", icon=":material/verified:"),
         st.Page("views/sweep.py", title="Sweeps", icon=":material/tune:"),
         st.Page("views/tryit.py", title="Try it", icon=":material/science:"),
+        st.Page("views/queue.py", title="Queue", icon=":material/queue:"),
+        st.Page("views/newrun.py", title="New run", icon=":material/add_circle:"),
     ]
 
 

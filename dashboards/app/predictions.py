@@ -12,13 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from consumers.predict.client import SERVICE_NAME, NoService, PredictFailed, ServedAlias, predict, served_aliases
 from dashboards.app.denials import Denied
 from dashboards.app.reader import BusReader
 from runtime.errors import TrainbusError
-from schemas.predict import Answer
+from schemas.predict import Answer, MetadataValue
 from schemas.subjects import predict_subject
 
 DISCOVERY_SECONDS = 5.0
@@ -81,21 +81,23 @@ def aliases_of(discovery: Discovery | None) -> tuple[list[ServedAlias] | None, s
 
 @dataclass(frozen=True)
 class Asked:
-    """A text this session sent to an alias, and the future of the answer."""
+    """A text this session sent to an alias (with the metadata picked, if any), and the future of the answer."""
 
     alias: str
     text: str
     rationale: bool
     future: concurrent.futures.Future[list[Answer]]
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
-def ask(reader: BusReader, alias: str, text: str, *, rationale: bool) -> Asked:
-    """Send ``text`` to the predictor serving ``alias``."""
+def ask(reader: BusReader, alias: str, text: str, *, rationale: bool, metadata: dict[str, str] | None = None) -> Asked:
+    """Send ``text`` to the predictor serving ``alias``, with ``metadata`` as `trainbus predict --metadata` sends it."""
+    picked: dict[str, MetadataValue] = dict(metadata or {})
     future = reader.submit(
-        lambda nc: predict(nc, alias, [text], rationale=rationale, timeout=PREDICT_TIMEOUT),
+        lambda nc: predict(nc, alias, [text], metadata=picked, rationale=rationale, timeout=PREDICT_TIMEOUT),
         publishes=[predict_subject(alias)],
     )
-    return Asked(alias, text, rationale, future)
+    return Asked(alias, text, rationale, future, dict(metadata or {}))
 
 
 @dataclass(frozen=True)

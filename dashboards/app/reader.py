@@ -4,7 +4,7 @@ One ``BusReader`` serves every browser session of a dashboard server process (th
 in ``st.cache_resource``). Its thread owns an asyncio loop and the only NATS connection: it
 replays ``TRAINBUS_EVENTS`` from the start with an ordered consumer, then follows live events,
 folding each into ``DashboardState`` under a lock; it also watches the audit gate's ``best``
-pointers. Pages call ``overview()`` / ``run()`` for immutable snapshots and never wait on the
+pointers and the launch queue's buckets (``dashboards.app.queue``). Pages call ``overview()`` / ``run()`` for immutable snapshots and never wait on the
 network. A lost bus is retried forever (``bus_status`` says so for the banner); after a
 reconnect the consumer resumes from the last stream sequence it applied. JetStream delivers
 nothing when a run is purged (`trainbus runs rm`), so the reader looks at the stream's message
@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from dashboards.app.denials import Denials
+from dashboards.app.queue import QueueSnapshot, QueueWatch
 from dashboards.app.snapshot import RunSnapshot, RunSummary, snapshot_run, summarise
 from dashboards.app.state import DashboardState, count_invalid, count_newer, forget, handle
 from runtime.bus.connect import BusTarget, Credentials, connect
@@ -115,6 +116,7 @@ class BusReader:
         self._replay_started = 0.0
         self._stored = (0, 0)
         """(last stream sequence, messages) at the last look: messages gone missing mean a purge."""
+        self._queue = QueueWatch()
 
     # ---- page side (any thread) ---------------------------------------------------------
 
@@ -158,6 +160,10 @@ class BusReader:
                 return cached
             snap = self._snapshots[run_id] = snapshot_run(view, best)
             return snap
+
+    def queue(self) -> QueueSnapshot:
+        """The launch queue's jobs and agents as last seen."""
+        return self._queue.snapshot()
 
     def bus_status(self) -> BusStatus:
         with self._lock:
@@ -237,6 +243,7 @@ class BusReader:
         watchers = [
             asyncio.ensure_future(self._watch_best(js, stop)),
             asyncio.ensure_future(self._watch_purges(js, stop)),
+            asyncio.ensure_future(self._queue.run(js, stop)),
         ]
         sub = None
         try:

@@ -16,9 +16,9 @@ import pandas as pd
 from dashboards.app.rows import CommandRow, EvalPoint, LoadRow
 from dashboards.app.snapshot import RunSnapshot, RunSummary
 from dashboards.app.state import EVAL_METRICS
-from runtime.lifecycle import shown_state
+from runtime.lifecycle import RUN_STATES, shown_state
 
-STATES = ("running", "paused", "stalled", "stopping", "completed", "stopped", "failed", "unknown")
+STATES = RUN_STATES
 """Every state a run can be shown in, in filter order."""
 STATE_ICONS = {
     "running": ":material/play_circle:",

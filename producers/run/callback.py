@@ -11,7 +11,8 @@ then starts offline (events wait in the outbox, the connection is retried in the
 Commands received on ``trainbus.control.<run_id>`` are applied at the next step boundary on every rank. Only rank 0
 publishes. However the run ends — completed, a crash in ``train()``, interpreter exit, SIGTERM —
 it publishes ``run.finished`` and flushes (see ``producers.run.exits``); every command accepted but
-not applied by then is answered ``rejected`` (``finished``).
+not applied by then is answered ``rejected`` (``finished``). A checkpoint, once announced, is never
+written again: a second save at its step points to it, and ``stop`` without save saves nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import torch
@@ -36,6 +39,7 @@ from producers.run import hyperparams
 from producers.run.control_inbox import ControlChannel, internal_stop, result_fields
 from producers.run.distributed import release_command_group, share_commands, world
 from producers.run.exits import ExitGuard, wrap_train
+from producers.run.fencing import launch_tag
 from producers.run.publishing import open_bus
 from runtime.checkpoints import fingerprint
 from runtime.publish.sinks import EventSink, NullSink, Stamper
@@ -50,6 +54,7 @@ from schemas import (
     RunFinished,
     RunStarted,
     RunState,
+    Stop,
     SweepTag,
     TrainStep,
 )
@@ -66,7 +71,23 @@ _EVAL_FIELDS = (
     "num_samples",
     "num_abstained",
     "perplexity",
+    "text_only_accuracy",
+    "text_only_abstain_rate",
 )
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The step boundary a command is applied at: what the Trainer's hooks pass."""
+
+    args: TrainingArguments
+    state: TrainerState
+    control: TrainerControl
+    kwargs: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.state.global_step
 
 
 def _finite(value: Any) -> float:
@@ -102,6 +123,7 @@ class TrainbusCallback(TrainerCallback):
         data_fingerprint: str = "",
         outbox_dir: Path | None = None,
         sweep: SweepTag | None = None,
+        metadata_seen: dict[str, list[str]] | None = None,
     ) -> None:
         self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.rank, self.world_size = world()
@@ -116,6 +138,7 @@ class TrainbusCallback(TrainerCallback):
         self.data_fingerprint = data_fingerprint
         self.outbox_dir = outbox_dir
         self.sweep = sweep
+        self.metadata_seen = metadata_seen or {}
         self.trainer: Trainer | None = None
         self.phase = "starting"
         self.paused = False
@@ -133,6 +156,9 @@ class TrainbusCallback(TrainerCallback):
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._step = 0
+        self._saved: dict[int, tuple[str, str]] = {}
+        """Steps saved in this attempt: (path, sha256) of the checkpoint announced there (sha256 on rank 0 only)."""
+        self._rate_set_at: int | None = None  # the step whose boundary last applied a new learning rate
         self._exit_guard = ExitGuard(self._ended)
         if channel is not None:
             channel.on_reply = self._on_reply
@@ -192,6 +218,8 @@ class TrainbusCallback(TrainerCallback):
             resumed_from_step=state.global_step or None,
             host=socket.gethostname(),
             sweep=self.sweep,
+            launch=launch_tag(os.environ),
+            metadata_seen=self.metadata_seen,
         )
         self.phase = "training"
         self._last_log = (time.monotonic(), state.global_step, state.num_input_tokens_seen or 0)
@@ -259,12 +287,16 @@ class TrainbusCallback(TrainerCallback):
         tokens = state.num_input_tokens_seen or 0
         samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world_size
         self._last_log = (now, state.global_step, tokens)
+        learning_rate = logs.get("learning_rate")
+        if self._rate_set_at == state.global_step and kwargs.get("optimizer") is not None:
+            # the Trainer read the rate before a `set` at this boundary rescaled it: report what the next step uses
+            learning_rate = hyperparams.next_learning_rate(kwargs["optimizer"])
         self.emit(
             TrainStep,
             step=state.global_step,
             epoch=_finite(state.epoch),
             loss=_finite(logs.get("loss")),
-            learning_rate=_finite(logs.get("learning_rate")),
+            learning_rate=_finite(learning_rate),
             grad_norm=_finite(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             tokens_per_second=(tokens - last_tokens) / dt if tokens else 0.0,
             samples_per_second=samples / dt,
@@ -296,12 +328,12 @@ class TrainbusCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._off_training()
-        if not self.is_publisher:
-            return
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
+        self._saved[state.global_step] = (str(folder), "")  # every rank: they all skip a second save alike
+        if not self.is_publisher or not folder.is_dir():
             return
         digest, size = fingerprint(folder)
+        self._saved[state.global_step] = (str(folder), digest)
         trigger = self._pending_trigger.pop("save", "scheduled")
         metrics = dict(self.latest_eval)
         self.emit(
@@ -344,6 +376,21 @@ class TrainbusCallback(TrainerCallback):
         self._in_pause = False
         self._mark = time.monotonic()
         self._not_training += self._mark - paused_at
+        self._no_second_save(state, control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._no_second_save(state, control)  # the Trainer saves once more after its loop ends
+
+    def _no_second_save(self, state: TrainerState, control: TrainerControl) -> None:
+        """Cancel the save the Trainer is about to make when this step was saved already (a checkpoint,
+        once announced, is never rewritten: its sha256 would no longer hold) or after ``stop --no-save``
+        (which saves nothing, even at a ``save_steps`` boundary)."""
+        no_save = isinstance(self.stop_command, Stop) and not self.stop_command.save
+        if control.should_save and (no_save or state.global_step in self._saved):
+            control.should_save = False
+            self._pending_trigger.pop("save", None)
 
     def _off_training(self) -> None:
         """An evaluation or a save just ended: the time since the last mark was not training
@@ -372,44 +419,67 @@ class TrainbusCallback(TrainerCallback):
         control: TrainerControl,
         kwargs: dict[str, Any],
     ) -> None:
-        step = state.global_step
-        kind = command.type
-        if kind == "pause":
-            self.paused, self.phase = True, "paused"
-            self.emit(RunState, state="paused", step=step, reason=command.reason or f"pause by {command.issued_by}")
-        elif kind == "resume":
-            self.paused, self.phase = False, "training"
-            self.emit(RunState, state="running", step=step, reason=command.reason or f"resume by {command.issued_by}")
-        elif kind == "stop":
-            self.stop_command, self.paused, self.phase = command, False, "stopping"
-            control.should_training_stop = True
-            if command.save:  # type: ignore[union-attr]
-                control.should_save = True
-                self._pending_trigger["save"] = "signal" if command.issued_by == "trainbus" else "command"
-            self.emit(RunState, state="stopping", step=step, reason=command.reason or f"stop by {command.issued_by}")
-        elif kind == "save_checkpoint":
-            self._pending_trigger["save"] = "command"
-            if self.paused and self.trainer is not None:
-                self.phase = "saving"
-                self.trainer._save_checkpoint(self.trainer.model, trial=None)  # type: ignore[arg-type]
-                self.on_save(args, state, control)
-                self.phase = "paused"
-            else:
-                control.should_save = True
-        elif kind == "evaluate":
-            self._pending_trigger["evaluate"] = "command"
-            if self.paused and self.trainer is not None:
-                self.trainer.evaluate()
-            else:
-                control.should_evaluate = True
-        elif kind == "set":
-            changes = command.changes()  # type: ignore[union-attr]
-            effective = hyperparams.apply(changes, args, state, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-            if self.on_hyperparameters is not None:
-                self.on_hyperparameters(effective)
-            self._applied(command, step, effective)
-            return
-        self._applied(command, step)
+        applied = self._HANDLERS[command.type](self, command, Boundary(args, state, control, kwargs))
+        self._applied(command, state.global_step, applied)
+
+    def _pause(self, command: Command, at: Boundary) -> None:
+        self.paused, self.phase = True, "paused"
+        self.emit(RunState, state="paused", step=at.step, reason=command.reason or f"pause by {command.issued_by}")
+
+    def _resume(self, command: Command, at: Boundary) -> None:
+        self.paused, self.phase = False, "training"
+        self.emit(RunState, state="running", step=at.step, reason=command.reason or f"resume by {command.issued_by}")
+
+    def _stop(self, command: Command, at: Boundary) -> None:
+        self.stop_command, self.paused, self.phase = command, False, "stopping"
+        at.control.should_training_stop = True
+        if command.save:  # type: ignore[union-attr]
+            at.control.should_save = True
+            self._pending_trigger["save"] = "signal" if command.issued_by == "trainbus" else "command"
+        self.emit(RunState, state="stopping", step=at.step, reason=command.reason or f"stop by {command.issued_by}")
+
+    def _save(self, command: Command, at: Boundary) -> dict[str, Any] | None:
+        """``save_checkpoint``: at once while paused (training will not reach the Trainer's save), else at
+        this step boundary. A step saved already is not saved again: the result points to its checkpoint."""
+        if at.step in self._saved:
+            path, sha256 = self._saved[at.step]
+            return {"checkpoint": path, "sha256": sha256, "already_saved": True}
+        self._pending_trigger["save"] = "command"
+        if self.paused and self.trainer is not None:
+            self.phase = "saving"
+            self.trainer._save_checkpoint(self.trainer.model, trial=None)  # type: ignore[arg-type]
+            self.on_save(at.args, at.state, at.control)
+            self.phase = "paused"
+        else:
+            at.control.should_save = True
+        return None
+
+    def _evaluate(self, command: Command, at: Boundary) -> None:
+        self._pending_trigger["evaluate"] = "command"
+        if self.paused and self.trainer is not None:
+            self.trainer.evaluate()
+        else:
+            at.control.should_evaluate = True
+
+    def _set(self, command: Command, at: Boundary) -> dict[str, Any]:
+        changes = command.changes()  # type: ignore[union-attr]
+        optimizer, scheduler = at.kwargs.get("optimizer"), at.kwargs.get("lr_scheduler")
+        effective = hyperparams.apply(changes, at.args, at.state, optimizer, scheduler)
+        if "learning_rate" in effective:
+            self._rate_set_at = at.step
+        if self.on_hyperparameters is not None:
+            self.on_hyperparameters(effective)
+        return effective
+
+    _HANDLERS: ClassVar[dict[str, Callable[[TrainbusCallback, Command, Boundary], dict[str, Any] | None]]] = {
+        "pause": _pause,
+        "resume": _resume,
+        "stop": _stop,
+        "save_checkpoint": _save,
+        "evaluate": _evaluate,
+        "set": _set,
+    }
+    """What each command does at a step boundary; the dict returned (``set``) goes into its ``applied`` result."""
 
     on_hyperparameters: Any = None
     """Called with the effective values after ``set`` (``trainbus train`` persists them for --resume)."""

@@ -16,6 +16,7 @@ def register_train(sub: Any) -> None:
     p.add_argument(
         "config",
         nargs="?",
+        type=packaged,
         help="run config YAML, e.g. configs/tiny.yaml (trainbus's own configs/ are found from any folder; "
         "optional with --resume, which uses the run's own config)",
     )
@@ -61,15 +62,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--from-checkpoint and --from-approved choose where --resume RUN_ID continues")
     if args.config is None and not args.resume:
         raise ConfigError("a run config is needed, e.g. trainbus train configs/tiny.yaml")
-    config = packaged(args.config) if args.config is not None else None
     from producers.config import RunConfig
     from producers.run.arguments import check_training
     from producers.run.resume import restore_config
 
     if args.resume:
-        cfg = restore_config(config, args.overrides, args.resume, check=check_training)
+        cfg = restore_config(args.config, args.overrides, args.resume, check=check_training)
     else:
-        cfg = load_config(RunConfig, config, args.overrides, check=check_training)
+        cfg = load_config(RunConfig, args.config, args.overrides, check=check_training)
     setup_logging(cfg.log.level, cfg.log.format)
     quiet_libraries(cfg)
     if args.offline_ok:

@@ -9,11 +9,11 @@ at the next step boundary. Every first reply also goes into the event stream as 
 ``command.result``, before the command can be applied. When the run ends, ``close`` hands back
 the commands accepted but never applied, so that each gets an outcome.
 
-Where the two halves meet is a link: ``LocalLink`` when the bus connection is a thread of the
-training process, ``PipeLink`` when it is the training run's sidecar process (``runtime.publish.process``):
-then the sidecar's channel decides and writes accepted commands to a pipe, the training
-process's channel reads them, and the state both decide on (step, paused or stopping, finished)
-is the journal's shared state, changed under the journal's lock.
+Where the two halves meet is a link: ``LocalLink`` when both are in one process (a run without a bus,
+tests), ``PipeLink`` when the bus connection is the training run's publisher process
+(``runtime.publish.process``): then the publisher process's channel decides and writes accepted
+commands to a pipe, the training process's channel reads them, and the state both decide on
+(step, paused or stopping, finished) is the journal's shared state, changed under the journal's lock.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ class LocalLink:
 
 
 class PipeLink:
-    """The training process and its sidecar: commands on a pipe, the rest in the journal's shared state.
+    """The training process and its publisher process: commands on a pipe, the rest in the journal's shared state.
 
-    The sidecar only writes (``write_fd``); the training process reads (``read_fd``) and writes the
+    The publisher process only writes (``write_fd``); the training process reads (``read_fd``) and writes the
     commands it issues itself (a SIGTERM's stop). A command is accepted only if the pipe has room for
     it, so a write never blocks while the journal lock is held. Each write also counts in the shared
     state, so the training thread's ``receive`` at a step boundary is one read of shared memory

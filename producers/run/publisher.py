@@ -9,12 +9,15 @@ from stdin; nothing here imports torch.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from producers.run.control_inbox import ControlChannel, PipeLink, result_fields
+from producers.run.fencing import Fence, fence_stop, launched_by
 from runtime.publish.journal import Journal
-from runtime.publish.process import JournalSink, Responders, Spec, serve
+from runtime.publish.process import JournalSink, Listeners, Responders, Spec, serve
 from runtime.publish.sinks import Stamper
 from schemas import Command, CommandReply, CommandResult, control_subject
 
@@ -25,7 +28,7 @@ def main() -> int:
     run_id = spec.run_id
 
     def responders(sink: JournalSink) -> Responders:
-        if spec.commands_fd < 0:  # a publisher without a control channel
+        if spec.commands_fd < 0:  # a publisher process without a control channel
             return {}
         stamper = Stamper(sink, run_id, attempt=None)  # the trainer's attempt, from the shared state
 
@@ -40,9 +43,18 @@ def main() -> int:
                 return channel.refuse(data, "finished", "the run's training process has ended")
             return channel.handle(data)
 
+        channels.append(channel)
         return {control_subject(run_id): handle}
 
-    return serve(spec, journal, responders)
+    def listeners(connected: Callable[[], bool]) -> Listeners:
+        agent = launched_by(os.environ)
+        if agent is None or not channels:  # started by hand: nobody else may start this run
+            return {}
+        stop = fence_stop(channels[0], run_id)
+        return Fence(run_id, agent, lambda: journal.attempt, stop, connected).listeners()
+
+    channels: list[ControlChannel] = []
+    return serve(spec, journal, responders, listeners)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """``open_bus``: the run's publisher process, with the control responder, on the bus every command finds.
 
-The training process keeps none of the bus: ``SidecarSink`` (``runtime.publish.sink``) appends events to
-the run's outbox file and a sidecar process (``producers.run.publisher``) publishes them and answers
-commands, which reach the training thread through ``channel`` (its link becomes a ``PipeLink``).
-Used by ``trainbus train`` (which fails fast when the bus is unreachable, unless
+The training process keeps none of the bus: ``PublisherSink`` (``runtime.publish.sink``) appends events
+to the run's outbox file and the run's publisher process (``producers.run.publisher``) publishes them
+and answers commands, which reach the training thread through ``channel`` (its link becomes a
+``PipeLink``). Used by ``trainbus train`` (which fails fast when the bus is unreachable, unless
 ``publish.offline_ok``) and by ``TrainbusCallback`` in someone's own script (which always may
 start offline).
 """
@@ -15,8 +15,11 @@ from pathlib import Path
 
 from producers.run.control_inbox import ControlChannel, PipeLink
 from runtime.bus.connect import resolve_target
-from runtime.publish.sink import SidecarSink
+from runtime.publish.sink import WINDOW_S, PublisherSink
 from runtime.settings import Settings
+
+PUBLISHER = [sys.executable, "-m", "producers.run.publisher"]
+"""How a training run starts its publisher process."""
 
 
 def open_bus(
@@ -24,27 +27,25 @@ def open_bus(
     settings: Settings,
     outbox_path: Path,
     channel: ControlChannel | None,
-    memory_limit: int = 10_000,
     *,
     offline_ok: bool = False,
-) -> SidecarSink:
+    window: float = WINDOW_S,
+) -> PublisherSink:
     """Start the run's publisher process (and its control responder); ``BusUnavailable`` if the bus is
     unreachable, unless ``offline_ok``: then it starts offline and connects in the background.
-
-    ``memory_limit`` is kept for callers: every event is in the outbox file from the start now.
-    """
-    del memory_limit
+    ``window``: seconds an event that may wait waits for others (``runtime.publish.window``)."""
     target = resolve_target(settings)
-    sink = SidecarSink(
+    sink = PublisherSink(
         target,
         settings,
         outbox_path=outbox_path,
-        argv=[sys.executable, "-m", "producers.run.publisher"],
+        argv=PUBLISHER,
         run_id=run_id,
         name=f"trainbus-{run_id}",
         control=channel is not None,
         offline_ok=offline_ok,
         owns_server=True,  # an embedded server started for this run stops with it; its store keeps the events
+        window=window,
     )
     try:
         sink.start()

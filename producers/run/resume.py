@@ -4,7 +4,8 @@ A resumed run trains with the config its first attempt wrote to ``trainbus-run.j
 ``--set`` overrides included); only the shared settings (where the bus is, logging) come from
 this command, and ``--set`` or ``TRAINBUS_*`` variables given now change it on top. It continues
 from its newest checkpoint, or ``--from-checkpoint STEP``, or ``--from-approved`` (the newest one
-the audit gate approved), and says which, with the audit gate's verdict on it.
+the audit gate approved), and says which, with the audit gate's verdict on it. A checkpoint
+whose files no longer hash to the sha256 of its ``checkpoint`` event is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import nats.js.errors
 from producers.config import RunConfig
 from runtime.bus.connect import bus_target, connected
 from runtime.bus.stream import replay
-from runtime.checkpoints import checkpoint_folders
+from runtime.checkpoints import changed_since_announced, checkpoint_folders
 from runtime.errors import BusUnavailable, ConfigError, NotFound
 from runtime.settings import SHARED_SECTIONS, Problem, layers, validate_layers
 from schemas import AuditVerdict, Checkpoint, check_run_id, event_subject
@@ -62,6 +63,16 @@ class ResumeFrom:
 
 
 @dataclass(frozen=True)
+class Saved:
+    """What the stream says of a run's checkpoints, by step: the newest ``checkpoint`` event saved
+    there (a later attempt that saved at the same step replaced the folder) and the audit gate's
+    verdict on that event."""
+
+    checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
+    verdicts: dict[int, AuditVerdict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Resume:
     """Where a resumed run continues: the checkpoint folder and what the audit gate said of it."""
 
@@ -71,29 +82,31 @@ class Resume:
     verdicts_known: bool
 
 
-async def _verdicts(cfg: RunConfig, run_id: str) -> dict[int, AuditVerdict]:
+async def _saved(cfg: RunConfig, run_id: str) -> Saved:
     with bus_target(cfg, announce=False) as target:
         async with connected(target, cfg, name="trainbus-resume") as nc:
             js = nc.jetstream()
-            newest: dict[int, str] = {}  # step -> event id of the newest checkpoint saved there
+            saved = Saved()
             judged: dict[str, AuditVerdict] = {}
             try:
                 async for item in replay(js, event_subject(run_id, "checkpoint")):
                     if isinstance(item.event, Checkpoint):
-                        newest[item.event.step] = item.event.event_id
+                        saved.checkpoints[item.event.step] = item.event
                 async for item in replay(js, event_subject(run_id, "audit.verdict")):
                     if isinstance(item.event, AuditVerdict):
                         judged[item.event.checkpoint_event_id] = item.event
             except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
-                pass  # no stream: nothing was judged
-            # a later attempt that saved at the same step replaced the folder: an older verdict is not about it
-            return {step: judged[event_id] for step, event_id in newest.items() if event_id in judged}
+                pass  # no stream: nothing was saved or judged
+            for step, event in saved.checkpoints.items():
+                if event.event_id in judged:  # an older verdict at this step is about files no longer there
+                    saved.verdicts[step] = judged[event.event_id]
+            return saved
 
 
-def read_verdicts(cfg: RunConfig, run_id: str) -> dict[int, AuditVerdict] | None:
-    """The audit gate's verdicts on the run's checkpoints by step; None when the bus cannot say."""
+def read_saved(cfg: RunConfig, run_id: str) -> Saved | None:
+    """The run's checkpoint events and the audit gate's verdicts by step; None when the bus cannot say."""
     try:
-        return asyncio.run(_verdicts(cfg, run_id))
+        return asyncio.run(_saved(cfg, run_id))
     except (BusUnavailable, TimeoutError, nats.errors.Error):
         return None
 
@@ -101,34 +114,49 @@ def read_verdicts(cfg: RunConfig, run_id: str) -> dict[int, AuditVerdict] | None
 def choose_checkpoint(
     run_id: str,
     run_dir: Path,
-    verdicts: dict[int, AuditVerdict] | None,
+    saved: Saved | None,
     *,
     from_step: int | None = None,
     from_approved: bool = False,
 ) -> Resume:
-    """The checkpoint a resumed run continues from (see the module docstring); ``verdicts`` by
-    step as ``read_verdicts`` gives them (None: unknown)."""
+    """The checkpoint a resumed run continues from (see the module docstring); ``saved`` as
+    ``read_saved`` gives it (None: unknown). Files that no longer hash to what their ``checkpoint``
+    event announced are refused."""
     folders = checkpoint_folders(run_dir)
     if not folders:
         raise NotFound(f"--resume {run_id}: {run_dir} has no checkpoint-* folder to continue from")
+    step = _step(run_id, run_dir, folders, saved, from_step, from_approved)
+    event = saved.checkpoints.get(step) if saved is not None else None
+    changed = changed_since_announced(folders[step], event.sha256, event.event_id) if event is not None else None
+    if changed is not None:
+        raise ConfigError(f"--resume {run_id}: {changed}")
+    verdict = saved.verdicts.get(step) if saved is not None else None
+    return Resume(folders[step], step, verdict, saved is not None)
+
+
+def _step(
+    run_id: str,
+    run_dir: Path,
+    folders: dict[int, Path],
+    saved: Saved | None,
+    from_step: int | None,
+    from_approved: bool,
+) -> int:
     steps = ", ".join(map(str, folders))
     if from_approved:
-        if verdicts is None:
+        if saved is None:
             raise BusUnavailable("--from-approved: the bus cannot be reached to read the audit gate's verdicts")
-        approved = [step for step in folders if (v := verdicts.get(step)) is not None and v.verdict == "approved"]
+        approved = [step for step in folders if (v := saved.verdicts.get(step)) is not None and v.verdict == "approved"]
         if not approved:
             raise NotFound(
                 f"--from-approved: the audit gate approved none of the checkpoints of {run_id} (steps {steps})"
             )
-        step = approved[-1]
-    elif from_step is not None:
+        return approved[-1]
+    if from_step is not None:
         if from_step not in folders:
             raise NotFound(f"--from-checkpoint {from_step}: no checkpoint-{from_step} in {run_dir} (steps: {steps})")
-        step = from_step
-    else:
-        step = max(folders)
-    verdict = verdicts.get(step) if verdicts is not None else None
-    return Resume(folders[step], step, verdict, verdicts is not None)
+        return from_step
+    return max(folders)
 
 
 def check_room(run_id: str, resume: Resume, max_steps: int) -> None:

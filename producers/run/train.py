@@ -12,7 +12,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -28,11 +28,11 @@ from producers.run.control_inbox import ControlChannel
 from producers.run.distributed import agree, init_if_launched, main_process_first, world
 from producers.run.progress import Progress
 from producers.run.publishing import open_bus
-from producers.run.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_verdicts
+from producers.run.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_saved
 from producers.task.chat import ChatDataset, Perplexity, use_chat_template
 from producers.task.chatdata import parse_conversation, write_chat_sample
-from producers.task.data import data_fingerprint, read_examples, read_jsonl
-from producers.task.encoding import EncodedDataset, PadCollator
+from producers.task.data import data_fingerprint, metadata_seen, read_examples, read_jsonl
+from producers.task.encoding import EncodedDataset, EpochDraws, PadCollator
 from producers.task.evaluation import ClassificationEval
 from producers.task.labels import LabelSet, load_labels
 from producers.task.model import (
@@ -137,20 +137,21 @@ def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom)
     rank = world()[0]
     chosen = None
     if rank == 0:
-        verdicts = read_verdicts(cfg, run_id)
-        chosen = choose_checkpoint(run_id, run_dir, verdicts, from_step=asked.step, from_approved=asked.approved)
+        saved = read_saved(cfg, run_id)
+        chosen = choose_checkpoint(run_id, run_dir, saved, from_step=asked.step, from_approved=asked.approved)
         announce(chosen, get_logger(run_id=run_id))
     step = int(agree(str(chosen.step) if chosen is not None else None) or 0)
     return chosen if chosen is not None else choose_checkpoint(run_id, run_dir, None, from_step=step)
 
 
-def task_data(prep: Prepared, tokenizer: Any) -> tuple[Dataset[Any], Dataset[Any] | None, TrainerCallback]:
-    """The task's training and evaluation sets, and the callback that adds its metrics to each evaluation."""
+def task_data(prep: Prepared, tokenizer: Any) -> tuple[Dataset[Any], Dataset[Any] | None, list[TrainerCallback]]:
+    """The task's training and evaluation sets, and the callbacks that go with them: the one that
+    adds the task's metrics to each evaluation (and, classify, the one that draws each epoch's prompts)."""
     d = prep.cfg.data
     if prep.labels is None:
         use_chat_template(tokenizer, d.chat_template)
         valid = ChatDataset(prep.validation, tokenizer, d.max_length) if prep.validation else None
-        return ChatDataset(prep.train, tokenizer, d.max_length), valid, Perplexity()
+        return ChatDataset(prep.train, tokenizer, d.max_length), valid, [Perplexity()]
     evaluator = ClassificationEval(
         prep.validation,
         tokenizer,
@@ -160,7 +161,11 @@ def task_data(prep: Prepared, tokenizer: Any) -> tuple[Dataset[Any], Dataset[Any
         max_length=d.max_length,
     )
     encoded = EncodedDataset(prep.validation, tokenizer, d.system_prompt, d.max_length) if prep.validation else None
-    return EncodedDataset(prep.train, tokenizer, d.system_prompt, d.max_length), encoded, evaluator
+    train = EncodedDataset(
+        prep.train, tokenizer, d.system_prompt, d.max_length,
+        metadata_dropout=d.metadata_dropout, seed=prep.cfg.training.seed,
+    )  # fmt: skip
+    return train, encoded, [evaluator, EpochDraws(train)]
 
 
 def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
@@ -172,7 +177,7 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
     model, tokenizer = load_model_and_tokenizer(cfg.model, path)
     set_seed(cfg.training.seed)
     model = apply_adapter(model, cfg.adapter, cfg.training.max_steps)
-    train_ds, eval_ds, evaluator = task_data(prep, tokenizer)
+    train_ds, eval_ds, task_callbacks = task_data(prep, tokenizer)
     args = training_arguments(cfg, prep.run_dir)
     if eval_ds is None and args.eval_strategy != "no":
         raise ConfigError("training.eval_steps: set, but data.validation_file is empty or unset")
@@ -183,7 +188,7 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[*adapter_callbacks(model), evaluator, *callbacks],
+        callbacks=[*adapter_callbacks(model), *task_callbacks, *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log as a Python dict; Progress shows them
     return trainer
@@ -206,12 +211,77 @@ def run_callback(
         adapter=cfg.adapter.method,
         data_fingerprint=prep.fingerprint,
         sweep=sweep,
+        metadata_seen=metadata_seen(prep.train) if prep.labels is not None else {},
     )
+
+
+LIVE_NAMES = ("learning_rate", "max_grad_norm", "weight_decay", "logging_steps", "eval_steps", "save_steps")
+"""What `trainbus ctl set` may change; a resumed attempt starts from the values last set."""
 
 
 def _live_overrides(run_dir: Path) -> dict[str, Any]:
     path = run_dir / LIVE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _live_values(prep: Prepared, resume: ResumeFrom | None) -> dict[str, Any]:
+    """A resumed attempt trains with the values an earlier one was `set` to: put into the config
+    before anything reads it (``run.started``, the run file, the Trainer's arguments)."""
+    live = _live_overrides(prep.run_dir) if resume else {}
+    for name in LIVE_NAMES:
+        if name in live:
+            setattr(prep.cfg.training, name, live[name])
+    return live
+
+
+def _remembering(run_dir: Path, live: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """What the callback calls after each `set`: the values are written down for a later --resume."""
+
+    def remember(effective: dict[str, Any]) -> None:
+        live.update({k: v for k, v in effective.items() if k != "current_learning_rate"})
+        (run_dir / LIVE_FILE).write_text(json.dumps(live))
+
+    return remember
+
+
+def _open_run(prep: Prepared, rank: int) -> tuple[EventSink, ControlChannel | None]:
+    """Rank 0's bus (unless publishing is off) and control channel, and the run file a resume reads."""
+    if rank != 0:
+        return NullSink(), None
+    cfg = prep.cfg
+    channel = ControlChannel(prep.run_id)
+    sink = _bus_sink(prep, cfg, channel)
+    record = {"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}
+    (prep.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    return sink, channel
+
+
+def _catch_signals(callback: TrainbusCallback) -> dict[int, Any]:
+    """SIGTERM and SIGINT become a stop at the next step boundary; returns the handlers to put back."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        callback.signal_name = signal.Signals(signum).name
+
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _fit(prep: Prepared, callback: TrainbusCallback, others: list[TrainerCallback], log: Any) -> str:
+    """Build the Trainer and train; how the run ended (``completed`` or ``stopped``). A failure ends
+    the run as ``failed`` with its reason and raises a ``TrainbusError`` (one line, no traceback)."""
+    try:
+        trainer = build_trainer(prep, [callback, *others])
+        callback.trainer = trainer
+        log.info("training", run_dir=str(prep.run_dir), max_steps=prep.cfg.training.max_steps)
+        trainer.train(resume_from_checkpoint=str(prep.resume_from.path) if prep.resume_from else None)
+    except TrainbusError as exc:
+        callback.finish("failed", reason="invalid input", error=str(exc))
+        raise
+    except Exception as exc:
+        summary = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        callback.finish("failed", reason="error", error=summary)
+        log.error("training failed", error=summary, traceback=traceback.format_exc(limit=5))
+        raise TrainbusError(f"training failed: {summary} (run folder {prep.run_dir})") from None
+    return "stopped" if callback.stop_command is not None else "completed"
 
 
 def run(
@@ -227,52 +297,16 @@ def run(
     init_if_launched()
     prep = prepare(cfg, run_id=run_id, resume=resume)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
-    live = _live_overrides(prep.run_dir) if resume else {}
-    for name in ("learning_rate", "max_grad_norm", "weight_decay", "logging_steps", "eval_steps", "save_steps"):
-        if name in live:
-            setattr(cfg.training, name, live[name])
+    live = _live_values(prep, resume)
     rank, _ = world()
-    channel = ControlChannel(prep.run_id) if rank == 0 else None
-    sink: EventSink = NullSink()
-    if rank == 0 and cfg.publish.enabled:
-        sink = open_bus(
-            prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel, cfg.publish.memory_limit,
-            offline_ok=cfg.publish.offline_ok,
-        )  # fmt: skip
-    if rank == 0:
-        (prep.run_dir / RUN_FILE).write_text(
-            json.dumps(
-                {"run_id": prep.run_id, "attempt": prep.attempt, "config": cfg.model_dump(mode="json")}, indent=2
-            )
-        )
+    sink, channel = _open_run(prep, rank)
     callback = run_callback(prep, sink, channel, sweep)
-
-    def remember(effective: dict[str, Any]) -> None:
-        live.update({k: v for k, v in effective.items() if k != "current_learning_rate"})
-        (prep.run_dir / LIVE_FILE).write_text(json.dumps(live))
-
-    callback.on_hyperparameters = remember
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        callback.signal_name = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    callback.on_hyperparameters = _remembering(prep.run_dir, live)
+    previous = _catch_signals(callback)
+    others = [*callbacks] if rank else [Progress(log, terminal=console_output(cfg.log.format)), *callbacks]
     ended = "failed"
-    progress = Progress(log, terminal=console_output(cfg.log.format))
     try:
-        trainer = build_trainer(prep, [callback, *(callbacks if rank else [progress, *callbacks])])
-        callback.trainer = trainer
-        log.info("training", run_dir=str(prep.run_dir), max_steps=cfg.training.max_steps)
-        trainer.train(resume_from_checkpoint=str(prep.resume_from.path) if prep.resume_from else None)
-        ended = "stopped" if callback.stop_command is not None else "completed"
-    except TrainbusError as exc:
-        callback.finish("failed", reason="invalid input", error=str(exc))
-        raise
-    except Exception as exc:
-        summary = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        callback.finish("failed", reason="error", error=summary)
-        log.error("training failed", error=summary, traceback=traceback.format_exc(limit=5))
-        raise TrainbusError(f"training failed: {summary} (run folder {prep.run_dir})") from None
+        ended = _fit(prep, callback, others, log)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -281,6 +315,16 @@ def run(
         if rank == 0:
             print(summary_line(prep, ended, stats), flush=True)
     return 0
+
+
+def _bus_sink(prep: Prepared, cfg: RunConfig, channel: ControlChannel | None) -> EventSink:
+    """The run's publisher process on rank 0 (the one with a control channel) when publishing is on; else a null sink."""
+    if channel is None or not cfg.publish.enabled:
+        return NullSink()
+    return open_bus(
+        prep.run_id, cfg, prep.run_dir / "outbox.jsonl", channel,
+        offline_ok=cfg.publish.offline_ok, window=cfg.publish.window_ms / 1000,
+    )  # fmt: skip
 
 
 def summary_line(prep: Prepared, status: str, stats: PublisherStats) -> str:

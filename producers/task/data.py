@@ -13,18 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from producers.task.labels import LabelSet
 from runtime.errors import ConfigError
+from schemas.predict import MAX_VALUE_CHARS, MAX_VALUES_SEEN
 
 ANSWER_PREFIX = '{"decision": '
 """The start of every answer: what follows is the label as a JSON string, or ``null``."""
 
-_KEYS = ("text", "label", "rationale", "metadata")
 _SCALARS = (str, int, float, bool)
 T = TypeVar("T")
 
@@ -52,39 +63,82 @@ def default_rationale(label: str | None) -> str:
     return f"The text matches {label}."
 
 
-def _parse_row(obj: Any, labels: LabelSet) -> tuple[str, str | None, str, dict[str, Any]]:
-    if not isinstance(obj, dict):
-        raise RowError(f"expected a JSON object, got {json_type(obj)}")
-    for key in obj:
-        if key not in _KEYS:
-            raise RowError(f"field {key!r}: unknown key (allowed: {', '.join(_KEYS)})")
-    if "text" not in obj:
-        raise RowError("field 'text': required")
-    text = obj["text"]
-    if not isinstance(text, str):
-        raise RowError(f"field 'text': expected a string, got {json_type(text)}")
-    if not text.strip():
-        raise RowError("field 'text': must not be empty")
-    if "label" not in obj:
-        raise RowError("field 'label': required (null marks an ambiguous text)")
-    label = obj["label"]
-    if label is not None and (not isinstance(label, str) or label not in labels.names):
-        shown = json.dumps(label) if not isinstance(label, str) else repr(label)
-        raise RowError(f"field 'label': {shown} is not one of {', '.join(labels.names)} (or null to abstain)")
-    rationale = obj.get("rationale")
-    if rationale is None:
-        rationale = default_rationale(label)
-    elif not isinstance(rationale, str):
-        raise RowError(f"field 'rationale': expected a string, got {json_type(rationale)}")
-    metadata = obj.get("metadata")
-    if metadata is None:
-        metadata = {}
-    elif not isinstance(metadata, dict):
-        raise RowError(f"field 'metadata': expected an object, got {json_type(metadata)}")
-    for key, value in metadata.items():
-        if not isinstance(value, _SCALARS):
-            raise RowError(f"field 'metadata.{key}': expected a string, number or boolean, got {json_type(value)}")
-    return text, label, rationale, metadata
+def _scalar(value: Any) -> Any:
+    if not isinstance(value, _SCALARS):
+        raise ValueError(f"expected a string, number or boolean, got {json_type(value)}")
+    return value
+
+
+class Row(BaseModel):
+    """One JSONL row of the classifier, checked field by field (the label set comes as the
+    validation context ``{"labels": LabelSet}``); ``parse_row`` turns a failure into one ``RowError``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str
+    label: str | None
+    rationale: str | None = None
+    metadata: dict[str, Annotated[str | int | float | bool, BeforeValidator(_scalar)]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {json_type(data)}")
+        return data
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {json_type(value)}")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label(cls, value: Any, info: ValidationInfo) -> Any:
+        names: list[str] = info.context["labels"].names if info.context else []
+        if value is None or (isinstance(value, str) and value in names):
+            return value
+        shown = repr(value) if isinstance(value, str) else json.dumps(value)
+        raise ValueError(f"{shown} is not one of {', '.join(names)} (or null to abstain)")
+
+    @field_validator("rationale", mode="before")
+    @classmethod
+    def _rationale(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"expected a string, got {json_type(value)}")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object, got {json_type(value)}")
+        return value
+
+
+_REQUIRED_HINT = {"label": " (null marks an ambiguous text)"}
+
+
+def parse_row(obj: Any, labels: LabelSet) -> Row:
+    """``obj`` (one parsed JSON line) as a ``Row``; ``RowError`` names the first bad field, unknown keys first."""
+    try:
+        return Row.model_validate(obj, context={"labels": labels})
+    except ValidationError as exc:
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        field = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(Row.model_fields)})"
+        elif err["type"] == "missing":
+            message = "required" + _REQUIRED_HINT.get(field, "")
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+        raise RowError(f"field {field!r}: {message}" if field else message) from None
 
 
 def json_type(value: Any) -> str:
@@ -137,8 +191,9 @@ def read_examples(path: str | Path, labels: LabelSet, *, skip_invalid: bool = Fa
     """Read a JSONL file of the classifier's rows: (examples, number of rows skipped); see ``read_jsonl``."""
 
     def parse(obj: Any, where: str) -> Example:
-        text, label, rationale, metadata = _parse_row(obj, labels)
-        return Example(text=text, label=label, rationale=rationale, metadata=metadata, source=where)
+        row = parse_row(obj, labels)
+        rationale = row.rationale if row.rationale is not None else default_rationale(row.label)
+        return Example(row.text, row.label, rationale, dict(row.metadata), source=where)
 
     return read_jsonl(path, parse, skip_invalid=skip_invalid)
 
@@ -152,15 +207,30 @@ def _metadata_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def metadata_seen(examples: Sequence[Example], limit: int = MAX_VALUES_SEEN) -> dict[str, list[str]]:
+    """Each metadata key of ``examples`` with the values seen, as the prompt writes them: sorted,
+    the first ``limit`` of those up to ``MAX_VALUE_CHARS`` long (a longer one is free text, not a
+    choice). What a request may add to its text (``trainbus serve`` says it)."""
+    values: dict[str, set[str]] = {}
+    for example in examples:
+        for key, value in example.metadata.items():
+            shown = values.setdefault(key, set())
+            if len(written := _metadata_value(value)) <= MAX_VALUE_CHARS:
+                shown.add(written)
+    return {key: sorted(seen)[:limit] for key, seen in sorted(values.items())}
+
+
 def build_prompt(example: Example, system_prompt: str) -> str:
     """The prompt for ``example``; the model's answer (``answer_json``) follows it directly.
 
-    Layout: the system prompt, ``Text: <text>``, one ``key: value`` line per metadata item (keys
-    sorted), then ``Answer: `` with a trailing space.
+    Layout: the system prompt, one ``key: value`` line per metadata item (keys sorted), ``Text:
+    <text>``, then ``Answer: `` with a trailing space. The metadata comes first so that what
+    follows the text is the same with or without it: a request with the text alone differs from
+    one with its metadata only in lines the model reads before the text.
     """
-    lines = [system_prompt.strip(), f"Text: {example.text}"]
+    lines = [system_prompt.strip()]
     lines += [f"{key}: {_metadata_value(example.metadata[key])}" for key in sorted(example.metadata)]
-    lines.append("Answer: ")
+    lines += [f"Text: {example.text}", "Answer: "]
     return "\n".join(lines)
 
 

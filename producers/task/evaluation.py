@@ -3,8 +3,10 @@
 The model answers ``{"decision": <label or null>, ...}``; the probability of each label is the
 likelihood of its JSON string (``"HIGH_RISK"``, …, ``null``) right after the prompt and
 ``ANSWER_PREFIX``, normalised over the options. ``ClassificationEval`` adds the metrics to the
-Trainer's evaluation metrics so every ``eval`` event carries them. The predictor serves the same
-``classifier_prompt`` and ``label_probabilities``, so an answer on the bus is an evaluation.
+Trainer's evaluation metrics so every ``eval`` event carries them, and measures the requests
+serving gets with the text alone too (``text_only_accuracy``, ``text_only_abstain_rate``). The
+predictor serves the same ``classifier_prompt`` and ``label_probabilities``, so an answer on the
+bus is an evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from producers.task.data import ANSWER_PREFIX, Example, build_prompt
+from producers.task.encoding import text_only
 from producers.task.labels import LabelSet
 from producers.task.metrics import classification_metrics
 
@@ -143,10 +146,18 @@ def evaluate_classifier(
     batch_size: int,
     max_length: int,
 ) -> dict[str, Any]:
-    """Classification metrics of ``model`` on ``examples`` (see ``producers.task.metrics``)."""
-    prompts = [classifier_prompt(ex, system_prompt) for ex in examples]
-    probs = label_probabilities(model, tokenizer, prompts, labels, batch_size=batch_size, max_length=max_length)
-    return classification_metrics(probs, [ex.label for ex in examples], labels)
+    """Classification metrics of ``model`` on ``examples`` (see ``producers.task.metrics``), plus
+    ``text_only_accuracy`` and ``text_only_abstain_rate``: the same examples asked with the text
+    alone (scored again only when some example has metadata; else they are the same requests)."""
+
+    def measure(rows: Sequence[Example]) -> dict[str, Any]:
+        prompts = [classifier_prompt(ex, system_prompt) for ex in rows]
+        probs = label_probabilities(model, tokenizer, prompts, labels, batch_size=batch_size, max_length=max_length)
+        return classification_metrics(probs, [ex.label for ex in rows], labels)
+
+    full = measure(examples)
+    bare = measure([text_only(ex) for ex in examples]) if any(ex.metadata for ex in examples) else full
+    return {**full, "text_only_accuracy": bare["accuracy"], "text_only_abstain_rate": bare["abstain_rate"]}
 
 
 class ClassificationEval(TrainerCallback):

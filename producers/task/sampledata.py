@@ -4,8 +4,9 @@
 (the format ``producers.task.data`` reads). Texts come from label-specific templates with slot
 fillers; every (template, filler, filler) combination of two chosen slots belongs to exactly one
 split, so validation and test texts are new combinations of words seen in training, never
-copies, and no text appears in two splits. About
-5% of rows are ambiguous (``label: null``: the right answer is to abstain). Same seed, same bytes.
+copies, and no text appears in two splits. Most texts are a sentence or two; a few templates are
+the short lines people type ("I will hurt her tonight."). About 5% of rows are ambiguous
+(``label: null``: the right answer is to abstain). Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 SPLITS = ("train", "validation", "test")
 CHANNELS = ("chat", "email", "forum")
 AMBIGUOUS_SHARE = 0.05
-MIN_CHARS, MAX_CHARS = 40, 140
+MIN_CHARS, MAX_CHARS = 12, 140
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ _FILLERS: dict[str, tuple[str, ...]] = {
         "picnic", "walk in the park", "board game night", "bike ride",
         "cooking class", "concert", "beach day", "movie night",
     ),
+    # short messages: a line or two, as people type them
+    "hurt": ("hurt", "kill", "stab", "shoot", "beat up", "strangle", "attack", "choke"),
+    "target": ("him", "her", "them", "you", "that guy", "the teacher", "my sister", "the kid"),
+    "broken": ("jammed", "broken", "down again", "not working", "out of order", "acting up", "stuck", "very slow"),
+    "nice": ("Nice", "Lovely", "Great", "Beautiful", "Sunny", "Perfect", "Pleasant", "Fine"),
     # ambiguous
     "ambig": (
         "you will regret this", "I know where you live", "this is not over", "I will deal with you",
@@ -131,6 +137,12 @@ _TEMPLATES: tuple[_Template, ...] = (
               "Everyday question, no risk."),
     _Template("NO_RISK", "Had a lovely {activity} with {person} {when}, it was great fun.", ("activity", "person"),
               "Benign everyday text."),
+    _Template("HIGH_RISK", "I will {hurt} {target} {when}.", ("hurt", "target"),
+              "Explicit threat of violence against a person."),
+    _Template("LOW_RISK", "The {thing} is {broken}.", ("thing", "broken"),
+              "A complaint, no danger."),
+    _Template("NO_RISK", "{nice} weather {when}.", ("nice", "when"),
+              "Benign everyday text."),
     _Template(None, "Not sure if {person} was joking when they said '{ambig}' {when}.", ("ambig", "person"),
               "Intent is unclear; cannot decide safely."),
     _Template(None, "Hard to tell what {person} meant by '{ambig}', could be a joke or not.", ("ambig", "person"),
@@ -139,6 +151,9 @@ _TEMPLATES: tuple[_Template, ...] = (
 # fmt: on
 
 LABELS = ("HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK")
+HELD_BACK = frozenset({"I will hurt him tomorrow.", "The printer is jammed.", "Nice weather today."})
+"""Texts the README and the Try-it page show as examples: never written to any split, so what a
+trained model answers to them is generalisation from the templates, not recall."""
 
 
 def _split_of(template: int, first: int, second: int, seed: int) -> str:
@@ -203,7 +218,7 @@ def write_sample_data(
         if n < 1:
             raise ValueError(f"n_{split} must be at least 1, got {n}")
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen: set[str] = set(HELD_BACK)
     rows = {
         split: [_row(rng, label, split, seed, seen) for label in _label_sequence(rng, counts[split])]
         for split in SPLITS

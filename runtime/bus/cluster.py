@@ -133,33 +133,12 @@ def start_cluster(settings: ServerSettings, base: Path, size: int, *, timeout: f
     binary = find_binary(settings.binary)
     extra = included_config(settings)
     locks = [lock_store(base / f"n{i + 1}") for i in range(size)]
-    remembered = _remembered(base, size)
-    cluster: LocalCluster | None = None
     try:
-        for attempt in ("remembered", "fresh"):
-            if attempt == "remembered" and remembered is None:
-                continue
-            client, route = (
-                remembered if attempt == "remembered" and remembered else (free_ports(size), free_ports(size))
-            )
-            if settings.port != -1:
-                client = [settings.port + i for i in range(size)]
-            nodes = [Node(f"n{i + 1}", base / f"n{i + 1}", client[i], route[i]) for i in range(size)]
-            cluster = LocalCluster(nodes, settings, extra, binary, moved=attempt == "fresh" and remembered is not None)
-            try:
-                for node in nodes:
-                    cluster._launch(node, timeout)
-            except BusUnavailable as exc:
-                cluster.stop()
-                if attempt == "fresh" or "address already in use" not in str(exc):
-                    raise
-                continue
-            break
+        cluster = _launch_nodes(settings, base, size, binary, extra, timeout)
     except BaseException:
         for lock in locks:
             lock.close()
         raise
-    assert cluster is not None
     cluster._locks = list(locks)
     tmp = base / (PORTS_FILE + ".tmp")
     tmp.write_text(
@@ -167,3 +146,26 @@ def start_cluster(settings: ServerSettings, base: Path, size: int, *, timeout: f
     )
     tmp.replace(base / PORTS_FILE)
     return cluster
+
+
+def _launch_nodes(settings: ServerSettings, base: Path, size: int, binary: str, extra: str, timeout: float) -> LocalCluster:  # fmt: skip
+    """The nodes on the remembered ports; on fresh ones when one of those is taken (the cluster then moved)."""
+    remembered = _remembered(base, size)
+    choices = [remembered] if remembered is not None else []
+    for ports in [*choices, (free_ports(size), free_ports(size))]:
+        client, route = ports
+        if settings.port != -1:
+            client = [settings.port + i for i in range(size)]
+        nodes = [Node(f"n{i + 1}", base / f"n{i + 1}", client[i], route[i]) for i in range(size)]
+        fresh = ports is not remembered
+        cluster = LocalCluster(nodes, settings, extra, binary, moved=fresh and remembered is not None)
+        try:
+            for node in nodes:
+                cluster._launch(node, timeout)
+        except BusUnavailable as exc:
+            cluster.stop()
+            if fresh or "address already in use" not in str(exc):
+                raise
+            continue
+        return cluster
+    raise AssertionError("unreachable: the fresh ports either start or raise")

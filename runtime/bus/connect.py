@@ -110,8 +110,11 @@ def split_urls(url: str) -> list[str]:
     return [s.strip() for s in url.split(",") if s.strip()]
 
 
-def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None, *, announce: bool = True) -> BusTarget:
-    """Find the bus (see module docstring). Starts an embedded server when there is none."""
+def resolve_target(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, announce: bool = True, start: bool = True
+) -> BusTarget:
+    """Find the bus (see module docstring). Starts an embedded server when there is none, unless
+    ``start`` is False: then no bus is ``BusUnavailable``."""
     env = os.environ if environ is None else environ
     state_dir = Path(settings.state_dir)
     url = settings.bus.url or env.get("NATS_URL") or None
@@ -124,6 +127,8 @@ def resolve_target(settings: Settings, environ: Mapping[str, str] | None = None,
     local = read_state(state_dir)
     if local:
         return BusTarget(servers=split_urls(local), origin=LOCAL, state_dir=state_dir)
+    if not start:
+        raise BusUnavailable("no bus: NATS_URL is not set and no `trainbus up` runs in this folder")
     try:
         server = start_server(settings.server, state_dir / "nats")
     except StoreInUse:
@@ -168,6 +173,62 @@ def _describe(err: BaseException | None) -> str:
     return str(err).strip().strip("'\"") or type(err).__name__
 
 
+class _Watch:
+    """The callbacks of one connection: errors before it is up are kept for the message, after it they are logged."""
+
+    def __init__(self, target: BusTarget, creds: Credentials, log: Any, on_permission_error: Callable[[str], None] | None) -> None:  # fmt: skip
+        self.target, self.creds, self.log, self.on_permission_error = target, creds, log, on_permission_error
+        self.nc = NATS()
+        self.errors: list[BaseException] = []
+        self.connected = False
+        self.auth_failed = asyncio.Event()
+
+    async def on_error(self, err: Exception) -> None:
+        text = str(err)
+        if not self.connected:
+            self.errors.append(err)
+            if "authorization" in text.lower():
+                self.auth_failed.set()  # retrying the same credentials will not help
+        elif "permissions violation" in text.lower():
+            self.log.warning("nats permission violation", detail=text.strip("'\" "), user=self.creds.identity())
+            if self.on_permission_error is not None:
+                self.on_permission_error(text)
+        else:
+            self.log.warning("nats error", error=text or type(err).__name__)
+
+    async def on_disconnect(self) -> None:
+        if self.connected and not (self.nc.is_closed or self.nc.is_draining):
+            self.log.warning("bus disconnected", servers=self.target.display)
+
+    async def on_reconnect(self) -> None:
+        url = self.nc.connected_url.geturl() if self.nc.connected_url else self.target.display
+        self.log.info("bus reconnected", server=redact_url(url))
+
+    def unreachable(self, failure: BaseException) -> BusUnavailable:
+        """What to tell the user when the first connection failed with ``failure``."""
+        if any("authorization" in str(e).lower() for e in self.errors):  # the bus is there: it said no to who we are
+            who = f"user {self.creds.user!r}" if self.creds.user else "these credentials"
+            return BusUnavailable(
+                f"authorization refused by the bus at {self.target.display} ({self.target.origin}) for {who}: wrong user, "
+                "password or token; check NATS_USER/NATS_PASSWORD (or NATS_TOKEN, NATS_CREDS)"
+            )
+        err = self.errors[-1] if self.errors else failure
+        return BusUnavailable(
+            f"cannot reach the bus at {self.target.display} ({self.target.origin}): {_describe(err)}; "
+            "start one with `trainbus up` or set NATS_URL"
+        )
+
+
+def _failure(attempt: asyncio.Future[None]) -> BaseException | None:
+    """Why the connection ``attempt`` did not succeed, or None when it did."""
+    if not attempt.done():
+        attempt.cancel()
+        return TimeoutError("no answer")
+    if attempt.cancelled():
+        return TimeoutError("cancelled")
+    return attempt.exception()
+
+
 async def connect(
     target: BusTarget,
     settings: Settings,
@@ -178,88 +239,50 @@ async def connect(
     on_permission_error: Callable[[str], None] | None = None,
 ) -> NATS:
     """Connect with reconnect-forever; the first connection must succeed within ``connect_timeout``."""
-    log = log or get_logger()
     creds = credentials if credentials is not None else Credentials.from_env()
-    last_error: list[BaseException] = []
-    connected = asyncio.Event()
-
-    auth_failed = asyncio.Event()
-
-    async def on_error(err: Exception) -> None:
-        if not connected.is_set():
-            last_error.append(err)
-            if "authorization" in str(err).lower():
-                auth_failed.set()  # retrying the same credentials will not help
-            return
-        text = str(err)
-        if "permissions violation" in text.lower():
-            log.warning("nats permission violation", detail=text.strip("'\" "), user=creds.identity())
-            if on_permission_error is not None:
-                on_permission_error(text)
-        else:
-            log.warning("nats error", error=text or type(err).__name__)
-
-    async def on_disconnect() -> None:
-        if connected.is_set() and not (nc.is_closed or nc.is_draining):
-            log.warning("bus disconnected", servers=target.display)
-
-    async def on_reconnect() -> None:
-        url = nc.connected_url.geturl() if nc.connected_url else target.display
-        log.info("bus reconnected", server=redact_url(url))
-
-    nc = NATS()
+    watch = _Watch(target, creds, log or get_logger(), on_permission_error)
+    nc = watch.nc
     attempt = asyncio.ensure_future(
         nc.connect(
             servers=target.servers,
             name=name,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
+            error_cb=watch.on_error,
+            disconnected_cb=watch.on_disconnect,
+            reconnected_cb=watch.on_reconnect,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts float seconds
             connect_timeout=max(1, int(settings.bus.connect_timeout)),
             **creds.connect_options(),
         )
     )
-    denied = asyncio.ensure_future(auth_failed.wait())
+    denied = asyncio.ensure_future(watch.auth_failed.wait())
     await asyncio.wait({attempt, denied}, timeout=settings.bus.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
     denied.cancel()
-    failure: BaseException | None = None
-    if not attempt.done():
-        attempt.cancel()
-        failure = TimeoutError("no answer")
-    elif attempt.cancelled() or attempt.exception() is not None:
-        failure = attempt.exception() if not attempt.cancelled() else TimeoutError("cancelled")
+    failure = _failure(attempt)
     if failure is not None:
         with contextlib.suppress(BaseException):
             await attempt
         with contextlib.suppress(Exception):
             await nc.close()
-        auth = [e for e in last_error if "authorization" in str(e).lower()]
-        if auth:  # the bus is there: it said no to who we are
-            who = f"user {creds.user!r}" if creds.user else "these credentials"
-            raise BusUnavailable(
-                f"authorization refused by the bus at {target.display} ({target.origin}) for {who}: wrong user, "
-                "password or token; check NATS_USER/NATS_PASSWORD (or NATS_TOKEN, NATS_CREDS)"
-            )
-        err = last_error[-1] if last_error else failure
-        raise BusUnavailable(
-            f"cannot reach the bus at {target.display} ({target.origin}): {_describe(err)}; "
-            "start one with `trainbus up` or set NATS_URL"
-        )
-    connected.set()
+        raise watch.unreachable(failure)
+    watch.connected = True
     return nc
 
 
 @asynccontextmanager
 async def connected(target: BusTarget, settings: Settings, *, name: str) -> AsyncIterator[NATS]:
-    """``connect`` as an async context manager that drains the connection on exit."""
+    """``connect`` as an async context manager that drains the connection on exit, or closes it when
+    the body failed (e.g. the reader of stdout went away): a drain would then wait on subscriptions
+    nobody reads any more."""
     nc = await connect(target, settings, name=name)
     try:
         yield nc
-    finally:
+    except BaseException:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+            await nc.close()
+        raise
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), 5)
 
 
 def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Awaitable[None]]:
@@ -280,3 +303,16 @@ def responder(handler: Callable[[bytes], bytes], log: Any) -> Callable[[Any], Aw
 def issuer() -> str:
     """Who is acting: the NATS user we connect as, else the OS user."""
     return os.environ.get("NATS_USER") or getpass.getuser()
+
+
+def listener(handler: Callable[[bytes], None], log: Any) -> Callable[[Any], Awaitable[None]]:
+    """A subscription callback that only reads: it never replies (a JetStream-published message
+    carries the publisher's ack inbox as its reply subject)."""
+
+    async def hear(msg: Any) -> None:
+        try:
+            handler(msg.data)
+        except Exception as exc:  # a handler bug must not kill the connection's loop
+            log.error("listener failed", subject=msg.subject, error=repr(exc))
+
+    return hear

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -58,7 +59,7 @@ async def consume(
     """
     log = get_logger(consumer=durable or "ephemeral")
     stats = stats or ConsumerStats()
-    newer = newer if newer is not None else NewerEvents(log)
+    deliver = _Deliver(handler, stats, newer if newer is not None else NewerEvents(log), log, on_invalid, on_newer)
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
@@ -67,42 +68,75 @@ async def consume(
         inactive_threshold=None if durable else 60,
     )
     sub = await js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
-    leaderless: float | None = None  # since when the durable consumer has had no leader
+    leader = _Leader(log, durable)
     try:
         while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-                if durable is None:
-                    raise  # an ephemeral consumer may have died with its server: the caller starts another
-                # a cluster node died and the consumer elects a new leader; its replicas keep our place
-                if leaderless is None:
-                    leaderless = time.monotonic()
-                    log.warning("consumer has no leader; waiting for the cluster to elect one")
-                await asyncio.sleep(0.5)
-                continue
-            if leaderless is not None:
-                log.info("consumer has a leader again", after_seconds=round(time.monotonic() - leaderless, 1))
-                leaderless = None
-            for msg in msgs:
-                item = decode(msg, msg.metadata.sequence.stream)
-                if item.newer is not None:
-                    stats.newer += 1
-                    newer.skip(item)
-                    if on_newer is not None:
-                        on_newer(item)
-                elif item.event is None:
-                    stats.invalid += 1
-                    log.warning("invalid event skipped", subject=item.subject, error=item.error)
-                    if on_invalid is not None:
-                        on_invalid(item)
-                else:
-                    await handler(item)
-                    stats.handled += 1
-                await msg.ack()
+            for msg in await leader.fetch(sub, batch):
+                await deliver(msg)
     finally:
         if durable is None:
             await sub.unsubscribe()
     return stats
+
+
+@dataclass
+class _Leader:
+    """Fetches for a consumer, and whether it has a leader: said once when it loses one, once when it is back."""
+
+    log: Any
+    durable: str | None
+    since: float | None = None
+    """Since when the durable consumer has had no leader."""
+
+    async def fetch(self, sub: Any, batch: int) -> list[Any]:
+        try:
+            msgs: list[Any] = await sub.fetch(batch, timeout=0.5)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            if self.durable is None:
+                raise  # an ephemeral consumer may have died with its server: the caller starts another
+            self._lost()  # a cluster node died and the consumer elects a new leader; its replicas keep our place
+            await asyncio.sleep(0.5)
+            return []
+        if self.since is not None:
+            self.log.info("consumer has a leader again", after_seconds=round(time.monotonic() - self.since, 1))
+            self.since = None
+        return msgs
+
+    def _lost(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self.log.warning("consumer has no leader; waiting for the cluster to elect one")
+
+
+@dataclass
+class _Deliver:
+    """One message to the handler, or counted and reported when it is invalid or newer; acked either way."""
+
+    handler: Handler
+    stats: ConsumerStats
+    newer: NewerEvents
+    log: Any
+    on_invalid: Callable[[Delivered], None] | None
+    on_newer: Callable[[Delivered], None] | None
+
+    async def __call__(self, msg: Any) -> None:
+        item = decode(msg, msg.metadata.sequence.stream)
+        if item.newer is not None:
+            self.stats.newer += 1
+            self.newer.skip(item)
+            _tell(self.on_newer, item)
+        elif item.event is None:
+            self.stats.invalid += 1
+            self.log.warning("invalid event skipped", subject=item.subject, error=item.error)
+            _tell(self.on_invalid, item)
+        else:
+            await self.handler(item)
+            self.stats.handled += 1
+        await msg.ack()
+
+
+def _tell(callback: Callable[[Delivered], None] | None, item: Delivered) -> None:
+    if callback is not None:
+        callback(item)

@@ -210,6 +210,14 @@ def start_server(
     return server
 
 
+def server_env(settings: ServerSettings) -> dict[str, str]:
+    """nats-server's environment: ours, with ``GOMAXPROCS`` from ``server.cores`` unless already set."""
+    env = dict(os.environ)
+    if settings.cores and "GOMAXPROCS" not in env:
+        env["GOMAXPROCS"] = str(settings.cores)
+    return env
+
+
 def launch(
     binary: str, settings: ServerSettings, store_dir: Path, extra: str, port: int, timeout: float
 ) -> RunningServer:
@@ -228,6 +236,7 @@ def launch(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=server_env(settings),
         )
     url = _wait_for_ports(process, ports_dir, log_path, timeout)
     return RunningServer(url=url, process=process, store_dir=store_dir, log_path=log_path)

@@ -8,8 +8,9 @@ an invalid message or an event of a newer ``schema_version`` comes back without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -238,7 +239,7 @@ async def count_stored(js: JetStreamContext, filter_subject: str, stream: str = 
 
 async def replay(
     js: JetStreamContext, filter_subject: str, *, follow: bool = False, idle: float = 1.0, stream: str = EVENTS_STREAM
-) -> AsyncIterator[Delivered]:
+) -> AsyncGenerator[Delivered, None]:
     """Every stored message matching ``filter_subject`` from the start; with ``follow``, live ones after.
 
     ``stream`` is the events stream unless a reader keeps a derived copy (the audit gate's partitions).
@@ -259,7 +260,8 @@ async def replay(
             if not follow and meta.num_pending == 0:
                 return
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.ConnectionClosedError):  # closed first: nothing to unsubscribe
+            await sub.unsubscribe()
 
 
 async def last_event(js: JetStreamContext, subject: str) -> Delivered | None:

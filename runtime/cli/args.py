@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from runtime.errors import ConfigError
 from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
-from runtime.settings import Settings, load_config
+from runtime.settings import Settings, load_config, packaged
 from schemas import check_run_id
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -18,7 +19,7 @@ def add_settings_args(
     p: argparse.ArgumentParser, config_help: str = "settings YAML (bus, stream, server, log)"
 ) -> None:
     """``--config`` and repeatable ``--set key=value`` on a subcommand."""
-    p.add_argument("--config", metavar="YAML", help=config_help)
+    p.add_argument("--config", metavar="YAML", type=packaged, help=config_help)
     p.add_argument(
         "--set",
         metavar="KEY=VALUE",
@@ -104,3 +105,14 @@ def add_cluster_arg(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="run a local JetStream cluster of N nodes (at least 3) instead of one server",
     )
+
+
+def key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    """``KEY=VALUE`` items of a repeatable flag as a dict; a malformed one names the flag."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+        pairs[key] = value
+    return pairs

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import nats.js.errors
 
 from runtime.bus.connect import BusTarget, bus_target
-from runtime.bus.stream import NewerEvents, jetstream, replay, run_ids
+from runtime.bus.stream import Delivered, NewerEvents, jetstream, replay, run_ids
 from runtime.cli.args import add_settings_args, choices_arg, run_id_arg, settings_from, since_arg
 from runtime.cli.render import event_row, flat, write_csv
 from runtime.errors import ConfigError, NotFound
@@ -60,37 +61,62 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 async def _events(target: BusTarget, settings: Settings, args: argparse.Namespace) -> int:
-    keep, filtered = event_filter(args), bool(args.types or args.since or args.no_heartbeats)
-    rows: list[dict[str, Any]] = []
+    out = Output(args)
     async with jetstream(target, settings, "trainbus-events") as nc:
         js = nc.jetstream()
-        newer = NewerEvents()
-        count = 0
-        try:
-            async for item in replay(js, run_events(args.run), follow=args.follow):
-                count += 1
-                if item.newer is not None:
-                    newer.skip(item)
-                elif item.event is None:
-                    if not filtered and not args.csv:
-                        print(f"{item.stream_seq:>6}  invalid event on {item.subject}: {item.error}", flush=args.follow)
-                elif not keep(item.event):
-                    continue
-                elif args.csv:
-                    rows.append({"stream_seq": item.stream_seq, **flat(item.event.model_dump(mode="json"))})
-                elif args.json:
-                    print(item.data.decode(), flush=args.follow)
-                else:
-                    print(event_row(item.stream_seq, item.event), flush=args.follow)
-        except nats.js.errors.NotFoundError:
-            count = 0
-        if count == 0:
+        if await _replay(js, args, out) == 0:
             known = await _known_runs(js)
             hint = f" (runs: {', '.join(known[:10])})" if known else " (the stream holds no runs yet)"
             raise NotFound(f"no events for run {args.run!r}{hint}")
-    if args.csv:
-        write_csv(rows, ["stream_seq", "time", "type", "run_id", "attempt", "source", "seq", "step"])
+    out.finish()
     return 0
+
+
+async def _replay(js: Any, args: argparse.Namespace, out: Output) -> int:
+    """Feed the run's events to ``out``; how many the stream holds (0: no such run)."""
+    count = 0
+    try:
+        # closed here, not when the loop ends: a reader that went away must not leave a subscription behind
+        async with contextlib.aclosing(replay(js, run_events(args.run), follow=args.follow)) as items:
+            async for item in items:
+                count += 1
+                out.take(item)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return count
+
+
+class Output:
+    """What ``trainbus events`` prints of each event: a table row, the stored JSON line, or a CSV row
+    (written at the end); events the filters leave out and unreadable ones are skipped as asked."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.keep = event_filter(args)
+        self.filtered = bool(args.types or args.since or args.no_heartbeats)
+        self.csv, self.json, self.follow = args.csv, args.json, args.follow
+        self.newer = NewerEvents()
+        self.rows: list[dict[str, Any]] = []
+
+    def take(self, item: Delivered) -> None:
+        if item.newer is not None:
+            self.newer.skip(item)
+        elif item.event is None:
+            if not self.filtered and not self.csv:
+                print(f"{item.stream_seq:>6}  invalid event on {item.subject}: {item.error}", flush=self.follow)
+        elif self.keep(item.event):
+            self._write(item, item.event)
+
+    def _write(self, item: Delivered, event: Event) -> None:
+        if self.csv:
+            self.rows.append({"stream_seq": item.stream_seq, **flat(event.model_dump(mode="json"))})
+        elif self.json:
+            print(item.data.decode(), flush=self.follow)
+        else:
+            print(event_row(item.stream_seq, event), flush=self.follow)
+
+    def finish(self) -> None:
+        if self.csv:
+            write_csv(self.rows, ["stream_seq", "time", "type", "run_id", "attempt", "source", "seq", "step"])
 
 
 async def _known_runs(js: Any) -> list[str]:

@@ -3,12 +3,14 @@
 Every command module registers its own subcommand through the ``trainbus.commands`` entry-point
 group (pyproject.toml): the bus-level ones in ``runtime.cli``, the trainer's, the consumers' and the
 dashboard's in their packages, so this module imports none of them. A user mistake prints one line
-and exits 2; an unreachable bus exits 3.
+and exits 2; an unreachable bus exits 3; a reader of stdout that goes away ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -43,13 +45,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+        return code
+    except BrokenPipeError:
+        return reader_gone()
     except TrainbusError as exc:
         print(f"trainbus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"trainbus {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def reader_gone() -> int:
+    """The reader of stdout went away (``trainbus events … | head -3``): end quietly, as Unix tools do.
+
+    What is still buffered goes nowhere, so the interpreter's flush at exit raises nothing either;
+    the status is the shell's for a process that a SIGPIPE ended (128 + 13).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`trainbus tag RUN k=v` and `trainbus note RUN "text"`: labels and notes in a run's own stream.
 
 Both publish an event (``run.tag``, ``run.note``, source ``user``) as the run's next user event, so
-every reader (runs, dashboard, exporter) sees them where they see the run.
+every reader (runs, dashboard, exporter) sees them where they see the run; it goes out with
+``runtime.publish.direct.publish_event``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from runtime.bus.connect import BusTarget, bus_target, issuer
 from runtime.bus.stream import jetstream
 from runtime.cli.args import add_settings_args, run_id_arg, settings_from
 from runtime.errors import ConfigError, NotFound
+from runtime.publish.direct import event_id, publish_event
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM, RunNote, RunTag, event_subject, parse_event
 
@@ -46,8 +48,22 @@ def cmd_tag(args: argparse.Namespace) -> int:
             raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. dataset=v2")
         tags[key] = value
     event = _publish_annotation(args, RunTag, tags=tags)
-    print(f"tagged run {event.run_id}: " + " ".join(f"{k}={v}" for k, v in tags.items()))
+    print(tag_message(event.run_id, tags))
     return 0
+
+
+def tag_message(run_id: str, tags: dict[str, str]) -> str:
+    """``tagged run R: k=v`` for the keys set and ``removed tag k`` for those an empty value removed."""
+    added = " ".join(f"{k}={v}" for k, v in tags.items() if v)
+    removed = " ".join(k for k, v in tags.items() if not v)
+    if not removed:
+        return f"tagged run {run_id}: {added}"
+    noun = "tags" if " " in removed else "tag"
+    return (
+        f"tagged run {run_id}: {added}; removed {noun} {removed}"
+        if added
+        else f"removed {noun} {removed} from run {run_id}"
+    )
 
 
 def cmd_note(args: argparse.Namespace) -> int:
@@ -60,7 +76,7 @@ def _publish_annotation(args: argparse.Namespace, cls: type[RunTag | RunNote], *
     settings = settings_from(args)
     kind = cls.model_fields["type"].default
     try:
-        event = cls(event_id=f"{args.run}.user.{kind.split('.')[1]}.{uuid.uuid4().hex[:12]}", run_id=args.run,
+        event = cls(event_id=event_id(args.run, "user", kind.split(".")[1], uuid.uuid4().hex[:12]), run_id=args.run,
                     seq=1, source="user", issued_by=issuer(), **fields)  # fmt: skip
     except ValidationError as exc:  # a tag key or a note out of bounds
         first = exc.errors()[0]
@@ -86,9 +102,5 @@ async def _annotate(target: BusTarget, settings: Settings, event: RunTag | RunNo
             except (nats.js.errors.NotFoundError, ValueError):
                 pass
         stamped = event.model_copy(update={"attempt": attempt, "seq": seq + 1})
-        await js.publish(
-            event_subject(event.run_id, stamped.type),
-            stamped.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": stamped.event_id},
-        )
+        await publish_event(js, stamped)
         return stamped

@@ -5,9 +5,10 @@
     trainbus outbox flush --dir out/   # runs trained with training.output_dir=out/
 
 A run's outbox is otherwise sent only by a later attempt of the same run (``--resume``). Each
-outbox goes through an ordinary ``NatsPublisher`` (the same order, ``Nats-Msg-Id`` dedupe and
-dead-letter handling as the trainer's), so what was already stored is dropped by JetStream and
-nothing is sent twice. An outbox still open in a live process (its trainer) is left to it.
+outbox goes through the sender a run's publisher process runs (``runtime.publish.replay``: the same
+order, ``Nats-Msg-Id`` dedupe and dead-letter handling), so what was already stored is dropped by
+JetStream and nothing is sent twice. An outbox still open in a live process (its trainer) is left
+to it. A run whose events were all sent has nothing left to send, which is not an error.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 
 import psutil
 
-from runtime.bus.connect import bus_target
+from runtime.bus.connect import BusTarget, bus_target
 from runtime.cli.args import add_settings_args, run_id_arg, settings_from
 from runtime.errors import NotFound, TrainbusError
 from runtime.publish.outbox import Outbox, dead_letter_path
-from runtime.publish.threaded import NatsPublisher
+from runtime.publish.replay import send_outbox
+from runtime.settings import Settings
 
 CLOSE_TIMEOUT = 60.0
 """Seconds one outbox may take to send before the rest is left in it for the next flush."""
@@ -76,29 +78,41 @@ def cmd_outbox_flush(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     found = find_outboxes(root, args.run)
     if not found:
-        if args.run is not None:
-            raise NotFound(f"no outbox with events for run {args.run!r} under {root}/")
-        print(f"no outbox with events under {root}/")
+        print(_nothing_left(root, args.run))
         return 0
     left_total = 0
     with bus_target(settings) as target:
         for path in found:
-            pid = holder(path)
-            if pid is not None:
-                print(f"{path}: skipped, open in process {pid} (its trainer sends it)")
-                continue
-            waiting = pending(path)
-            if waiting == 0:
-                continue
-            publisher = NatsPublisher(target, settings, outbox_path=path, name="trainbus-outbox-flush").start()
-            stats = publisher.close(CLOSE_TIMEOUT)
-            left_total += stats.outbox_pending
-            sent = stats.published - stats.duplicates
-            parts = [f"{sent} sent", f"{stats.duplicates} already stored"]
-            if stats.dead_lettered:
-                parts.append(f"{stats.dead_lettered} refused for good (in {dead_letter_path(path)})")
-            parts.append(f"{stats.outbox_pending} left")
-            print(f"{path}: {waiting} events: {', '.join(parts)}")
+            left_total += _flush_one(target, settings, path)
     if left_total:
         raise TrainbusError(f"{left_total} events are still in outboxes; run `trainbus outbox flush` again later")
     return 0
+
+
+def _nothing_left(root: Path, run_id: str | None) -> str:
+    """What to say when no outbox holds events; ``NotFound`` when ``run_id`` never ran under ``root``."""
+    if run_id is None:
+        return f"no outbox with events under {root}/: nothing left to send"
+    if not (root / run_id).is_dir():
+        raise NotFound(f"no run {run_id!r} under {root}/ (neither {root / run_id}/ nor an outbox of it)")
+    return f"run {run_id}: nothing left to send"
+
+
+def _flush_one(target: BusTarget, settings: Settings, path: Path) -> int:
+    """Send one outbox, print what happened; returns how many events are left in it."""
+    pid = holder(path)
+    if pid is not None:
+        print(f"{path}: skipped, open in process {pid} (its trainer sends it)")
+        return 0
+    waiting = pending(path)
+    if waiting == 0:
+        print(f"{path}: nothing left to send")
+        return 0
+    stats = send_outbox(target, settings, path, timeout=CLOSE_TIMEOUT)
+    sent = stats.published - stats.duplicates
+    parts = [f"{sent} sent", f"{stats.duplicates} already stored"]
+    if stats.dead_lettered:
+        parts.append(f"{stats.dead_lettered} refused for good (in {dead_letter_path(path)})")
+    parts.append(f"{stats.outbox_pending} left")
+    print(f"{path}: {waiting} events: {', '.join(parts)}")
+    return stats.outbox_pending

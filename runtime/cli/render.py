@@ -39,6 +39,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "predictor.loaded": ("alias", "step", "verdict", "trigger", "instance"),
     "run.tag": ("tags", "issued_by"),
     "run.note": ("text", "issued_by"),
+    "job.state": ("job_id", "state", "agent", "gpus", "restarts", "reason"),
 }
 
 

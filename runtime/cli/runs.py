@@ -24,12 +24,11 @@ from runtime.cli.args import add_settings_args, add_stall_after_arg, choices_arg
 from runtime.cli.render import age, flat, table, write_csv
 from runtime.errors import ConfigError, NotFound
 from runtime.groups import group_table, group_value
-from runtime.lifecycle import LIVE_STATES
+from runtime.lifecycle import LIVE_STATES, RUN_STATES
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM, run_events
 from schemas.subjects import CHECKPOINTS_BUCKET
 
-RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
 RUN_COLUMNS = [
     "run_id", "state", "last_event", "attempt", "step", "loss", "learning_rate", "lr_peak", "max_grad_norm", "eval_accuracy",
 ]  # fmt: skip

@@ -1,16 +1,17 @@
-"""The hand-off file between a training process and its publisher process (the sidecar), and what they share.
+"""The hand-off file between a training process and its publisher process, and what they share.
 
 The training process appends each event to the journal, which is the run's outbox file
 (``outbox.jsonl``, one ``subject<TAB>msg_id<TAB>json`` line per event), with one unbuffered
 ``write``: an event handed over is in the page cache and survives a kill of either process. The
-sidecar (``runtime.publish.process``) reads the file through ``JournalOutbox``, publishes in order and commits
-how far JetStream acknowledged, exactly as it would send an outbox; when it has caught up it empties
-the file.
+publisher process (``runtime.publish.process``) reads the file through ``JournalOutbox``, publishes in
+order and commits how far JetStream acknowledged, exactly as it would send an outbox; when it has
+caught up it empties the file.
 
 Both processes number events of one sequence (the trainer's ``seq``) and append them under one lock
 (``flock`` on the journal, re-entrant within a process), so seq order is file order. The numbers
 live in a small file mapped into both (``outbox.jsonl.state``), with what the control channel needs
-across the two: the run's step, and whether it is finished or stopping.
+across the two (the run's step, and whether it is finished or stopping) and whether the publisher
+process is idle (which events wake it: ``runtime.publish.window``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from runtime.publish.outbox import Outbox, Record, encode
 
 # one 8-byte slot per field, each written on its own: a read-modify-write of the whole state
 # would put back a field the other process changed in between (a seq given out twice)
-_FIELDS = ("seq", "step", "published", "attempt", "close_timeout", "sealed", "finished", "state", "commands")
+_FIELDS = ("seq", "step", "published", "attempt", "close_timeout", "sealed", "finished", "state", "commands", "idle")
 _SLOT = 8
 _INT, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
 _STATES = ("running", "paused", "stopping")
@@ -121,7 +122,7 @@ class Journal:
 
     @property
     def published(self) -> int:
-        """Events the sidecars of this attempt saw acknowledged, all generations together."""
+        """Events the publisher processes of this attempt saw acknowledged, all generations together."""
         return int(self._get(2))
 
     @published.setter
@@ -130,7 +131,7 @@ class Journal:
 
     @property
     def attempt(self) -> int:
-        """The attempt the trainer's stamper numbers (0 until it exists: the sidecar then records no event)."""
+        """The attempt the trainer's stamper numbers (0 until it exists: the publisher process then records no event)."""
         return int(self._get(3))
 
     @attempt.setter
@@ -180,51 +181,41 @@ class Journal:
     def commands(self, n: int) -> None:
         self._set(8, n)
 
+    @property
+    def idle(self) -> bool:
+        """The publisher process has sent all it saw and waits for a byte on the wake pipe
+        (``runtime.publish.window``): the next event that may wait rings; the others always do."""
+        return bool(self._get(9))
+
+    @idle.setter
+    def idle(self, flag: bool) -> None:
+        self._set(9, int(flag))
+
 
 class JournalOutbox(Outbox):
-    """The sidecar's view of the journal: an outbox another process appends to.
+    """The publisher process's view of the journal: an outbox another process appends to.
 
     It never cuts a torn last line (the writer may be half-way through it: the training process
-    repairs the file when it opens it), counts new lines as they appear, and empties the file only
-    under the journal lock, when everything written has been acknowledged.
+    repairs the file when it opens it), loads complete lines only, and empties the file only under
+    the journal lock, when everything written has been acknowledged.
     """
 
     def __init__(self, path: Path, journal: Journal) -> None:
         self.journal = journal
-        self._seen = 0
         super().__init__(path)
-        self._seen = self.committed
-        self.pending = 0
-        self._refresh()
 
     def _cut_torn_tail(self) -> None:
-        return None  # the writer's job, done before any sidecar starts
-
-    def _refresh(self) -> None:
-        size = self._size()
-        if size <= self._seen:
-            return
-        with self.path.open("rb") as f:
-            f.seek(self._seen)
-            chunk = f.read(size - self._seen)
-        complete = chunk.rfind(b"\n") + 1
-        self.pending += chunk.count(b"\n", 0, complete)
-        self._seen += complete
+        return None  # the writer's job, done before any publisher process starts
 
     def __len__(self) -> int:
-        self._refresh()
-        return self.pending
+        """Events not yet acknowledged (counted from the file: only the start and the end ask)."""
+        return self._count_from(self.committed)
 
     def commit(self, end_offset: int, count: int) -> None:
         self.committed = end_offset
-        self.pending = 0 if end_offset >= self._seen else max(0, self.pending - count)
         if end_offset >= self.read_pos:
             with self.journal.locked():
                 if self._size() == end_offset:  # nothing appended since: empty the file
-                    self._append.truncate(0)
-                    self.committed = self.read_pos = self._seen = self.pending = 0
-                    self.offset_path.unlink(missing_ok=True)
+                    self._emptied()
                     return
-        tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(end_offset))
-        tmp.replace(self.offset_path)
+        self._write_offset(end_offset)

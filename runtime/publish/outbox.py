@@ -27,6 +27,8 @@ from schemas import Event
 from schemas.subjects import event_subject
 
 Record = tuple[str, str, bytes]
+CHUNK = 1 << 20
+"""Bytes read from the file at a time (more when one event is longer)."""
 
 
 def record_of(event: Event) -> Record:
@@ -64,14 +66,6 @@ def _complete(body: bytes) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def dead_letter_path(outbox: Path) -> Path:
     """``runs/x/outbox.jsonl`` → ``runs/x/outbox.dead.jsonl``."""
     return outbox.with_name(f"{outbox.stem}.dead{outbox.suffix or '.jsonl'}")
@@ -104,7 +98,7 @@ class DeadLetters:
 
 
 class Outbox:
-    """Append-only spill file with a committed read offset."""
+    """Append-only file of unacknowledged events with a committed read offset."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -114,34 +108,30 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         # unbuffered: a failed append is undone exactly, and nothing half-written waits in a buffer
         self._append = path.open("ab", buffering=0)
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # pread: no buffer a truncation could leave stale
         self._cut_torn_tail()
         self.committed = self._read_offset()
+        self._offset_written = self.offset_path.exists()
         self.read_pos = self.committed
         self.pending = self._count_from(self.committed)
 
     def _size(self) -> int:
-        return os.fstat(self._append.fileno()).st_size
+        return os.fstat(self._fd).st_size
 
     def _cut_torn_tail(self) -> None:
         """A last line without its newline: keep it if it is a whole record, else set it aside and cut it."""
         size = self._size()
-        if size == 0:
+        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
             return
-        with self.path.open("rb") as f:
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            start, pos = 0, size
-            while pos > 0:  # the start of the last line, reading backwards
-                step = min(1 << 16, pos)
-                pos -= step
-                f.seek(pos)
-                idx = f.read(step).rfind(b"\n")
-                if idx >= 0:
-                    start = pos + idx + 1
-                    break
-            f.seek(start)
-            tail = f.read()
+        start, pos = 0, size
+        while pos > 0:  # the start of the last line, reading backwards
+            step = min(1 << 16, pos)
+            pos -= step
+            idx = os.pread(self._fd, step, pos).rfind(b"\n")
+            if idx >= 0:
+                start = pos + idx + 1
+                break
+        tail = os.pread(self._fd, size - start, start)
         if _complete(tail):
             self._append.write(b"\n")  # only the newline was missing
             return
@@ -164,8 +154,12 @@ class Outbox:
     def __len__(self) -> int:
         return self.pending
 
+    def has_new(self) -> bool:
+        """Whether the file holds bytes past what was loaded (another process may append)."""
+        return self._size() > self.read_pos
+
     def append(self, records: list[Record]) -> None:
-        """Spill ``records`` to the end of the file; on an error (a full disk) nothing of them stays."""
+        """Add ``records`` to the end of the file; on an error (a full disk) nothing of them stays."""
         data = memoryview(encode(records))
         start = self._size()
         try:
@@ -180,27 +174,35 @@ class Outbox:
             raise
         self.pending += len(records)
 
+    def _complete_lines(self) -> bytes:
+        """The complete lines after ``read_pos`` (at least one whole line, whatever its size), one read."""
+        available = self._size() - self.read_pos
+        size = min(available, CHUNK)
+        while True:
+            chunk = os.pread(self._fd, size, self.read_pos)
+            end = chunk.rfind(b"\n") + 1
+            if end or size >= available:
+                return chunk[:end]
+            size = min(available, size * 2)  # one event longer than a chunk
+
     def load(self, limit: int) -> list[tuple[Record, int]]:
         """Read up to ``limit`` records after what was already loaded; each with its end offset."""
         out: list[tuple[Record, int]] = []
-        skipped = False
-        with self.path.open("rb") as f:
-            f.seek(self.read_pos)
-            while len(out) < limit:
-                line = f.readline()
-                if not line.endswith(b"\n"):
-                    break
-                self.read_pos += len(line)
-                body = line[:-1]
-                if not body.strip():
-                    continue
-                record = parse_line(body)
-                if record is None:
-                    skipped = True
-                    self.dead.add_raw(body, "malformed outbox line (torn or glued by an interrupted write)")
-                    self.log.warning("malformed outbox line set aside", set_aside_in=str(self.dead.path))
-                    continue
-                out.append((record, self.read_pos))
+        chunk = self._complete_lines()
+        base, start, skipped = self.read_pos, 0, False
+        while len(out) < limit and start < len(chunk):
+            newline = chunk.index(b"\n", start)
+            body, start = chunk[start:newline], newline + 1
+            if not body.strip():
+                continue
+            record = parse_line(body)
+            if record is None:
+                skipped = True
+                self.dead.add_raw(body, "malformed outbox line (torn or glued by an interrupted write)")
+                self.log.warning("malformed outbox line set aside", set_aside_in=str(self.dead.path))
+                continue
+            out.append((record, base + start))
+        self.read_pos = base + start
         if skipped and not out:
             self.commit(self.read_pos, 0)
         return out
@@ -210,45 +212,33 @@ class Outbox:
         self.committed = end_offset
         self.pending = max(0, self.pending - count)
         if self.pending == 0 and self.read_pos >= self._size():
-            self._append.truncate(0)
-            self.committed = self.read_pos = 0
-            self.offset_path.unlink(missing_ok=True)
+            self._emptied()
             return
-        tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(end_offset))
-        tmp.replace(self.offset_path)
+        self._write_offset(end_offset)
+
+    def _emptied(self) -> None:
+        self._append.truncate(0)
+        self.committed = self.read_pos = 0
+        if self._offset_written:
+            self.offset_path.unlink(missing_ok=True)
+            self._offset_written = False
+
+    def _write_offset(self, end_offset: int) -> None:
+        # fixed width, written in place: one write that always covers the whole number
+        fd = os.open(self.offset_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, b"%020d\n" % end_offset, 0)
+        finally:
+            os.close(fd)
+        self._offset_written = True
 
     def rewind(self) -> None:
         """Forget loaded-but-unacknowledged records so they are loaded again."""
         self.read_pos = self.committed
 
-    def rewrite(self, head: list[Record]) -> None:
-        """Put ``head`` (older, never spilled) before the unacknowledged rest, durably.
-
-        The offset file goes first: an offset into the old file must never apply to the new one
-        (it would skip the head). A crash between the two steps re-sends the acknowledged part of
-        the old file, which JetStream drops as duplicates.
-        """
-        with self.path.open("rb") as f:
-            f.seek(self.committed)
-            rest = f.read()
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.write(encode(head))
-            f.write(rest)
-            f.flush()
-            os.fsync(f.fileno())
-        self.offset_path.unlink(missing_ok=True)
-        _fsync_dir(self.path.parent)
-        self._append.close()
-        tmp.replace(self.path)
-        _fsync_dir(self.path.parent)
-        self._append = self.path.open("ab", buffering=0)
-        self.committed = self.read_pos = 0
-        self.pending += len(head)
-
     def close(self) -> None:
         self._append.close()
+        os.close(self._fd)
         if self.path.exists() and self.path.stat().st_size == 0:
             self.path.unlink()
             self.offset_path.unlink(missing_ok=True)

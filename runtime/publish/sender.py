@@ -1,18 +1,20 @@
-"""The background half of ``NatsPublisher``: it owns the NATS connection, the outbox and the retries.
+"""``Sender``: sends an outbox to JetStream in order, pipelined, exactly once; owns the connection and the retries.
 
-The ``Handoff`` (``runtime.publish.handoff``) is all the training thread and the sender share. ``Sender``
-runs on the publisher's thread, in its own event loop: it connects (or, with ``offline_ok``,
-keeps trying in the background), takes events from the handoff into memory or the outbox, and
-publishes them in pipelined batches (see ``runtime.publish.delivery`` for what each refusal means).
-Kept apart from the caller side so that it also runs in a training run's publisher process
-(``runtime.publish.process``), where its outbox is the journal the training process appends to.
+It runs in a training run's publisher process (``runtime.publish.process``), where its outbox is the
+journal the training process appends to, and in ``trainbus outbox flush`` (``runtime.publish.replay``),
+where it sends an outbox a run left behind. It connects (or, with ``offline_ok``, keeps trying in
+the background), loads what the outbox holds when its ``Window`` says it is time (``runtime.publish.window``:
+at once, or after a short window that gathers the events that may wait), publishes it as one
+pipelined batch with ``Nats-Msg-Id`` = the event id, waits for every ack, and commits how far
+JetStream acknowledged. An unacknowledged batch is re-sent with the same ids (JetStream drops the
+duplicates); see ``runtime.publish.delivery`` for what each refusal means. What is not acknowledged
+when it stops stays in the outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,69 +25,74 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from runtime.bus.connect import BusTarget, Credentials, connect, responder
+from runtime.bus.connect import BusTarget, Credentials, connect, listener, responder
 from runtime.bus.stream import ensure_stream
 from runtime.errors import BusUnavailable
 from runtime.publish.delivery import Acks, Backoff, BatchAcks, denied_subject
-from runtime.publish.handoff import Handoff
-from runtime.publish.outbox import Outbox, Record, record_of
+from runtime.publish.outbox import Outbox, Record
 from runtime.publish.oversize import fit, room
 from runtime.publish.sinks import PublisherStats
+from runtime.publish.window import Window
 from runtime.settings import Settings
 from schemas import EVENTS_STREAM
 
-Item = tuple[Record, int | None]  # the record, and its outbox end offset when it came from there
+Item = tuple[Record, int]  # the record, and its end offset in the outbox
 
 
 class Sender:
-    """Connection, memory, outbox and retries of one publisher (see the module docstring)."""
+    """Connection, batches and retries of one outbox (see the module docstring)."""
 
     def __init__(
         self,
         target: BusTarget,
         settings: Settings,
-        handoff: Handoff,
+        window: Window,
         stats: PublisherStats,
         log: Any,
         *,
-        outbox_path: Path,
-        memory_limit: int,
-        batch_size: int,
+        outbox: Outbox,
+        batch_size: int = 1024,
         name: str,
-        credentials: Credentials | None,
-        provision_stream: bool,
-        responders: dict[str, Callable[[bytes], bytes]],
-        offline_ok: bool,
-        on_ready: Callable[[], None],
-        open_outbox: Callable[[Path], Outbox] = Outbox,
+        credentials: Credentials | None = None,
+        provision_stream: bool = True,
+        responders: dict[str, Callable[[bytes], bytes]] | None = None,
+        listeners: dict[str, Callable[[bytes], None]] | None = None,
+        offline_ok: bool = False,
+        on_ready: Callable[[], None] = lambda: None,
     ) -> None:
-        self.target, self.settings, self.handoff, self.stats, self.log = target, settings, handoff, stats, log
-        self.outbox_path = outbox_path
-        self.memory_limit = memory_limit
+        self.target, self.settings, self.window, self.stats, self.log = target, settings, window, stats, log
+        self.outbox = outbox
         self.batch_size = batch_size
         self.name = name
         self.credentials = credentials
         self.provision_stream = provision_stream
-        self.responders = responders
+        self.responders = dict(responders or {})
+        self.listeners = dict(listeners or {})
+        """Subjects the process only reads (e.g. a launched run's fence); subscribed on every connection."""
         self.offline_ok = offline_ok
         self.on_ready = on_ready
-        self.open_outbox = open_outbox  # a sidecar's is the journal another process appends to
         self.pending: deque[Item] = deque()
-        self.backlog: list[Record] = []  # bound for the outbox, not written yet (the disk was full)
         self._set_aside: dict[str, str] = {}  # msg_id → why the next pass sets it aside
-        self._outbox: Outbox | None = None
         self._acks: Acks | None = None
         self._backoff = Backoff()
         self._episode: float | None = None  # since when publishing has been refused
+        self._nc: NATS | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (what a listener that times silence needs to know)."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox.path
 
     async def run(self) -> None:
-        """Until close: connect, then publish; whatever is unsent ends in the outbox."""
-        self.handoff.loop = asyncio.get_running_loop()
-        self._outbox = self.open_outbox(self.outbox_path)
+        """Until the window closes: connect, then publish; whatever is unsent stays in the outbox."""
         nc: NATS | None = None
         try:
-            if len(self._outbox):
-                self.log.info("events waiting in the outbox will be sent first", pending=len(self._outbox))
+            if self.outbox.has_new():
+                self.log.info("events waiting in the outbox will be sent first", pending=len(self.outbox))
             nc = await self._connect()
             while nc is not None and await self._pump(nc, nc.jetstream(timeout=self.settings.bus.ack_timeout)):
                 # the folder's bus moved (``_wait_connected``): the old address will not come back
@@ -99,13 +106,6 @@ class Sender:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), 2)
 
-    def leftovers(self) -> tuple[list[Record], list[Record]]:
-        """(after the thread died) What memory still holds: older than the outbox, and newer; forgotten here."""
-        head = [rec for rec, end in self.pending if end is None]
-        self.pending.clear()
-        newer, self.backlog = self.backlog, []
-        return head, newer
-
     # ---- connecting ------------------------------------------------------------------------
 
     async def _open(self) -> NATS:
@@ -113,6 +113,7 @@ class Sender:
             self.target, self.settings, name=self.name, credentials=self.credentials, log=self.log,
             on_permission_error=self._on_denied,
         )  # fmt: skip
+        self._nc = nc
         try:
             if self.provision_stream:
                 try:
@@ -121,7 +122,9 @@ class Sender:
                     raise BusUnavailable(f"the bus at {self.target.display} ({self.target.origin}): {exc}") from None
             for subject, handler in self.responders.items():
                 await nc.subscribe(subject, cb=responder(handler, self.log))
-            if self.responders:
+            for subject, hear in self.listeners.items():
+                await nc.subscribe(subject, cb=listener(hear, self.log))
+            if self.responders or self.listeners:
                 await nc.flush()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -148,15 +151,15 @@ class Sender:
                         error=str(exc), outbox=str(self.outbox_path),
                     )  # fmt: skip
                     self.on_ready()
-                if self.handoff.closing:
-                    return None  # the last try, made when close() was called, failed too
-                await self._idle(backoff.next(), stop_on_close=True)
+                if self.window.closing:
+                    return None  # the last try, made when closing began, failed too
+                await self.window.pause(backoff.next(), until_close=True)
                 continue
             if offline_since is not None:
                 self.log.info(
                     "connected to the bus; sending what waited offline",
                     server=self.target.display, offline_seconds=round(time.monotonic() - offline_since, 1),
-                    in_memory=len(self.pending), in_outbox=len(self._outbox) if self._outbox else 0,
+                    in_outbox=len(self.outbox),
                 )  # fmt: skip
             self.on_ready()
             return nc
@@ -167,116 +170,52 @@ class Sender:
             who = self.credentials.identity() if self.credentials else None
             self._acks.current.deny(subject, f"permission denied: the server does not let {who or 'this user'} publish to {subject}")  # fmt: skip
 
-    # ---- memory and outbox -----------------------------------------------------------------
-
-    async def _idle(self, seconds: float, *, stop_on_close: bool = False) -> None:
-        """Take in events for ``seconds`` (no longer than the close deadline, or until close())."""
-        h = self.handoff
-        until = time.monotonic() + seconds
-        while True:
-            if self._intake():
-                h.closing = True
-            if stop_on_close and h.closing:
-                return
-            left = min(until, h.deadline) - time.monotonic()
-            if left <= 0:
-                return
-            h.sleeping = not h.closing
-            if h.closing or h.queue.empty():
-                await h.doze(left)
-            h.sleeping = False
-
-    def _intake(self) -> bool:
-        """Move queued events into memory (or the outbox); True when close() was requested."""
-        assert self._outbox is not None
-        spill: list[Record] = []
-        stop = False
-        while True:
-            try:
-                event = self.handoff.queue.get_nowait()
-            except queue.Empty:
-                break
-            if event is None:
-                stop = True
-                continue
-            record = record_of(event)
-            if len(self._outbox) or self.backlog or spill or len(self.pending) >= self.memory_limit:
-                spill.append(record)
-            else:
-                self.pending.append((record, None))
-        if spill or self.backlog:
-            self._spill([*self.backlog, *spill])
-        return stop
-
-    def _spill(self, records: list[Record]) -> None:
-        assert self._outbox is not None
-        try:
-            self._outbox.append(records)
-        except OSError as exc:  # a full disk: keep them in memory, in order, and try again later
-            if not self.backlog:
-                self.log.error("cannot write the outbox; events wait in memory", error=str(exc), path=str(self.outbox_path))  # fmt: skip
-            self.backlog = records
-            return
-        self.backlog = []
-        self.stats.spilled += len(records)
-        self.handoff.settle(len(records))
+    # ---- the outbox ------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Item]:
-        assert self._outbox is not None
-        if not self.pending and len(self._outbox):
-            room_left = max(self.batch_size, self.memory_limit // 2)
-            self.pending.extend((rec, end) for rec, end in self._outbox.load(room_left))
+        if not self.pending:
+            self.pending.extend(self.outbox.load(self.batch_size))
         return [self.pending[i] for i in range(min(self.batch_size, len(self.pending)))]
 
     def _finish(self) -> None:
-        """Whatever is still in memory goes to the front of the outbox, in order."""
-        if self._outbox is None:
-            return
-        self._intake()
-        head = [rec for rec, end in self.pending if end is None]
-        if head:
-            self._outbox.rewrite(head)
-            self.stats.spilled += len(head)
-            self.handoff.settle(len(head))
-        else:
-            self._outbox.rewind()
+        """Loaded but unacknowledged events are loaded again by the next sender."""
+        self.outbox.rewind()
         self.pending.clear()
-        if self.backlog:
-            self._spill(self.backlog)
-        self.stats.outbox_pending = len(self._outbox)
-        self._outbox.close()
+        self.stats.outbox_pending = len(self.outbox)
+        self.outbox.close()
 
     # ---- publishing ------------------------------------------------------------------------
 
     async def _pump(self, nc: NATS, js: Any) -> bool:
-        """Publish until close (False), or until the folder's bus moves while disconnected (True)."""
-        h = self.handoff
-        stop_requested = False
+        """Publish until closing and sent (False), or until the folder's bus moves while disconnected (True)."""
+        window = self.window
         while True:
-            stop_requested |= self._intake()
+            if not self.pending:
+                await window.ready(self.outbox.has_new)
             batch = self._next_batch()
             if not batch:
-                if stop_requested or h.closing:
+                if window.closing:
                     return False
-                h.sleeping = True
-                if h.queue.empty():
-                    await h.doze(1.0)
-                h.sleeping = False
                 continue
             state = await self._send(nc, batch)
             settled = self._commit(batch, state)
             if settled == len(batch):
                 self._recovered()
                 continue
-            if h.closing and time.monotonic() >= h.deadline:
+            if window.closing and time.monotonic() >= window.deadline:
                 return False
             self.stats.retried += len(batch) - settled
-            if not nc.is_connected:
-                if await self._wait_connected(nc):
-                    return True
-            elif not (state.no_stream and await self._stream_missing(js, batch, state)):
-                self._refused(state.error or f"no ack within {self.settings.bus.ack_timeout:g}s")
-                await self._idle(self._backoff.next())
+            if await self._after_refusal(nc, js, batch, state):
+                return True
+
+    async def _after_refusal(self, nc: NATS, js: Any, batch: list[Item], state: BatchAcks) -> bool:
+        """Wait before the re-send: for the connection, a re-created stream or a backoff; True: the bus moved."""
+        if not nc.is_connected:
+            return await self._wait_connected(nc)
+        if not (state.no_stream and await self._stream_missing(js, batch, state)):
+            self._refused(state.error or f"no ack within {self.settings.bus.ack_timeout:g}s")
+            await self.window.pause(self._backoff.next())
+        return False
 
     async def _send(self, nc: NATS, batch: list[Item]) -> BatchAcks:
         """Publish ``batch`` pipelined and wait for the acks (or the timeout)."""
@@ -304,8 +243,8 @@ class Sender:
         if state.published:
             state.expect(state.published)
             timeout = self.settings.bus.ack_timeout
-            if self.handoff.closing:
-                timeout = max(0.05, min(timeout, self.handoff.deadline - time.monotonic()))
+            if self.window.closing:
+                timeout = max(0.05, min(timeout, self.window.deadline - time.monotonic()))
             timer = asyncio.get_running_loop().call_later(timeout, state.give_up)
             try:
                 await state.done
@@ -316,44 +255,37 @@ class Sender:
 
     def _shrink(self, batch: list[Item], i: int, limit: int, max_payload: int) -> bytes | None:
         """Trim the oversized event at ``batch[i]`` in place (the original goes to the dead-letter file)."""
-        assert self._outbox is not None
         record, end = batch[i]
         fitted = fit(record[2], limit)
         if fitted is None:
             return None
-        self._outbox.dead.add(record, f"trimmed to fit the server's max_payload ({max_payload} bytes); published with a marker")  # fmt: skip
+        self.outbox.dead.add(record, f"trimmed to fit the server's max_payload ({max_payload} bytes); published with a marker")  # fmt: skip
         self.stats.trimmed += 1
         self.log.warning(
             "event trimmed to fit the server's max_payload",
-            event_id=record[1], bytes=len(record[2]), max_payload=max_payload, original_in=str(self._outbox.dead.path),
+            event_id=record[1], bytes=len(record[2]), max_payload=max_payload, original_in=str(self.outbox.dead.path),
         )  # fmt: skip
         batch[i] = self.pending[i] = ((record[0], record[1], fitted), end)
         return fitted
 
     def _commit(self, batch: list[Item], state: BatchAcks) -> int:
         """Drop the settled prefix of ``batch`` from memory and the outbox, poison set aside; returns its length."""
-        assert self._outbox is not None
         n = state.settled_prefix()
-        from_memory = n_outbox = 0
-        last_end: int | None = None
         for i in range(n):
-            record, end = self.pending.popleft()
+            record, _ = self.pending.popleft()
             reason = state.poison.get(i)
             if reason is not None:
-                self._outbox.dead.add(record, reason)
-                self._set_aside.pop(record[1], None)
-                self.stats.dead_lettered += 1
-                self.log.warning("event set aside", event_id=record[1], reason=reason, set_aside_in=str(self._outbox.dead.path))  # fmt: skip
-            if end is None:
-                from_memory += 1
-            else:
-                last_end, n_outbox = end, n_outbox + 1
-        if last_end is not None:
-            self._outbox.commit(last_end, n_outbox)
+                self._set_aside_for_good(record, reason)
+        if n:
+            self.outbox.commit(batch[n - 1][1], n)
         self.stats.published += n - sum(1 for i in state.poison if i < n)
-        if from_memory:
-            self.handoff.settle(from_memory)
         return n
+
+    def _set_aside_for_good(self, record: Record, reason: str) -> None:
+        self.outbox.dead.add(record, reason)
+        self._set_aside.pop(record[1], None)
+        self.stats.dead_lettered += 1
+        self.log.warning("event set aside", event_id=record[1], reason=reason, set_aside_in=str(self.outbox.dead.path))  # fmt: skip
 
     async def _stream_missing(self, js: Any, batch: list[Item], state: BatchAcks) -> bool:
         """After a "no stream" answer: True when the stream was re-created or the events are to be set aside."""
@@ -392,9 +324,7 @@ class Sender:
         """Until ``nc`` reconnects (False) or the folder's bus is found elsewhere (True), looking once a second."""
         look = time.monotonic() + 1.0
         while not nc.is_connected:
-            if self._intake():
-                self.handoff.closing = True
-            if self.handoff.closing and time.monotonic() >= self.handoff.deadline:
+            if self.window.closing and time.monotonic() >= self.window.deadline:
                 return False
             if time.monotonic() >= look:
                 look += 1.0

@@ -1,17 +1,19 @@
-"""``SidecarSink``: a training process's event sink whose bus connection runs in a process of its own.
+"""``PublisherSink``: a training process's event sink; the bus connection runs in its publisher process.
 
 The training process pays for an event with building it, one ``write`` to the journal (the run's
-outbox file, see ``runtime.publish.journal``) and one byte on a wake pipe; it runs no bus thread and leaves
-Python's GIL switch interval alone. The sidecar (``runtime.publish.process``, started as ``argv``) owns the NATS
-connection, publishes the journal in order, answers the run's control subject and hands accepted
-commands back on a pipe (``producers.run.control_inbox.PipeLink``).
+outbox file, see ``runtime.publish.journal``) and, for an event that goes at once or when the
+publisher process is idle, one byte on a wake pipe (``runtime.publish.window``); it runs no bus
+thread and leaves Python's GIL switch interval alone. The publisher process
+(``runtime.publish.process``, started as ``argv``) owns the NATS connection, publishes the journal in
+order, answers the run's control subject and hands accepted commands back on a pipe
+(``producers.run.control_inbox.PipeLink``).
 
 Nothing handed over is lost: an event is in the journal before ``publish`` returns, so a SIGKILL of
-the training process leaves it for the sidecar to send (it sends what is left and exits when the wake
-pipe closes), and a killed sidecar is started again (up to ``max_restarts`` times) and resumes from
-what JetStream acknowledged. Past that the run says once, loudly, that it no longer publishes, and
-every later event still goes to the journal, which the next start or ``--resume`` sends. The
-sidecar's log lines are copied to this process's ``sys.stderr`` whenever an event is published.
+the training process leaves it for the publisher process to send (it sends what is left and exits
+when the wake pipe closes), and a killed publisher process is started again (up to ``max_restarts``
+times) and resumes from what JetStream acknowledged. Past that the run says once, loudly, that it no
+longer publishes, and every later event still goes to the journal, which the next start or
+``--resume`` sends. The publisher process's log lines are copied to this process's ``sys.stderr``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -35,15 +38,27 @@ from runtime.publish.journal import Journal, state_path
 from runtime.publish.outbox import Outbox, Record, record_of
 from runtime.publish.process import Spec
 from runtime.publish.sinks import PublisherStats
-from runtime.publish.threaded import owned_server
+from runtime.publish.window import MAY_WAIT, NOW, SOON
 from runtime.settings import Settings
 from schemas import Event
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the fcntl module only from Python 3.12 on
 CHECK_EVERY_S = 1.0
-"""How often ``publish`` looks whether the sidecar is alive and copies its log lines (not every event: each costs syscalls)."""
+"""How often ``publish`` looks whether the publisher process is alive and copies its log lines (not every event: each costs syscalls)."""
 START_GRACE_S = 60.0
-"""Beyond the connect timeout, how long a starting sidecar may take (Python's start-up on a loaded machine)."""
+"""Beyond the connect timeout, how long a starting publisher process may take (Python's start-up on a loaded machine)."""
+WINDOW_S = 0.03
+"""How long an event that may wait waits for others to go with it (``publish.window_ms``)."""
+
+
+@contextmanager
+def owned_server(target: BusTarget, owns: bool) -> Iterator[None]:
+    """On the way out, stop the embedded server in ``target`` if the sink owns it (its store keeps the events)."""
+    try:
+        yield
+    finally:
+        if owns and target.server is not None:
+            target.server.stop()
 
 
 def _pipe(size: int = 1 << 20) -> tuple[int, int]:
@@ -64,7 +79,7 @@ def _pending(path: Path) -> int:
         outbox.close()
 
 
-class SidecarSink:
+class PublisherSink:
     """Event sink of a training process; see the module docstring."""
 
     def __init__(
@@ -82,6 +97,7 @@ class SidecarSink:
         offline_ok: bool = False,
         owns_server: bool = False,
         max_restarts: int = 3,
+        window: float = WINDOW_S,
     ) -> None:
         self.target = target
         self.settings = settings
@@ -95,6 +111,7 @@ class SidecarSink:
         self.offline_ok = offline_ok
         self.owns_server = owns_server
         self.max_restarts = max_restarts
+        self.window = window
         self.stats = PublisherStats()
         self.failure: str | None = None
         self.restarts = 0
@@ -109,7 +126,7 @@ class SidecarSink:
 
     @property
     def counter(self) -> Journal:
-        """The shared numbering (``runtime.publish.sinks.Counter``): the sidecar's replies take seqs from it too."""
+        """The shared numbering (``runtime.publish.sinks.Counter``): the publisher process's replies take seqs from it too."""
         assert self.journal is not None, "start() first"
         return self.journal
 
@@ -119,10 +136,10 @@ class SidecarSink:
 
     # ---- starting --------------------------------------------------------------------------
 
-    def start(self) -> SidecarSink:
-        """Start the sidecar and wait until it is connected (or offline, with ``offline_ok``);
-        raises ``BusUnavailable`` (or the sidecar's own error) when its first connection fails."""
-        Outbox(self.outbox_path).close()  # repairs a torn last line a kill left; no sidecar reads it yet
+    def start(self) -> PublisherSink:
+        """Start the publisher process and wait until it is connected (or offline, with ``offline_ok``);
+        raises ``BusUnavailable`` (or the process's own error) when its first connection fails."""
+        Outbox(self.outbox_path).close()  # repairs a torn last line a kill left; no publisher process reads it yet
         self.journal = Journal(self.outbox_path, fresh=True)
         self._wake_r, self._wake_w = _pipe(1 << 16)
         os.set_blocking(self._wake_w, False)
@@ -143,13 +160,13 @@ class SidecarSink:
             servers=self.target.servers, origin=self.target.origin, settings=self._settings(),
             state_dir=str(self.target.state_dir.resolve()) if self.target.state_dir else None,
             journal=str(self.outbox_path), run_id=self.run_id, name=self.name, wake_fd=self._wake_r,
-            commands_fd=self.commands_w, parent_pid=os.getpid(), batch_size=self.batch_size,
+            commands_fd=self.commands_w, parent_pid=os.getpid(), batch_size=self.batch_size, window=self.window,
             provision_stream=self.provision_stream, offline_ok=self.offline_ok or self.restarts > 0,
             log_level=self.settings.log.level, log_format=self._log_format(), restart=self.restarts,
         )  # fmt: skip
         fds = (self._wake_r, self.commands_w) if self.control else (self._wake_r,)
         # a session of its own: Ctrl-C (or a signal to the process group) stops training, which then
-        # closes the wake pipe; the sidecar must live on to send what the trainer handed over
+        # closes the wake pipe; the publisher process must live on to send what the trainer handed over
         self._proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds,
             start_new_session=True,
@@ -161,7 +178,7 @@ class SidecarSink:
 
     def _settings(self) -> dict[str, object]:
         # only what every process shares (a run config has more); bus.url is redacted in a dump,
-        # which is why the sidecar connects to ``servers``
+        # which is why the publisher process connects to ``servers``
         return Settings.model_validate(self.settings.model_dump(include=set(Settings.model_fields))).model_dump(mode="json")  # fmt: skip
 
     def _log_format(self) -> str:
@@ -178,25 +195,25 @@ class SidecarSink:
             if left <= 0:
                 raise BusUnavailable(f"the publisher process did not start within {timeout:.0f}s")
             ready, _, _ = select.select([out], [], [], min(left, 0.5))
-            self._relay_logs()
+            self._copy_logs()
             if ready:
                 chunk = os.read(out, 1)
                 if not chunk:
-                    self._relay_logs(final=True)
+                    self._copy_logs(final=True)
                     raise TrainbusError(f"the publisher process exited with {self._proc.wait()} before it was ready")
                 line += chunk
         word, _, rest = line.decode().strip().partition(" ")
         if word == "error":
             exit_code, _, message = rest.partition(" ")
             self._proc.wait()
-            self._relay_logs(final=True)
+            self._copy_logs(final=True)
             kind = {BusUnavailable.exit_code: BusUnavailable, ConfigError.exit_code: ConfigError}.get(int(exit_code), TrainbusError)  # fmt: skip
             raise kind(message)
 
     # ---- the training thread -----------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Append ``event`` to the journal and wake the sidecar; never blocks on the network."""
+        """Append ``event`` to the journal and wake the publisher process if it must; never blocks on the network."""
         journal = self.journal
         record = record_of(event)
         if journal is None:  # not started, or closed: the outbox keeps it for the next start
@@ -211,19 +228,26 @@ class SidecarSink:
             if not self._backlog:
                 self.log.error("cannot write the outbox; events wait in memory", error=str(exc), path=str(self.outbox_path))  # fmt: skip
             self._backlog.append(record)
-        with contextlib.suppress(OSError):  # full: the sidecar has a wake-up waiting; gone: seen below
-            os.write(self._wake_w, b"\0")
+        if event.type not in MAY_WAIT or self.window <= 0:
+            self._wake(NOW)
+        elif journal.idle:  # otherwise it looks at the journal by itself when its window ends
+            journal.idle = False
+            self._wake(SOON)
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY_S
-            self._relay_logs()
+            self._copy_logs()
             if self._proc is not None and self._proc.poll() is not None and not self._closing:
                 self._died()
+
+    def _wake(self, byte: bytes) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is waiting anyway; gone: seen in publish
+            os.write(self._wake_w, byte)
 
     def _died(self) -> None:
         assert self._proc is not None
         code = self._proc.returncode
-        self._relay_logs(final=True)
+        self._copy_logs(final=True)
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         if self.restarts < self.max_restarts:
             self.restarts += 1
@@ -239,8 +263,8 @@ class SidecarSink:
                 reason=self.failure, outbox=str(self.outbox_path),
             )  # fmt: skip
 
-    def _relay_logs(self, final: bool = False) -> None:
-        """Copy the sidecar's complete log lines to this process's ``sys.stderr`` (pytest and notebooks swap it)."""
+    def _copy_logs(self, final: bool = False) -> None:
+        """Copy the publisher process's complete log lines to this process's ``sys.stderr`` (pytest and notebooks swap it)."""
         stream: IO[bytes] | None = self._proc.stderr if self._proc is not None else None
         if stream is None:
             return
@@ -256,7 +280,7 @@ class SidecarSink:
     # ---- closing ---------------------------------------------------------------------------
 
     def close(self, timeout: float = 10.0) -> PublisherStats:
-        """Let the sidecar send what is pending for up to ``timeout`` s; the rest stays in the outbox.
+        """Let the publisher process send what is pending for up to ``timeout`` s; the rest stays in the outbox.
 
         With ``owns_server`` the embedded server in ``target`` stops too, once the events are in its store.
         """
@@ -273,8 +297,8 @@ class SidecarSink:
                 journal.append(self._backlog)
                 self._backlog = []
         journal.close_timeout = timeout
-        self._close_fd("_wake_w")  # end of file: the sidecar sends what is left and exits
-        report = self._finish_sidecar(timeout + 10)
+        self._close_fd("_wake_w")  # end of file: the publisher process sends what is left and exits
+        report = self._finish_process(timeout + 10)
         published = journal.published
         self._discard()
         for key, value in report.items():
@@ -288,8 +312,8 @@ class SidecarSink:
             self.log.warning("events left in the outbox", pending=self.stats.outbox_pending, path=str(self.outbox_path))  # fmt: skip
         return self.stats
 
-    def _finish_sidecar(self, timeout: float) -> dict[str, object]:
-        """Wait for the sidecar to exit; its last stdout line is its ``PublisherStats``."""
+    def _finish_process(self, timeout: float) -> dict[str, object]:
+        """Wait for the publisher process to exit; its last stdout line is its ``PublisherStats``."""
         proc = self._proc
         if proc is None or proc.stdout is None:
             return {}
@@ -297,7 +321,7 @@ class SidecarSink:
         out = b""
         while time.monotonic() < deadline:
             ready, _, _ = select.select([proc.stdout.fileno()], [], [], 0.2)
-            self._relay_logs()
+            self._copy_logs()
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 1 << 16)
                 if not chunk:
@@ -309,7 +333,7 @@ class SidecarSink:
             proc.kill()
             proc.wait()
             self.failure = self.failure or f"the publisher process did not finish within {timeout:.0f}s"
-        self._relay_logs(final=True)
+        self._copy_logs(final=True)
         for line in reversed(out.decode(errors="replace").splitlines()):
             if line.startswith("{"):
                 report: dict[str, object] = json.loads(line)

@@ -1,7 +1,8 @@
 """Where events go: the small ``EventSink`` protocol and its offline implementations.
 
-The trainer depends only on ``EventSink``; ``NatsPublisher`` (runtime.publish.threaded) is the bus
-implementation, ``MemorySink`` keeps events for tests, ``NullSink`` drops them for offline runs.
+The trainer depends only on ``EventSink``; ``PublisherSink`` (``runtime.publish.sink``, the run's
+publisher process) is the bus implementation, ``MemorySink`` keeps events for tests, ``NullSink``
+drops them for offline runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from runtime.publish.direct import event_id
 from schemas import Event
 
 
@@ -21,7 +23,6 @@ class PublisherStats:
     published: int = 0
     duplicates: int = 0
     retried: int = 0
-    spilled: int = 0
     outbox_pending: int = 0
     invalid: int = 0
     dead_lettered: int = 0
@@ -29,7 +30,7 @@ class PublisherStats:
     trimmed: int = 0
     """Events published with their largest parts trimmed to fit the server's max_payload."""
     failure: str | None = None
-    """Why the sink's background thread died, if it did."""
+    """Why the sink stopped publishing, if it did (its publisher process kept dying)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -105,9 +106,10 @@ class Stamper:
 
     Thread-safe: the training thread and the heartbeat thread share one stamper, and the counter's
     lock makes sequence order and publish order the same (across processes, when the sink shares
-    its numbering with a sidecar). ``emit_last`` seals it: nothing is published after an attempt's
-    ``run.finished`` (a late heartbeat or command reply is dropped instead). ``attempt=None`` keeps
-    the attempt the counter has (a sidecar numbers for the trainer's attempt).
+    its numbering with its publisher process). ``emit_last`` seals it: nothing is published after an
+    attempt's ``run.finished`` (a late heartbeat or command reply is dropped instead).
+    ``attempt=None`` keeps the attempt the counter has (the publisher process numbers for the
+    trainer's attempt).
     """
 
     def __init__(
@@ -155,11 +157,13 @@ class Stamper:
         c = self.counter
         with c.held():
             seq, attempt = c.value + 1, c.attempt
-            prefix = (
-                f"{self.run_id}.{attempt}" if self.source == "trainer" else f"{self.run_id}.{self.source}.{attempt}"
+            msg_id = (
+                f"{self.run_id}.{attempt}.{seq}"
+                if self.source == "trainer"
+                else event_id(self.run_id, self.source, attempt, seq)
             )
             event: Event = cls(
-                event_id=f"{prefix}.{seq}", run_id=self.run_id, attempt=attempt, seq=seq, source=self.source, **fields
+                event_id=msg_id, run_id=self.run_id, attempt=attempt, seq=seq, source=self.source, **fields
             )
             if not c.sealed:
                 c.value = seq

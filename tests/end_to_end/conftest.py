@@ -153,5 +153,6 @@ def default_run(nats_server: RunningServer, tmp_path_factory: pytest.TempPathFac
         "output": trainer.output(),
         "events": events,
         "run_dir": tmp / "runs" / run_id,
+        "data_dir": tmp / "data",
         "url": nats_server.url,
     }

@@ -186,4 +186,7 @@ def test_stop_saves_and_exits_0(nats_server: RunningServer, live: Trainer, tmp_p
     assert finished.status == "stopped" and finished.reason == "done testing"
     assert of_type(events, "checkpoint")[-1].step == finished.step
     late = ctl(nats_server.url, "pause", "--run", RUN, "--timeout", "1")
-    assert late.returncode == 3
+    assert late.returncode == 2
+    assert late.stderr.splitlines() == [
+        f"trainbus ctl: run {RUN} stopped at step {finished.step}: pause has no trainer to act on"
+    ]

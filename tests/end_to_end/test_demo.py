@@ -1,5 +1,6 @@
 """`make demo` is the first command a user types: `trainbus demo` end to end, without a terminal
-(CI: it exits when the run ends) and with one (it keeps everything up until Ctrl-C)."""
+(CI: it serves the run's approved best, asks it the README's examples and exits) and with one (it
+keeps everything up until Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,21 @@ from typing import IO, Any
 
 import psutil
 
+from runtime.cli.demo import ALIAS, EXAMPLES
 from tests.conftest import REPO
 
 OVERRIDES = [
     "training.max_steps=4", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
     f"data.labels_file={REPO / 'configs/labels.yaml'}", "data.max_eval_samples=8",
 ]  # fmt: skip
+JUDGED = [*OVERRIDES, "training.eval_steps=4", "training.save_steps=4"]  # one evaluated checkpoint, at the end
+PERMISSIVE = f"""labels_file: {REPO / "configs/labels.yaml"}
+best_metric: accuracy
+rules:
+  non_finite: {{severity: critical, actions: [flag, reject_checkpoint]}}
+"""
+"""A 4-step model is nowhere near the shipped rules' accuracy floor; the audit gate reads
+configs/audit.yaml from the folder it runs in, so there these rules approve any finite checkpoint."""
 
 
 @dataclass
@@ -70,11 +80,11 @@ class Demo:
 
 
 @contextlib.contextmanager
-def demo(tmp_path: Path, stdin: int | IO[Any]) -> Iterator[Demo]:
+def demo(tmp_path: Path, stdin: int | IO[Any], overrides: list[str] = OVERRIDES) -> Iterator[Demo]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
     env["OMP_NUM_THREADS"] = "1"  # one torch thread on a shared 2-core machine
     argv = [sys.executable, "-m", "runtime.cli", "demo", "--config", str(REPO / "configs/tiny.yaml")]
-    for item in OVERRIDES:
+    for item in overrides:
         argv += ["--set", item]
     err = tmp_path / "demo.err"
     process = subprocess.Popen(
@@ -101,8 +111,12 @@ def health(line: str) -> int:
         return int(reply.status)
 
 
-def test_without_a_terminal_the_demo_prints_the_url_first_trains_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    with demo(tmp_path, subprocess.DEVNULL) as run:
+def test_without_a_terminal_the_demo_trains_serves_its_best_asks_the_examples_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/audit.yaml").write_text(PERMISSIVE)
+    with demo(tmp_path, subprocess.DEVNULL, JUDGED) as run:
         url_line = run.read_until("watch the run live in the dashboard:")
         assert health(url_line) == 200  # the printed URL answers while the run trains
         run.read_until("demo: stopped")
@@ -117,8 +131,21 @@ def test_without_a_terminal_the_demo_prints_the_url_first_trains_and_leaves_noth
     counts = dict(re.findall(r"([a-z.]+)=(\d+)", out.split("demo: events by type: ")[1].splitlines()[0]))
     assert (counts["run.started"], counts["run.finished"], counts["train.step"]) == ("1", "1", "4")
     assert "status=completed step=4" in out and "Ctrl-C" in out
+    # the gate judged the checkpoint: the demo serves it and says where to ask it, then asks it itself
+    assert "demo: serving the best approved checkpoint (step 4)" in out
+    assert f"trainbus serve: serving run {run_id.group(1)} step 4 (approved" in out
+    dashboard = re.search(r"dashboard: serving (http://127\.0\.0\.1:\d+)", out)
+    assert dashboard is not None and f"Try-it page: {dashboard.group(1)}/tryit (alias {ALIAS})" in out
+    asked = out.split("demo: asking the README's examples: trainbus predict --alias risk")[1].splitlines()
+    assert asked[1].split() == ["TEXT", "DECISION", "P", "STEP", "RATIONALE"]
+    answers = {text: next(line for line in asked if line.startswith(text)) for text, _ in EXAMPLES}
+    for text, row in answers.items():  # a 4-step model: what it answers is not the point, that it does is
+        decision, p, step = row[len(text) :].split()[:3]
+        assert decision in ("HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK", "abstain") and step == "4", row
+        assert 0 < float(p) <= 1
+    assert out.index("asking the README's examples") < out.index("demo: stopped")
     assert re.search(r"demo: stopped \d+ service\(s\) and the bus", out)
-    assert len(run.seen) >= 4  # the bus, the services, the trainer
+    assert len(run.seen) >= 6  # the bus, the services, the trainer, the predictor, the question
     assert not run.left_behind()
 
 

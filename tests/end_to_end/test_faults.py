@@ -20,7 +20,7 @@ def test_bus_outage_loses_nothing_and_training_goes_on(tmp_path: Path) -> None:
     trainer = start_trainer(
         server.url, "configs/tiny.yaml", run, tmp_path,
         "training.max_steps=140", "training.logging_steps=1", "training.eval_steps=null", "training.save_steps=null",
-        "publish.heartbeat_seconds=0.5", "publish.memory_limit=40", "bus.ack_timeout=1",
+        "publish.heartbeat_seconds=0.5", "bus.ack_timeout=1",
     )  # fmt: skip
     try:
         wait_events(server.url, run, lambda ev: len(of_type(ev, "train.step")) >= 20, timeout=120)

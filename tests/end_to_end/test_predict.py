@@ -36,6 +36,7 @@ from dashboards.app.predictions import PREDICT_TIMEOUT
 from dashboards.app.reader import BusReader
 from dashboards.app.views.tryit import ALIAS as TRY_IT_ALIAS
 from dashboards.app.views.tryit import ASKED
+from dashboards.app.views.tryit import METADATA as TRY_IT_METADATA
 from producers.config import RunConfig
 from producers.task.data import read_examples
 from producers.task.evaluation import classifier_prompt, label_probabilities
@@ -243,9 +244,17 @@ async def test_the_service_is_discoverable_and_each_load_is_an_event(trained: di
         best = await best_entry(nc)
         served = {a.alias: a for a in await served_aliases(nc, wait=3.0)}
         ping = json.loads((await nc.request(f"$SRV.PING.{SERVICE_NAME}", b"", timeout=10)).data)
+        info = json.loads((await nc.request(f"$SRV.INFO.{SERVICE_NAME}", b"", timeout=10)).data)
         loaded: list[PredictorLoaded] = await stored(nc, RUN, "predictor.loaded")
+        started: list[RunStarted] = await stored(nc, RUN, "run.started")
     finally:
         await nc.close()
+    # what the model was trained with: the sample data's metadata key and every value seen, said three ways
+    seen = {"channel": ["chat", "email", "forum"]}
+    assert started[0].metadata_seen == seen
+    endpoint = next(e for e in info["endpoints"] if e["subject"] == predict_subject(ALIAS))
+    assert json.loads(endpoint["metadata"]["metadata_seen"]) == seen and served[ALIAS].metadata_seen == seen
+    assert all(e.metadata_seen == seen for e in loaded)
     assert served[ALIAS].run_id == RUN and served[ALIAS].subject == predict_subject(ALIAS)
     assert best["step"] in served[ALIAS].steps
     assert ping["name"] == SERVICE_NAME
@@ -300,6 +309,29 @@ def test_predict_cli_table_json_stdin_and_exit_codes(trained: dict[str, Any], se
     assert too_long.returncode == 2 and "413: texts.0:" in too_long.stderr and "Traceback" not in too_long.stderr
     nobody = cli(url, "predict", "--alias", "nobody-serves-this", "hello")
     assert nobody.returncode == 3 and "no predictor serves 'nobody-serves-this'" in nobody.stderr
+
+
+def test_predict_metadata_reaches_the_prompt(trained: dict[str, Any], service: Process) -> None:
+    """`trainbus predict --metadata channel=chat` asks as the client does with that metadata: the
+    channel line is in the prompt (the answer differs from the text alone's)."""
+    url = trained["url"]
+    asked = cli(url, "predict", "--alias", ALIAS, "--json", "--no-rationale", "--metadata", "channel=chat", TEXTS[0])
+    alone = cli(url, "predict", "--alias", ALIAS, "--json", "--no-rationale", TEXTS[0])
+    assert asked.returncode == alone.returncode == 0, asked.stderr + alone.stderr
+
+    async def ask() -> Answer:
+        nc = await connected(url)
+        try:
+            return (await predict(nc, ALIAS, [TEXTS[0]], metadata={"channel": "chat"}, rationale=False))[0]
+        finally:
+            await nc.close()
+
+    expected = asyncio.run(ask())
+    with_metadata, text_alone = json.loads(asked.stdout)["probabilities"], json.loads(alone.stdout)["probabilities"]
+    assert with_metadata == pytest.approx(expected.probabilities, abs=1e-6)
+    assert with_metadata != pytest.approx(text_alone, abs=1e-6)
+    bad = cli(url, "predict", "--alias", ALIAS, "--metadata", "channel=[1]", TEXTS[0])
+    assert bad.returncode == 2 and "--metadata 'channel=[1]'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---- hot swap and replicas ---------------------------------------------------------------
@@ -429,6 +461,7 @@ def test_merged_export_loads_with_plain_transformers_and_equals_the_service(
     out = tmp_path / "merged"
     exported = cli(trained["url"], "export", "--run", RUN, "--merge", str(out))
     assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "Warning" not in exported.stderr and "Loading weights" not in exported.stderr  # quiet
     again = cli(trained["url"], "export", "--run", RUN, "--merge", str(out))
     assert again.returncode == 2 and "not an empty folder" in again.stderr  # nothing is overwritten
     plain = subprocess.run(
@@ -629,11 +662,14 @@ def served(at: AppTest, alias: str) -> str | None:
     return next((o for o in at.selectbox[0].options if o.startswith(f"{alias} — ")), None) if at.selectbox else None
 
 
-def try_it(text: str, *, alias: str, rationale: bool = True) -> AppTest:
-    """A Try-it session that picked ``alias`` once discovered, sent ``text`` and got the reply."""
+def try_it(text: str, *, alias: str, rationale: bool = True, metadata: dict[str, str] | None = None) -> AppTest:
+    """A Try-it session that picked ``alias`` once discovered (and ``metadata``), sent ``text`` and got the reply."""
     at = dashboard_page("views/tryit.py")
     wait_until(lambda: at.run() and served(at, alias), timeout=30, what=f"{alias} among the served models")
     at.selectbox(key=TRY_IT_ALIAS).select(alias)
+    at.run()
+    for key, value in (metadata or {}).items():
+        at.selectbox(key=TRY_IT_METADATA + key).select(value)
     at.text_area(key="tryit-text").input(text)
     at.checkbox[0].set_value(rationale)
     next(b for b in at.button if b.label == "Predict").click().run()
@@ -678,6 +714,27 @@ def test_try_it_page_shows_the_served_checkpoints_answer(
     assert not refused.metric
     again = try_it(TEXTS[1], alias=ALIAS, rationale=False)  # and it still serves
     assert {m.label for m in again.metric} >= {"decision", "checkpoint"} and not again.error
+
+
+def test_try_it_page_offers_the_metadata_the_model_was_trained_with(
+    trained: dict[str, Any], service: Process, dashboard_on: Callable[..., BusReader]
+) -> None:
+    dashboard_on(trained["url"])
+    at = try_it(TEXTS[0], alias=ALIAS, rationale=False, metadata={"channel": "email"})
+    assert at.selectbox(key=TRY_IT_METADATA + "channel").options == ["(none)", "chat", "email", "forum"]
+    assert any("with metadata channel=email" in c for c in dashboard_texts(at.caption))
+
+    async def expected() -> Answer:
+        nc = await connected(trained["url"])
+        try:
+            return (await predict(nc, ALIAS, [TEXTS[0]], metadata={"channel": "email"}, rationale=False))[0]
+        finally:
+            await nc.close()
+
+    answer = at.session_state[ASKED].future.result()[0]
+    assert answer.probabilities == pytest.approx(asyncio.run(expected()).probabilities, abs=1e-6)
+    alone = try_it(TEXTS[0], alias=ALIAS, rationale=False)  # left empty: the text alone
+    assert any("with the text alone" in c for c in dashboard_texts(alone.caption))
 
 
 def test_try_it_page_for_the_viewer_and_operator_roles_not_the_trainer(

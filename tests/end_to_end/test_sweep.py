@@ -121,6 +121,7 @@ def test_a_driver_killed_with_minus_9_is_continued_by_the_next(sweep: dict[str, 
     first, second = sweep["first"], sweep["second"]
     assert sweep["code"] == 0, second
     assert "trial 0 (run sw-t0): started" in first and "trial 1 (run sw-t1): started" in first
+    assert f"sweep {NAME}: each trial uses OMP_NUM_THREADS=1 torch threads (as set)" in first  # the user's choice wins
     # the second driver does not start them again: it judges the running trials from the stream
     assert "trial 0 (run sw-t0): watching its run from the stream (its driver is gone)" in second
     assert "trial 1 (run sw-t1): watching its run from the stream (its driver is gone)" in second

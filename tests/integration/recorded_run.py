@@ -1,9 +1,10 @@
-"""A recorded run for the dashboard tests, written to the real bus by the real publisher.
+"""A recorded run for the dashboard tests, written to the real bus through the replay path.
 
-``record_run`` publishes, through ``NatsPublisher`` + ``Stamper`` (trainer and audit sources),
+``record_run`` publishes, through ``OutboxPublisher`` + ``Stamper`` (trainer and audit sources),
 what a trainer and the audit gate would: a run that starts, trains with a loss spike and a
 linear learning-rate schedule that ends at 0, is paused and resumed, gets a ``set`` (halving the
-peak), evaluates, checkpoints (one approved, one rejected with reasons), is flagged, and completes. ``publish_invalid`` puts a message on the stream that is not an event.
+peak), evaluates, checkpoints (one approved, one rejected with reasons), is flagged, and
+completes. ``publish_invalid`` puts a message on the stream that is not an event.
 ``record_chat_run`` writes a chat fine-tuning run, ``record_loads`` what two predictor replicas
 announce, ``newer_event`` an event of a later schema version.
 """
@@ -20,7 +21,6 @@ from nats.aio.client import Client as NATS
 
 from runtime.bus.connect import BusTarget, Credentials
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
 from schemas import (
     AuditFlag,
@@ -36,6 +36,7 @@ from schemas import (
 )
 from schemas.predict import PredictorLoaded
 from schemas.subjects import CHECKPOINTS_BUCKET
+from tests.publishing import OutboxPublisher
 
 LABELS = ["HIGH_RISK", "MEDIUM_RISK", "LOW_RISK", "NO_RISK"]
 SPIKE_STEP = 37
@@ -76,7 +77,7 @@ def record_run(
 ) -> Recorded:
     """Publish one whole run (see the module docstring) and wait until JetStream has it all."""
     outbox = tmp / f"{run_id}.outbox.jsonl"
-    publisher = NatsPublisher(target, settings, outbox_path=outbox, credentials=credentials).start()
+    publisher = OutboxPublisher(target, settings, outbox_path=outbox, credentials=credentials)
     trainer = Stamper(publisher, run_id)
     audit = Stamper(publisher, run_id, source="audit")
     hp = {"learning_rate": learning_rate, "max_grad_norm": 1.0, "eval_steps": 30, "save_steps": 30, "logging_steps": 1}
@@ -197,7 +198,7 @@ def point_best(url: str, run_id: str, verdict_event_id: str) -> None:
 
 def record_chat_run(target: BusTarget, settings: Settings, tmp: Path, run_id: str = "chat", steps: int = 20) -> None:
     """A chat fine-tuning run: its evaluations carry loss and perplexity, no classification fields."""
-    publisher = NatsPublisher(target, settings, outbox_path=tmp / f"{run_id}.outbox.jsonl").start()
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp / f"{run_id}.outbox.jsonl")
     trainer = Stamper(publisher, run_id)
     config = {"run_name": run_id, "data": {"task": "chat"}, "training": {"max_steps": steps}}
     trainer.emit(
@@ -215,7 +216,7 @@ def record_chat_run(target: BusTarget, settings: Settings, tmp: Path, run_id: st
 
 def record_loads(target: BusTarget, settings: Settings, tmp: Path, recorded: Recorded) -> None:
     """What `trainbus serve` publishes when two replicas load the run's approved checkpoint as ``risk``."""
-    publisher = NatsPublisher(target, settings, outbox_path=tmp / "predictor.outbox.jsonl").start()
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp / "predictor.outbox.jsonl")
     predictor = Stamper(publisher, recorded.run_id, source="predictor")
     for instance in ("replica-a", "replica-b"):
         predictor.emit(

@@ -31,7 +31,6 @@ from runtime.bus.server import RunningServer, start_server
 from runtime.bus.stream import ensure_stream, replay
 from runtime.cli.main import main
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings
 from schemas import (
     ALL_EVENTS,
@@ -45,6 +44,7 @@ from schemas import (
     control_subject,
     event_subject,
 )
+from tests.publishing import OutboxPublisher, start_sink
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"accuracy": 0.92, "abstain_rate": 0.05, "critical_error_cost": 0.1, "ece": 0.05}
@@ -114,7 +114,7 @@ def audits(tmp_path: Path) -> Iterator[Callable[..., AuditProcess]]:
 
 
 def publisher(target: BusTarget, settings: Settings, path: Path, credentials: Credentials | None = None) -> Any:
-    return NatsPublisher(target, settings, outbox_path=path, credentials=credentials).start()
+    return OutboxPublisher(target, settings, outbox_path=path, credentials=credentials)
 
 
 def step(stamper: Stamper, n: int, loss: float = 1.0) -> Event:
@@ -289,9 +289,10 @@ def _publish_history(
     stop: threading.Event,
     runs: tuple[str, ...] = ("restart-a", "restart-b"),
 ) -> None:
-    """Runs (two by default), with NaN episodes, evals and checkpoints, at a steady pace until ``stop``."""
-    pub = publisher(target, settings, outbox)
-    stampers = [Stamper(pub, run) for run in runs]
+    """Runs (two by default), with NaN episodes, evals and checkpoints, at a steady pace until ``stop``,
+    each through a trainer's publish path (a ``PublisherSink`` and its publisher process)."""
+    sinks = [start_sink(target.servers[0], outbox.with_name(f"{run}.{outbox.name}"), run) for run in runs]
+    stampers = [Stamper(sink, run) for sink, run in zip(sinks, runs, strict=True)]
     n = 0
     while not stop.is_set() and n < 5000:
         n += 1
@@ -302,7 +303,8 @@ def _publish_history(
             if n % 10 == 5 + i:
                 ckpt(stamper, n)
         time.sleep(0.02)
-    pub.close()
+    for sink in sinks:
+        sink.close()
 
 
 async def test_killed_and_restarted_auditor_misses_nothing_and_duplicates_nothing(

@@ -147,7 +147,7 @@ def test_a_command_accepted_after_the_last_step_is_answered_and_ctl_says_so(
     assert operator.ctl is not None
     out, err = operator.ctl.communicate(timeout=60)
     assert operator.ctl.returncode == 2, (out, err)
-    assert "save_checkpoint was accepted but not applied (finished)" in err and "Traceback" not in err
+    assert "save was accepted but not applied (finished)" in err and "Traceback" not in err
     events = stored(nats_server.url, "late-cmd")
     results = [(e.status, e.code) for e in events if e.type == "command.result"]
     assert results == [("accepted", ""), ("rejected", "finished")]

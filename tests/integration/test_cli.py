@@ -16,9 +16,9 @@ import pytest
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer, read_state
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
 from schemas import Heartbeat, RunStarted, RunState, TrainStep
+from tests.publishing import OutboxPublisher
 
 HP = {"learning_rate": 1e-3, "max_grad_norm": 1.0}
 
@@ -42,7 +42,7 @@ def trainbus(
 @pytest.fixture
 def published_run(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator[str]:
     run_id = f"cli-{time.monotonic_ns()}"
-    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl").start()
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl")
     stamper = Stamper(publisher, run_id)
     stamper.emit(
         RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d", hyperparameters=HP
@@ -83,7 +83,7 @@ def test_events_follow_prints_live_events(
     )  # fmt: skip
     try:
         # no wait for the follower: it replays from the start, so an event sent first still arrives
-        publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "o.jsonl").start()
+        publisher = OutboxPublisher(target, settings, outbox_path=tmp_path / "o.jsonl")
         Stamper(publisher, run_id).emit(TrainStep, step=1, epoch=0, loss=0.5, learning_rate=1e-3)
         publisher.close()
         assert proc.stdout is not None
@@ -92,6 +92,27 @@ def test_events_follow_prints_live_events(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("form", ["table", "--json"])
+def test_events_into_head_ends_quietly_when_head_has_read_enough(
+    nats_server: RunningServer, target: BusTarget, settings: Settings, tmp_path: Path, form: str
+) -> None:
+    run_id = f"piped-{time.monotonic_ns()}"
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp_path / "o.jsonl")
+    stamper = Stamper(publisher, run_id)
+    for step in range(2000):  # far more than a pipe holds: the writer meets the closed pipe
+        stamper.emit(Heartbeat, step=step, phase="training")
+    publisher.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")} | {"NATS_URL": nats_server.url}
+    flags = "--json" if form == "--json" else ""
+    out = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m runtime.cli events --run {run_id} {flags} | head -3; exit ${{PIPESTATUS[0]}}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert len(out.stdout.splitlines()) == 3
+    assert out.stderr == ""  # no BrokenPipeError traceback, no never-retrieved CancelledError
+    assert out.returncode == 141  # what a shell reports for a writer its reader left (128 + SIGPIPE)
 
 
 def test_runs_lists_latest_state(nats_server: RunningServer, published_run: str, tmp_path: Path) -> None:

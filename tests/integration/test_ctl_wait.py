@@ -17,7 +17,7 @@ import pytest
 from runtime.bus.server import RunningServer
 from runtime.cli.main import main
 from runtime.publish.sinks import Stamper
-from schemas import Checkpoint, CommandResult, Evaluation, control_subject, event_subject
+from schemas import Checkpoint, CommandResult, Evaluation, RunFinished, RunStarted, control_subject, event_subject
 
 Script = Callable[[dict[str, Any], Stamper], list[Any]]
 """What the stand-in trainer publishes for a command: bytes (raw, maybe broken) or events."""
@@ -109,7 +109,7 @@ def test_eval_wait_prints_the_metrics_and_skips_events_it_cannot_read(
     assert code == 0, out.err
     assert "Traceback" not in out.err
     lines = out.out.splitlines()
-    assert lines[0].startswith("evaluate applied at step 40")
+    assert lines[0].startswith("eval applied at step 40")  # the action as typed
     assert lines[1] == "evaluation at step 40: step=40 loss=0.52 accuracy=0.91 macro_f1=0.88"
 
 
@@ -118,7 +118,62 @@ def test_save_wait_prints_the_checkpoint_path(bus: str, capsys: pytest.CaptureFi
         code = main(["ctl", "save", "--run", "ctl-wait-save", "--wait", "--wait-timeout", "30"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert out.out.splitlines()[1] == "checkpoint at step 40: /runs/r/checkpoint-40 (sha256 abababababab…, 2048 bytes)"
+    assert out.out.splitlines() == [
+        out.out.splitlines()[0],
+        "checkpoint at step 40: /runs/r/checkpoint-40 (sha256 abababababab…, 2048 bytes)",
+    ]
+    assert out.out.startswith("save applied at step 40 (command ")
+
+
+def saved_already(command: dict[str, Any], stamper: Stamper) -> list[Any]:
+    # the step was saved before: the trainer writes nothing and points to that checkpoint
+    existing = {"checkpoint": "/runs/r/checkpoint-40", "sha256": "cd" * 32, "already_saved": True}
+    return [
+        stamper.emit(CommandResult, command_id=command["command_id"], command=command["type"], status="applied",
+                     step=40, applied=existing)
+    ]  # fmt: skip
+
+
+def test_a_second_save_at_the_same_step_names_the_checkpoint_saved_before(
+    bus: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with stand_in_trainer(bus, "ctl-wait-saved", saved_already):
+        code = main(["ctl", "save", "--run", "ctl-wait-saved", "--wait", "--wait-timeout", "30"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = out.out.splitlines()
+    assert lines[0].startswith("save applied at step 40 (command ")
+    assert lines[1] == (
+        "checkpoint at step 40 was saved already: /runs/r/checkpoint-40 (sha256 cdcdcdcdcdcd…); it is not written again"
+    )
+
+
+def test_a_command_to_a_finished_run_says_how_it_ended(
+    nats_server: RunningServer, bus: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = "ctl-finished"
+    stamper = Stamper(_Collect(), run_id)
+    events = [
+        stamper.emit(RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d",
+                     hyperparameters={"learning_rate": 1e-3}),
+        stamper.emit(RunFinished, status="completed", step=40, reason="max_steps reached"),
+    ]  # fmt: skip
+
+    async def publish() -> None:
+        nc = await nats.connect(bus)
+        for event in events:
+            await nc.jetstream().publish(
+                event_subject(run_id, event.type),
+                event.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": event.event_id},
+            )
+        await nc.close()
+
+    asyncio.run(publish())
+    assert main(["ctl", "pause", "--run", run_id, "--timeout", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"trainbus ctl: run {run_id} completed at step 40: pause has no trainer to act on"
+    ]
 
 
 def test_a_misspelt_setting_lists_the_ones_that_can_change(bus: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ from dashboards.app import connection
 from dashboards.app.control_panel import SENT
 from dashboards.app.reader import BusReader
 from dashboards.app.series import DISPLAY_POINTS
+from dashboards.app.views.tryit import EXAMPLES
 from runtime.bus.connect import BusTarget, Credentials
 from runtime.bus.server import RunningServer, start_server
 from runtime.cli.main import main as trainbus
@@ -518,6 +519,8 @@ def test_try_it_without_a_predictor_says_how_to_start_one(reader: BusReader) -> 
     assert (
         "`trainbus serve --run RUN`" in message and "`trainbus serve --run recorded`" in message
     )  # its best is approved
-    at.text_area(key="tryit-text").input("Nice weather today.")
-    at.button[0].click().run()
+    assert [b.label for b in at.button if (b.key or "").startswith("tryit-example-")] == [text for text, _ in EXAMPLES]
+    button(at, "Nice weather today.").click().run()  # an example fills the text field
+    assert at.text_area(key="tryit-text").value == "Nice weather today."
+    button(at, "Predict").click().run()
     assert any("No served model to ask" in w for w in texts(at.warning)) and not at.error

@@ -18,10 +18,10 @@ from dashboards.app.tables import run_link
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer, start_server
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, ServerSettings, Settings
 from schemas import Evaluation, Hyperparameters, RunFinished, RunStarted, SweepTag
 from tests.conftest import REPO, wait_until
+from tests.publishing import OutboxPublisher
 
 MAIN = str(REPO / "dashboards/app/main.py")
 RUNS = {"lr-t0": (0.003, 0.9), "lr-t1": (0.0001, 0.2), "solo": (0.002, 0.5)}
@@ -29,7 +29,7 @@ RUNS = {"lr-t0": (0.003, 0.9), "lr-t1": (0.0001, 0.2), "solo": (0.002, 0.5)}
 
 def publish_runs(server: RunningServer, tmp: Path) -> None:
     settings = Settings(state_dir=str(tmp / ".trainbus"), bus=BusSettings(url=server.url))
-    publisher = NatsPublisher(BusTarget([server.url], "test"), settings, outbox_path=tmp / "outbox.jsonl").start()
+    publisher = OutboxPublisher(BusTarget([server.url], "test"), settings, outbox_path=tmp / "outbox.jsonl")
     for run_id, (lr, accuracy) in RUNS.items():
         trainer = Stamper(publisher, run_id)
         sweep = SweepTag(name="lr", trial=int(run_id[-1])) if run_id.startswith("lr-") else None

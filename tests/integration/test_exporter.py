@@ -19,7 +19,6 @@ import pytest
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
 from schemas import (
     AuditFlag,
@@ -36,6 +35,7 @@ from schemas import (
 )
 from tests.conftest import require_tool, wait_until
 from tests.integration.conftest import Exporter, publish_raw
+from tests.publishing import OutboxPublisher
 
 REPO = Path(__file__).resolve().parents[2]
 HP = {"learning_rate": 1e-3}
@@ -44,8 +44,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
-def publisher(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator[NatsPublisher]:
-    pub = NatsPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl").start()
+def publisher(target: BusTarget, settings: Settings, tmp_path: Path) -> Iterator[OutboxPublisher]:
+    pub = OutboxPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl")
     yield pub
     pub.close()
 
@@ -58,7 +58,7 @@ def run_started(stamper: Stamper, **extra: Any) -> Event:
 
 
 def test_metrics_show_a_runs_live_events_and_pass_promtool(
-    start_exporter: Callable[..., Exporter], publisher: NatsPublisher, nats_server: RunningServer
+    start_exporter: Callable[..., Exporter], publisher: OutboxPublisher, nats_server: RunningServer
 ) -> None:
     run = f"exp-{time.monotonic_ns()}"
     trainer, audit = Stamper(publisher, run), Stamper(publisher, run, source="audit")
@@ -112,7 +112,7 @@ def test_metrics_show_a_runs_live_events_and_pass_promtool(
 
 
 def test_killing_and_restarting_the_exporter_neither_loses_nor_doubles_counts(
-    start_exporter: Callable[..., Exporter], publisher: NatsPublisher, nats_server: RunningServer
+    start_exporter: Callable[..., Exporter], publisher: OutboxPublisher, nats_server: RunningServer
 ) -> None:
     run = f"restart-{time.monotonic_ns()}"
     trainer, audit = Stamper(publisher, run), Stamper(publisher, run, source="audit")
@@ -161,7 +161,7 @@ def test_killing_and_restarting_the_exporter_neither_loses_nor_doubles_counts(
 
 
 def test_silent_runs_show_stalled_then_leave_metrics_finished_or_not(
-    start_exporter: Callable[..., Exporter], publisher: NatsPublisher
+    start_exporter: Callable[..., Exporter], publisher: OutboxPublisher
 ) -> None:
     tag = time.monotonic_ns()
     done, dead, quiet, live = (f"{name}-{tag}" for name in ("done", "dead", "quiet", "live"))

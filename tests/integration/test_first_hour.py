@@ -98,7 +98,7 @@ def test_resume_continues_the_run_as_configured_from_the_checkpoint_it_names(
     assert warning["event"].startswith("the audit gate rejected this checkpoint; --from-approved")
     assert warning["reasons"] == ["accuracy_floor (warning): accuracy was 0 at step 8"]
 
-    # no config named: the run's own, as it last trained (10 steps), not the YAML's 400
+    # no config named: the run's own, as it last trained (10 steps), not the YAML's 600
     code, _, err = train(capsys, "--resume", run, "--from-approved")
     assert code == 0, err[-3000:]
     third = [e for e in events_of(nats_server.url, run) if e.attempt == 3]

@@ -5,6 +5,7 @@ its own embedded bus, and `trainbus outbox flush` sends what runs left behind.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,11 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from producers.run.control_inbox import ControlChannel
-from producers.run.publishing import open_bus
-from runtime.bus.connect import LOCAL, BusTarget, resolve_target
+from producers.run.publishing import PUBLISHER, open_bus
+from runtime.bus.connect import LOCAL, resolve_target
 from runtime.bus.server import RunningServer, read_state, start_server
+from runtime.publish.outbox import Outbox, record_of
+from runtime.publish.sink import PublisherSink
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import BusSettings, Settings
 from schemas import TrainStep
 from tests.conftest import wait_until
@@ -98,11 +100,15 @@ async def test_a_publisher_follows_the_folders_bus_when_its_port_was_taken(tmp_p
     first.advertise(state)
     target = resolve_target(settings)
     assert target.origin == LOCAL and target.servers == [first.url]
-    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / "outbox.jsonl").start()
+    publisher = PublisherSink(
+        target, settings, outbox_path=tmp_path / "outbox.jsonl", argv=PUBLISHER, run_id="follow", control=False
+    ).start()
     stamper = Stamper(publisher, "follow")
     for i in range(1, 51):
         stamper.emit(TrainStep, step=i, epoch=0.0, loss=1.0, learning_rate=1e-3)
-    assert await asyncio.to_thread(publisher.flush, 20)
+    await asyncio.to_thread(
+        wait_until, lambda: len(events_of(first.url, "follow")) == 50, timeout=30, what="the first 50 events"
+    )
     first.stop()  # `up` stopped ...
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,8 +122,7 @@ async def test_a_publisher_follows_the_folders_bus_when_its_port_was_taken(tmp_p
         assert second.moved_from == first.port and second.url != first.url
         for i in range(101, 121):
             stamper.emit(TrainStep, step=i, epoch=0.0, loss=1.0, learning_rate=1e-3)
-        assert await asyncio.to_thread(publisher.flush, 60)
-        stats = publisher.close()
+        stats = await asyncio.to_thread(publisher.close, 60)
         assert stats.outbox_pending == 0
         assert [e.seq for e in await asyncio.to_thread(events_of, second.url, "follow")] == list(range(1, 121))
     finally:
@@ -142,15 +147,9 @@ def test_a_second_shell_steers_a_run_whose_trainer_started_an_embedded_bus(tmp_p
 
 def offline_outbox(path: Path, run_id: str, steps: range) -> None:
     """A run that trained with the bus down: every event left in its outbox."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"nats://127.0.0.1:{s.getsockname()[1]}"
-    settings = Settings(bus=BusSettings(url=dead, connect_timeout=1.0))
-    publisher = NatsPublisher(BusTarget([dead], "test"), settings, outbox_path=path, offline_ok=True).start()
-    stamper = Stamper(publisher, run_id)
-    for i in steps:
-        stamper.emit(TrainStep, step=i, epoch=0.0, loss=1.0, learning_rate=1e-3)
-    assert publisher.close(timeout=2.0).outbox_pending == len(steps)
+    box = Outbox(path)
+    box.append([record_of(TrainStep(event_id=f"{run_id}.1.{i}", run_id=run_id, seq=i, step=i, epoch=0.0, loss=1.0, learning_rate=1e-3)) for i in steps])  # fmt: skip
+    box.close()
 
 
 def test_outbox_flush_sends_what_runs_left_behind_once(tmp_path: Path, nats_server: RunningServer) -> None:
@@ -168,12 +167,42 @@ def test_outbox_flush_sends_what_runs_left_behind_once(tmp_path: Path, nats_serv
     assert out.stdout == f"{Path('runs/outbox-left-b.jsonl')}: 10 events: 10 sent, 0 already stored, 0 left\n"
     assert [e.seq for e in events_of(url, "left-b")] == list(range(1, 11))
     again = trainbus("outbox", "flush", cwd=tmp_path, NATS_URL=url)
-    assert (again.returncode, again.stdout) == (0, "no outbox with events under runs/\n")
+    assert (again.returncode, again.stdout) == (0, "no outbox with events under runs/: nothing left to send\n")
+    sent = trainbus("outbox", "flush", "left-a", cwd=tmp_path, NATS_URL=url)  # everything was sent: not an error
+    assert (sent.returncode, sent.stdout, sent.stderr) == (0, "run left-a: nothing left to send\n", "")
     missing = trainbus("outbox", "flush", "nope", cwd=tmp_path, NATS_URL=url)
     assert (missing.returncode, missing.stderr) == (
         2,
-        "trainbus outbox: no outbox with events for run 'nope' under runs/\n",
+        "trainbus outbox: no run 'nope' under runs/ (neither runs/nope/ nor an outbox of it)\n",
     )
+
+
+def test_outbox_flush_on_a_terminal_writes_console_lines_not_json(tmp_path: Path, nats_server: RunningServer) -> None:
+    offline_outbox(tmp_path / "runs" / "tty" / "outbox.jsonl", "tty", range(1, 4))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))}
+    primary, terminal = os.openpty()  # stderr on a terminal, as in a shell
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "outbox", "flush", "tty"], cwd=tmp_path,
+            env={**env, "NATS_URL": nats_server.url}, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        os.close(terminal)
+        err = _read_all(primary)
+    finally:
+        os.close(primary)
+    assert out.returncode == 0 and out.stdout.endswith("3 events: 3 sent, 0 already stored, 0 left\n")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert any("events waiting in the outbox" in line for line in lines), err  # a log line, as the console writes it
+    assert not [line for line in lines if line.lstrip().startswith("{")], err
+
+
+def _read_all(fd: int) -> str:
+    data = b""
+    with contextlib.suppress(OSError):  # EIO once the other end is closed and drained
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return data.decode(errors="replace")
 
 
 def test_outbox_flush_leaves_an_outbox_its_trainer_still_holds(tmp_path: Path, nats_server: RunningServer) -> None:

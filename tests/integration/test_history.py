@@ -20,10 +20,10 @@ from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer
 from runtime.cli.main import main
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
 from runtime.settings import Settings
 from schemas import Checkpoint, Evaluation, Heartbeat, RunFinished, RunStarted, TrainStep
 from tests.integration.test_cli_bus_faults import no_jetstream as no_jetstream  # a fixture
+from tests.publishing import OutboxPublisher
 
 HP = {"learning_rate": 1e-3, "max_grad_norm": 1.0}
 HOURS_AGO = datetime.now(UTC) - timedelta(hours=3)
@@ -42,7 +42,7 @@ def bus(nats_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def publish_run(target: BusTarget, settings: Settings, tmp_path: Path, run_id: str, *, finished: bool = True) -> None:
-    publisher = NatsPublisher(target, settings, outbox_path=tmp_path / f"{run_id}.jsonl").start()
+    publisher = OutboxPublisher(target, settings, outbox_path=tmp_path / f"{run_id}.jsonl")
     stamper = Stamper(publisher, run_id)
     stamper.emit(RunStarted, config={}, config_hash="h", model="tiny", adapter="lora", data_fingerprint="d",
                  hyperparameters=HP, max_steps=20, time=HOURS_AGO)  # fmt: skip
@@ -104,7 +104,7 @@ def test_runs_filters_csv_and_the_runs_own_step(bus: str, run_id: str, capsys: p
 def test_tag_and_note_are_events_of_the_run(bus: str, run_id: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(capsys, "tag", run_id, "team=risk", "dataset=v2")[0] == 0
     code, out, err = run_cli(capsys, "tag", run_id, "dataset=")
-    assert code == 0 and out.strip() == f"tagged run {run_id}: dataset="
+    assert code == 0 and out.strip() == f"removed tag dataset from run {run_id}"
     code, out, err = run_cli(capsys, "note", run_id, "loss plateaued; try a lower lr")
     assert code == 0, err
     code, out, _ = run_cli(capsys, "events", "--run", run_id, "--type", "run.tag,run.note", "--json")

@@ -36,7 +36,7 @@ SCENARIOS: dict[str, Callable[[str, Clock], Stream]] = {
     "paused-stopped": paused_and_stopped,
     "sweep-trial": sweep_trial,
 }
-RUN_STATES = ("unknown", "running", "paused", "stopping", "stalled", "completed", "stopped", "failed")
+from runtime.lifecycle import RUN_STATES  # noqa: E402
 
 
 def read(url: str, streams: list[Stream], now: float) -> dict[str, dict[str, dict[str, Any]]]:

@@ -1,8 +1,9 @@
-"""The publisher against a bus that refuses, a broken outbox and its own failure (issue 16: 2, 3, 4, 10).
+"""The trainer's publish path against a bus that refuses, a broken outbox and an unreachable bus.
 
-Each test reproduces a fault on a real nats-server: a poison event must not block the events
-after it, a refusing bus must not cost a core, a torn outbox must not kill the sender, and a
-sender that dies anyway must say so and keep the events.
+Each test reproduces a fault on a real nats-server, through a ``PublisherSink`` and its publisher
+process: a poison event must not block the events after it, a refusing bus must not cost a core, a
+torn outbox must not stop the sender, and a run that starts offline sends everything once the bus
+appears. (A publisher process that dies: ``test_publisher_process.py``.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,17 +21,17 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from runtime.bus.connect import BusTarget, Credentials
 from runtime.bus.server import RunningServer, start_server
 from runtime.bus.stream import stream_config
 from runtime.logs import setup_logging
 from runtime.publish.outbox import Outbox, dead_letter_path
+from runtime.publish.sink import PublisherSink
 from runtime.publish.sinks import Stamper
-from runtime.publish.threaded import NatsPublisher
-from runtime.settings import BusSettings, ServerSettings, Settings, StreamSettings
+from runtime.settings import ServerSettings, StreamSettings
 from schemas import EVENTS_STREAM, AuditFlag, Evaluation, RunStarted, TrainStep, event_subject
 from tests.conftest import wait_until
 from tests.end_to_end.conftest import events_of as stored
+from tests.publishing import start_sink
 
 HP = {"learning_rate": 1e-3}
 
@@ -63,10 +63,6 @@ def logs(capsys: pytest.CaptureFixture[str]) -> Logs:
     return Logs(capsys)
 
 
-def settings_for(url: str, **bus: Any) -> Settings:
-    return Settings(bus=BusSettings(url=url, **{"ack_timeout": 2.0, **bus}))
-
-
 def on_bus(url: str, work: Callable[[NATS], Awaitable[Any]], **auth: str) -> Any:
     async def go() -> Any:
         nc = NATS()
@@ -79,9 +75,8 @@ def on_bus(url: str, work: Callable[[NATS], Awaitable[Any]], **auth: str) -> Any
     return asyncio.run(go())
 
 
-def start_publisher(url: str, outbox: Path, **options: Any) -> NatsPublisher:
-    bus = options.pop("bus", {})
-    return NatsPublisher(BusTarget([url], "test"), settings_for(url, **bus), outbox_path=outbox, **options).start()
+def start_publisher(url: str, outbox: Path, run_id: str, **options: Any) -> PublisherSink:
+    return start_sink(url, outbox, run_id, bus={"ack_timeout": 2.0, **options.pop("bus", {})}, **options)
 
 
 def steps(stamper: Stamper, n: int) -> None:
@@ -89,10 +84,10 @@ def steps(stamper: Stamper, n: int) -> None:
         stamper.emit(TrainStep, step=i, epoch=0.0, loss=1.0, learning_rate=1e-3)
 
 
-def thread_cpu(name: str) -> float:
-    """CPU seconds the thread named ``name`` has used."""
-    native = next(t.native_id for t in threading.enumerate() if t.name == name)
-    return next(t.user_time + t.system_time for t in psutil.Process().threads() if t.id == native)
+def process_cpu(sink: PublisherSink) -> float:
+    """CPU seconds the sink's publisher process has used."""
+    times = psutil.Process(sink.pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def dead_letters(outbox: Path) -> list[dict[str, Any]]:
@@ -107,7 +102,7 @@ def test_an_event_over_max_payload_is_set_aside_and_later_events_flow(
     server: RunningServer, tmp_path: Path, logs: Logs
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    publisher = start_publisher(server.url, outbox)
+    publisher = start_publisher(server.url, outbox, "poison")
     stamper = Stamper(publisher, "poison")
     huge_config = {f"key{i}": "x" * 100 for i in range(2000)}  # ~230 KB: 3.5 times the server's max_payload
     stamper.emit(RunStarted, config=huge_config, config_hash="h", model="m", adapter="lora", data_fingerprint="d", hyperparameters=HP)  # fmt: skip
@@ -115,10 +110,7 @@ def test_an_event_over_max_payload_is_set_aside_and_later_events_flow(
     labels = [f"LABEL_{i}" for i in range(8000)]  # nothing in an eval can be trimmed: it cannot be sent
     stamper.emit(Evaluation, step=3, loss=0.5, labels=labels, num_samples=1)
     steps(stamper, 11)
-    try:
-        assert publisher.flush(60), "events after the poison event never reached the stream"
-    finally:
-        stats = publisher.close(timeout=5)
+    stats = publisher.close(timeout=60)
     events = stored(server.url, "poison")
     assert [e.seq for e in events] == [1, 2, 3, 4, *range(6, 17)]  # all but the eval, once each, in order
     started = events[0]
@@ -141,7 +133,7 @@ def test_a_poison_event_in_the_outbox_of_an_earlier_attempt_does_not_block_the_r
     box = Outbox(outbox)
     box.append([(event_subject("restart", e.type), e.event_id, e.model_dump_json().encode()) for e in (small[0], big, *small[1:])])  # fmt: skip
     box.close()
-    publisher = start_publisher(server.url, outbox)
+    publisher = start_publisher(server.url, outbox, "restart")
     try:
         wait_until(lambda: len(stored(server.url, "restart")) == 3, timeout=60, what="the outbox to drain")
     finally:
@@ -151,19 +143,17 @@ def test_a_poison_event_in_the_outbox_of_an_earlier_attempt_does_not_block_the_r
 
 
 def test_an_event_the_user_may_not_publish_is_set_aside(
-    secured_server: RunningServer, role_passwords: dict[str, str], tmp_path: Path
+    secured_server: RunningServer, role_passwords: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    trainer = Credentials(user="trainer", password=role_passwords["trainer"])
-    publisher = start_publisher(secured_server.url, outbox, credentials=trainer, bus={"ack_timeout": 5.0})
+    monkeypatch.setenv("NATS_USER", "trainer")  # the publisher process connects as the trainer
+    monkeypatch.setenv("NATS_PASSWORD", role_passwords["trainer"])
+    publisher = start_publisher(secured_server.url, outbox, "denied", bus={"ack_timeout": 5.0})
     stamper = Stamper(publisher, "denied")
     steps(stamper, 2)
     stamper.emit(AuditFlag, rule="r", severity="info", step=1, message="a trainer may not publish audit events", judged_event_id="x")  # fmt: skip
     steps(stamper, 5)
-    try:
-        assert publisher.flush(60), "events after the refused one never reached the stream"
-    finally:
-        stats = publisher.close(timeout=5)
+    stats = publisher.close(timeout=60)
     events = stored(secured_server.url, "denied", user="admin", password=role_passwords["admin"])
     assert [e.seq for e in events] == [1, 2, *range(4, 9)]
     assert stats.dead_lettered == 1 and "ermission" in dead_letters(outbox)[0]["reason"]
@@ -171,12 +161,9 @@ def test_an_event_the_user_may_not_publish_is_set_aside(
 
 def test_no_stream_and_not_allowed_to_create_it_sets_events_aside(server: RunningServer, tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    publisher = start_publisher(server.url, outbox, provision_stream=False)
+    publisher = start_publisher(server.url, outbox, "nostream", provision_stream=False)
     steps(Stamper(publisher, "nostream"), 3)
-    try:
-        assert publisher.flush(60)
-    finally:
-        stats = publisher.close(timeout=5)
+    stats = publisher.close(timeout=60)
     assert stats.dead_lettered == 3 and stats.outbox_pending == 0
     assert all(EVENTS_STREAM in a["reason"] for a in dead_letters(outbox))
 
@@ -191,15 +178,12 @@ def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(server:
 
     on_bus(server.url, small_messages)
     outbox = tmp_path / "outbox.jsonl"
-    publisher = start_publisher(server.url, outbox)
+    publisher = start_publisher(server.url, outbox, "order")
     stamper = Stamper(publisher, "order")
     steps(stamper, 2)
     stamper.emit(Evaluation, step=2, loss=0.5, labels=[f"L{i}" for i in range(1000)])  # ~10 KB: over the stream's limit
     steps(stamper, 2)
-    try:
-        assert publisher.flush(60)
-    finally:
-        stats = publisher.close(timeout=5)
+    stats = publisher.close(timeout=60)
     seqs = [e.seq for e in stored(server.url, "order")]
     assert seqs == sorted(seqs) == [1, 2, 4, 5] and stats.dead_lettered == 1
 
@@ -208,26 +192,22 @@ def test_a_batch_with_a_refused_message_in_the_middle_keeps_stream_order(server:
 
 
 def test_a_deleted_stream_is_recreated_without_a_busy_loop(server: RunningServer, tmp_path: Path, logs: Logs) -> None:
-    name = "pub-deleted-stream"
-    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", name=name)
+    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", "deleted")
     stamper = Stamper(publisher, "deleted")
     steps(stamper, 5)
-    assert publisher.flush(30)
+    wait_until(lambda: len(stored(server.url, "deleted")) == 5, timeout=30, what="the first events")
 
     async def delete(nc: NATS) -> None:
         await nc.jetstream().delete_stream(EVENTS_STREAM)
 
     on_bus(server.url, delete)
-    cpu_before, until = thread_cpu(name), time.monotonic() + 3.0
+    cpu_before, until = process_cpu(publisher), time.monotonic() + 3.0
     while time.monotonic() < until:  # three seconds of a training loop that logs every 20 ms
         steps(stamper, 1)
         time.sleep(0.02)
-    cpu = thread_cpu(name) - cpu_before
-    try:
-        assert publisher.flush(60)
-    finally:
-        publisher.close(timeout=5)
-    assert cpu < 0.75, f"the publisher thread used {cpu:.2f} s of CPU in 3 s"
+    cpu = process_cpu(publisher) - cpu_before
+    publisher.close(timeout=60)
+    assert cpu < 0.75, f"the publisher process used {cpu:.2f} s of CPU in 3 s"
     events = stored(server.url, "deleted")
     assert [e.seq for e in events] == list(range(6, 6 + len(events)))  # the new stream has every later event
     assert len([line for line in logs() if "re-created" in line["event"]]) == 1
@@ -245,20 +225,17 @@ def test_a_refusing_stream_is_retried_with_backoff_logged_once(
         await (js.update_stream(config=config) if max_msgs < 0 else js.add_stream(config=config))
 
     on_bus(server.url, lambda nc: limit(nc, 5))
-    name = "pub-refused"
-    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", name=name)
+    publisher = start_publisher(server.url, tmp_path / "outbox.jsonl", "refused")
     stamper = Stamper(publisher, "refused")
     steps(stamper, 20)
     wait_until(lambda: len(stored(server.url, "refused")) == 5, timeout=30, what="the stream to fill up")
-    cpu_before = thread_cpu(name)
+    cpu_before = process_cpu(publisher)
     time.sleep(3.0)  # the measurement window: the stream refuses all along
-    cpu = thread_cpu(name) - cpu_before
+    cpu = process_cpu(publisher) - cpu_before
     on_bus(server.url, lambda nc: limit(nc, -1))  # the operator lifts the limit
-    try:
-        assert publisher.flush(60), "events were not sent once the stream accepted them again"
-    finally:
-        stats = publisher.close(timeout=5)
-    assert cpu < 0.5, f"the publisher thread used {cpu:.2f} s of CPU in 3 s"
+    wait_until(lambda: len(stored(server.url, "refused")) == 20, timeout=60, what="the rest once the stream accepts it")
+    stats = publisher.close(timeout=60)
+    assert cpu < 0.5, f"the publisher process used {cpu:.2f} s of CPU in 3 s"
     assert [e.seq for e in stored(server.url, "refused")] == list(range(1, 21))
     assert stats.dead_lettered == 0
     lines = logs()
@@ -266,48 +243,20 @@ def test_a_refusing_stream_is_retried_with_backoff_logged_once(
     assert len([line for line in lines if line["event"].startswith("publishing again")]) == 1
 
 
-# ---- 4. a torn outbox, a dead sender ---------------------------------------------------
+# ---- 4. a torn outbox ---------------------------------------------------------------
 
 
-def test_an_outbox_with_a_torn_last_line_does_not_kill_the_publisher(server: RunningServer, tmp_path: Path) -> None:
+def test_an_outbox_with_a_torn_last_line_does_not_stop_the_publisher(server: RunningServer, tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.jsonl"
     first = TrainStep(event_id="torn.1.1", run_id="torn", seq=1, step=1, epoch=0, loss=1, learning_rate=1e-3)
     outbox.write_bytes(f"{event_subject('torn', 'train.step')}\ttorn.1.1\t{first.model_dump_json()}\n".encode() + b"trainbus.ev")  # fmt: skip
-    publisher = start_publisher(server.url, outbox)
+    publisher = start_publisher(server.url, outbox, "torn")
     stamper = Stamper(publisher, "torn")
     stamper.seq = 1
     steps(stamper, 10)
-    try:
-        assert publisher.flush(60)
-    finally:
-        stats = publisher.close(timeout=5)
+    stats = publisher.close(timeout=60)
     assert [e.seq for e in stored(server.url, "torn")] == list(range(1, 12))
     assert stats.outbox_pending == 0 and not outbox.exists()
-
-
-def test_a_sender_that_dies_says_so_and_keeps_every_later_event(
-    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs
-) -> None:
-    outbox = tmp_path / "outbox.jsonl"
-    publisher = start_publisher(server.url, outbox)
-    stamper = Stamper(publisher, "dies")
-    steps(stamper, 3)
-    assert publisher.flush(30)
-
-    def bug(*args: Any) -> None:
-        raise RuntimeError("a bug in the sender")
-
-    monkeypatch.setattr(publisher._sender, "_commit", bug)  # the next acked batch kills the thread
-    steps(stamper, 1)
-    wait_until(lambda: publisher.failure is not None, timeout=30, what="the sender to fail")
-    steps(stamper, 5)
-    assert not publisher.flush(30)
-    stats = publisher.close(timeout=5)
-    assert stats.failure is not None and "a bug in the sender" in stats.failure
-    kept = [line.split("\t")[1] for line in outbox.read_text().splitlines()]
-    assert kept[-5:] == [f"dies.1.{i}" for i in range(5, 10)]  # everything published after the failure
-    said = [line for line in logs() if "publisher thread failed" in line["event"]]
-    assert len(said) == 1 and said[0]["outbox"] == str(outbox)
 
 
 # ---- 10. starting offline --------------------------------------------------------------
@@ -323,15 +272,14 @@ def test_offline_start_sends_the_outbox_once_the_bus_appears(tmp_path: Path, log
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     outbox = tmp_path / "outbox.jsonl"
-    publisher = start_publisher(url, outbox, memory_limit=10, offline_ok=True, bus={"connect_timeout": 1.0})
+    publisher = start_publisher(url, outbox, "offline", offline_ok=True, bus={"connect_timeout": 1.0})
     stamper = Stamper(publisher, "offline")
     steps(stamper, 30)
-    wait_until(lambda: outbox.exists() and len(outbox.read_text().splitlines()) >= 20, what="events to spill")
+    assert outbox.read_bytes().count(b"\n") == 30  # each event is in the outbox before publish returns
     server = start_server(ServerSettings(port=port), tmp_path / "nats", lock=False)
     try:
         steps(stamper, 5)
-        assert publisher.flush(60)
-        stats = publisher.close(timeout=10)
+        stats = publisher.close(timeout=60)
         assert [e.seq for e in stored(server.url, "offline")] == list(range(1, 36))
     finally:
         server.stop()

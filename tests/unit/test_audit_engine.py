@@ -34,8 +34,10 @@ RULES: dict[str, Any] = {
     "critical_error_cost": {"severity": "critical", "actions": ["flag", "reject_checkpoint"], "threshold": 1.0},
     "calibration": {"severity": "warning", "actions": ["flag"], "max_ece": 0.1},
     "accuracy_floor": {"severity": "warning", "actions": ["flag", "reject_checkpoint"], "min_accuracy": 0.5},
+    "text_only": {"severity": "warning", "actions": ["flag", "reject_checkpoint"], "min_accuracy": 0.8,
+                  "max_abstain_rate": 0.15},
     "run_stalled": {"severity": "warning", "actions": ["flag"], "seconds": 30},
-}
+}  # fmt: skip
 GOOD = {"accuracy": 0.9, "abstain_rate": 0.05, "critical_error_cost": 0.1, "ece": 0.05}
 
 
@@ -163,6 +165,12 @@ def test_grad_norm_explosion_above_threshold_only() -> None:
         ("calibration", {"ece": 0.2}, {"ece": 0.1}),
         ("accuracy_floor", {"accuracy": 0.4}, {"accuracy": 0.5}),
         ("non_finite", {"loss": NAN}, {"loss": 0.3}),
+        ("text_only", {"text_only_accuracy": 0.79}, {"text_only_accuracy": 0.8}),
+        (
+            "text_only",
+            {"text_only_accuracy": 0.9, "text_only_abstain_rate": 0.2},
+            {"text_only_accuracy": 0.9, "text_only_abstain_rate": 0.15},
+        ),
     ],
 )
 def test_eval_threshold_rules_fire_and_stay_quiet(rule: str, bad: dict[str, float], ok: dict[str, float]) -> None:
@@ -170,6 +178,26 @@ def test_eval_threshold_rules_fire_and_stay_quiet(rule: str, bad: dict[str, floa
     assert flags(feed(state, run.eval(10, **ok))) == []
     [flag] = [f for f in flags(feed(state, run.eval(20, **bad))) if f.rule == rule]
     assert flag.step == 20 and flag.severity == RULES[rule]["severity"]
+
+
+def test_a_model_that_only_answers_with_its_metadata_is_not_approved() -> None:
+    state, run = engine(), Run()
+    full = {"accuracy": 1.0, "abstain_rate": 0.05}
+    [verdict] = verdicts(
+        feed(state, run.eval(10, **full, text_only_accuracy=0.34, text_only_abstain_rate=0.28), run.ckpt(10))
+    )
+    assert verdict.verdict == "rejected"
+    assert verdict.reasons == [
+        "text_only (warning): asked with the text alone, accuracy was 0.34 at step 10, below the minimum of 0.8"
+    ]
+    assert verdict.metrics["text_only_accuracy"] == 0.34  # the bucket's record and the exporter see it too
+    [fine] = verdicts(
+        feed(state, run.eval(20, **full, text_only_accuracy=0.97, text_only_abstain_rate=0.06), run.ckpt(20))
+    )
+    assert fine.verdict == "approved"
+    # an eval of a trainer that does not measure it (or a chat run) is not judged by the rule
+    [older] = verdicts(feed(state, run.eval(30, **full), run.ckpt(30)))
+    assert older.verdict == "approved" and "text_only_accuracy" not in older.metrics
 
 
 def test_eval_regression_against_the_runs_best() -> None:

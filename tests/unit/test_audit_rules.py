@@ -26,8 +26,9 @@ def test_shipped_rules_load_with_every_rule_and_abstain_limit_from_labels(monkey
     text = (REPO / "configs/audit.yaml").read_text()
     assert text.startswith("# trainbus audit --rules configs/audit.yaml")
     config = load_rules("configs/audit.yaml")
-    assert len(config.rules.enabled()) == 9
+    assert len(config.rules.enabled()) == 10
     assert config.rules.abstain_rate is not None and config.rules.abstain_rate.max_rate == 0.15
+    assert config.rules.text_only is not None and config.rules.text_only.max_abstain_rate == 0.15
     assert config.rules.non_finite is not None and "pause_run" in config.rules.non_finite.actions
 
 
@@ -64,6 +65,9 @@ def test_abstain_rule_needs_a_limit_in_the_labels_file(tmp_path: Path) -> None:
 def test_abstain_limit_in_the_rule_overrides_the_labels_file(tmp_path: Path) -> None:
     config = load_rules(write(tmp_path, "rules:\n  abstain_rate: {severity: warning, max_rate: 0.4}\n"))
     assert config.rules.abstain_rate is not None and config.rules.abstain_rate.max_rate == 0.4
+    rules = "rules:\n  text_only: {severity: warning, min_accuracy: 0.9, max_abstain_rate: 0.3}\n"
+    config = load_rules(write(tmp_path, rules, labels="abstain_threshold: 0.7\n"))  # no limit needed there
+    assert config.rules.text_only is not None and config.rules.text_only.max_abstain_rate == 0.3
 
 
 def test_cli_exits_2_with_one_line_before_touching_the_bus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

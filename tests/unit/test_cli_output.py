@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from runtime.cli.main import main
+from runtime.cli.notes import tag_message
 from runtime.logs import get_logger, setup_logging
 
 
@@ -65,3 +66,16 @@ def test_train_with_both_run_id_and_resume_is_refused_in_one_line(logs: pytest.C
     assert main(["train", str(repo / "configs/tiny.yaml"), "--run-id", "a", "--resume", "b"]) == 2
     err = logs.readouterr().err
     assert err == "trainbus train: --run-id and --resume are exclusive (--resume keeps the run's id)\n"
+
+
+@pytest.mark.parametrize(
+    ("tags", "says"),
+    [
+        ({"team": "risk"}, "tagged run r1: team=risk"),
+        ({"team": ""}, "removed tag team from run r1"),
+        ({"team": "", "dataset": ""}, "removed tags team dataset from run r1"),
+        ({"team": "risk", "dataset": ""}, "tagged run r1: team=risk; removed tag dataset"),
+    ],
+)
+def test_tag_says_what_it_set_and_what_it_removed(tags: dict[str, str], says: str) -> None:
+    assert tag_message("r1", tags) == says

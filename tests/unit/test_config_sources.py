@@ -10,6 +10,7 @@ import pytest
 
 from producers.config import RunConfig
 from producers.run.arguments import check_training, training_arguments
+from runtime.cli.main import build_parser
 from runtime.errors import ConfigError
 from runtime.settings import PROJECT_ROOT, load_config, packaged
 
@@ -122,6 +123,34 @@ def test_trainbus_own_configs_are_found_from_any_folder(tmp_path: Path, monkeypa
     assert packaged("configs/tiny.yaml") == "configs/tiny.yaml"  # a copy here wins
 
 
+FILE_ARGUMENTS = [
+    (["train", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["sweep", "configs/tiny.yaml", "--space", "configs/sweeps/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["sweep", "configs/tiny.yaml", "--space", "configs/sweeps/tiny.yaml"], "space", "configs/sweeps/tiny.yaml"),
+    (
+        ["serve", "--config", "configs/predict.yaml", "--labels", "configs/labels.yaml"],
+        "config",
+        "configs/predict.yaml",
+    ),
+    (["serve", "--config", "configs/predict.yaml", "--labels", "configs/labels.yaml"], "labels", "configs/labels.yaml"),
+    (["export", "--run", "r", "--merge", "out", "--labels", "configs/labels.yaml"], "labels", "configs/labels.yaml"),
+    (["audit", "--rules", "configs/audit.yaml"], "rules", "configs/audit.yaml"),
+    (["demo"], "config", "configs/tiny.yaml"),
+    (["runs", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["up", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+    (["ctl", "pause", "--run", "r", "--config", "configs/tiny.yaml"], "config", "configs/tiny.yaml"),
+]
+
+
+@pytest.mark.parametrize(("argv", "dest", "shipped"), FILE_ARGUMENTS)
+def test_every_command_finds_trainbus_own_config_and_space_files_from_any_folder(
+    argv: list[str], dest: str, shipped: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == str(PROJECT_ROOT / shipped)
+
+
 def test_chat_task_defaults_to_its_own_sample_files() -> None:
     cfg = load(None, "data.task=chat")
     assert cfg.data.train_file == "runs/sample-chat/train.jsonl"
@@ -133,3 +162,9 @@ def test_a_run_config_written_before_kept_its_extra_arguments_under_extra() -> N
     old = {"training": {"max_steps": 5, "extra": {"eval_strategy": "no"}}}  # as an older run.started carries it
     cfg = RunConfig.model_validate(old)
     assert cfg.training.arguments() == {"eval_strategy": "no"} and cfg.training.max_steps == 5
+
+
+def test_a_config_that_still_sets_publish_memory_limit_loads_and_the_value_has_no_effect() -> None:
+    """Events wait in the run's outbox file, not in memory: old configs and run.started snapshots still load."""
+    cfg = RunConfig.model_validate({"publish": {"memory_limit": 40, "heartbeat_seconds": 1.0}})
+    assert cfg.publish.heartbeat_seconds == 1.0 and "memory_limit" not in cfg.publish.model_dump()

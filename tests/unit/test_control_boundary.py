@@ -1,5 +1,5 @@
 """A command is applied at the first step boundary after the one its ``accepted`` reply names,
-even when the sidecar decides on it in another process at the very moment the trainer reaches a
+even when the publisher process decides on it in another process at the very moment the trainer reaches a
 boundary (the race `trainbus bench control` once caught: 199 of 200 at the first boundary)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ RUN = "boundary-run"
 COMMANDS = 400
 
 
-def _sidecar(journal_path: str, write_fd: int, replies_path: str) -> None:
-    """The sidecar's half: accept commands at random moments, note the step each reply names."""
+def _publisher_process(journal_path: str, write_fd: int, replies_path: str) -> None:
+    """The publisher process's half: accept commands at random moments, note the step each reply names."""
     channel = ControlChannel(RUN, link=PipeLink(Journal(Path(journal_path)), write_fd=write_fd))
     rng = random.Random(7)
     with open(replies_path, "w") as out:
@@ -38,10 +38,10 @@ def test_a_command_is_taken_at_the_first_boundary_after_the_one_its_reply_names(
     os.set_blocking(read_fd, False)
     trainer = ControlChannel(RUN, link=PipeLink(journal, read_fd=read_fd))
     replies = tmp_path / "replies.jsonl"
-    sidecar = multiprocessing.get_context("fork").Process(
-        target=_sidecar, args=(str(journal.path), write_fd, str(replies))
+    publisher = multiprocessing.get_context("fork").Process(
+        target=_publisher_process, args=(str(journal.path), write_fd, str(replies))
     )
-    sidecar.start()
+    publisher.start()
     taken_at: dict[str, int] = {}
     step = 0
     deadline = time.monotonic() + 120
@@ -51,8 +51,8 @@ def test_a_command_is_taken_at_the_first_boundary_after_the_one_its_reply_names(
             taken_at[command.command_id] = step
         for _ in range(200):  # a short "training step" between boundaries
             pass
-    sidecar.join(60)
-    assert sidecar.exitcode == 0
+    publisher.join(60)
+    assert publisher.exitcode == 0
     assert len(taken_at) == COMMANDS
     named = {cid: s for cid, s in map(json.loads, replies.read_text().splitlines())}
     late = {cid: (named[cid], taken_at[cid]) for cid in named if taken_at[cid] > named[cid] + 1}

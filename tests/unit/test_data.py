@@ -79,6 +79,9 @@ def test_rows_become_examples_with_source_and_defaults(tmp_path: Path, labels: L
         ('{"text": "hi there", "label": "NO_RISK", "metadata": {"a": [1]}}', r":2: field 'metadata.a': expected"),
         ('{"text": "hi there", "label": "NO_RISK", "rationale": 3}', r":2: field 'rationale': expected a string"),
         ('["text", "label"]', r":2: expected a JSON object, got array"),
+        ('{"text": "hi there", "label": "NO_RISK", "metadata": [1]}', r":2: field 'metadata': expected an object, got"),
+        ('{"text": "hi there", "label": 7}', r":2: field 'label': 7 is not one of HIGH_RISK"),
+        ('{"text": "   ", "label": "NO_RISK", "lable": 1}', r":2: field 'lable': unknown key"),  # unknown keys first
     ],
 )
 def test_bad_row_names_file_line_and_field(tmp_path: Path, labels: LabelSet, row: str, message: str) -> None:
@@ -88,6 +91,15 @@ def test_bad_row_names_file_line_and_field(tmp_path: Path, labels: LabelSet, row
     assert str(info.value).startswith(f"{path}:2: ")
     assert str(info.value).endswith("(set data.skip_invalid=true to skip bad rows instead)")
     assert "\n" not in str(info.value)
+
+
+def test_metadata_values_keep_their_json_types(tmp_path: Path, labels: LabelSet) -> None:
+    row = {"text": "hi there", "label": None, "metadata": {"vip": True, "score": 1.5, "n": 2, "lang": "en"}}
+    path = write_lines(tmp_path, [json.dumps(row), json.dumps({**row, "metadata": None})])
+    examples, _ = read_examples(path, labels)
+    assert examples[0].metadata == {"vip": True, "score": 1.5, "n": 2, "lang": "en"}
+    assert [type(v) for v in examples[0].metadata.values()] == [bool, float, int, str]
+    assert examples[1].metadata == {}
 
 
 def test_skip_invalid_skips_and_counts(tmp_path: Path, labels: LabelSet) -> None:
@@ -130,13 +142,15 @@ def test_answer_json_is_exact_and_starts_with_prefix() -> None:
 def test_prompt_layout_is_deterministic_and_answer_follows_it() -> None:
     ex = Example("Line one", "LOW_RISK", "Rude.", {"lang": "en", "channel": "chat", "score": 1.5, "vip": True}, "x:1")
     prompt = build_prompt(ex, SYSTEM)
-    assert prompt == (f"{SYSTEM}\nText: Line one\nchannel: chat\nlang: en\nscore: 1.5\nvip: true\nAnswer: ")
+    assert prompt == (f"{SYSTEM}\nchannel: chat\nlang: en\nscore: 1.5\nvip: true\nText: Line one\nAnswer: ")
     # metadata insertion order does not change the prompt
     reordered = Example(ex.text, ex.label, ex.rationale, dict(reversed(list(ex.metadata.items()))), ex.source)
     assert build_prompt(reordered, SYSTEM) == prompt
     sequence = prompt + answer_json(ex)
     assert sequence[len(prompt) :] == answer_json(ex)
-    assert build_prompt(Example("t", None, "r", {}, "x:1"), SYSTEM) == f"{SYSTEM}\nText: t\nAnswer: "
+    bare = build_prompt(Example("Line one", None, "r", {}, "x:1"), SYSTEM)
+    assert bare == f"{SYSTEM}\nText: Line one\nAnswer: "
+    assert prompt.endswith(bare.removeprefix(SYSTEM))  # with or without metadata, the text ends the prompt alike
 
 
 def test_fingerprint_tracks_content_and_order_not_directory(tmp_path: Path) -> None:

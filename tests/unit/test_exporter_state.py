@@ -120,10 +120,14 @@ def test_eval_sets_every_eval_gauge() -> None:
             abstain_rate=0.05,
             ece=0.03,
             critical_error_cost=2.0,
+            text_only_accuracy=0.88,
+            text_only_abstain_rate=0.07,
         ),
     )
     m = Scrape(state)
     expected = {
+        "trainbus_eval_text_only_accuracy_ratio": 0.88,
+        "trainbus_eval_text_only_abstention_ratio": 0.07,
         "trainbus_eval_loss": 0.4,
         "trainbus_eval_accuracy_ratio": 0.9,
         "trainbus_eval_macro_f1": 0.85,
@@ -134,6 +138,13 @@ def test_eval_sets_every_eval_gauge() -> None:
         "trainbus_global_step": None,  # an eval is not a training step report
     }
     assert {name: m.value(name, run_id="r1") for name in expected} == expected
+
+
+def test_an_eval_without_the_text_only_figures_leaves_their_gauges_out() -> None:
+    state = feed(ExporterState(), Stamper(MemorySink(), "r1").emit(Evaluation, step=20, loss=0.4, accuracy=0.9))
+    m = Scrape(state)
+    assert m.value("trainbus_eval_accuracy_ratio", run_id="r1") == 0.9
+    assert m.value("trainbus_eval_text_only_accuracy_ratio", run_id="r1") is None  # an older trainer: not a 0
 
 
 def test_checkpoints_are_pending_until_a_verdict_arrives() -> None:

@@ -204,8 +204,13 @@ def test_a_checkpoint_whose_files_changed_after_saving_is_refused(tmp_path: Path
     chosen = Chosen("r1", 5, folder, sha, "approved", False, RunConfig(), event_id="r1.1.9")
     verify(chosen)  # as saved: fine
     (folder / "adapter_model.safetensors").write_bytes(b"weightz")
-    with pytest.raises(Refused, match="differs from its checkpoint event"):
+    with pytest.raises(Refused) as changed:
         verify(chosen)
+    now = fingerprint(folder)[0]
+    assert str(changed.value) == (
+        f"{folder}: its files hash to sha256 {now[:12]}…, but its checkpoint event r1.1.9 announced {sha[:12]}…: "
+        "the files changed after the trainer saved them"
+    )
     with pytest.raises(NotFound, match="does not exist"):
         verify(Chosen("r1", 6, tmp_path / "gone", sha, "approved", False, RunConfig()))
 

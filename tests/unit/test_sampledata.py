@@ -11,7 +11,7 @@ import pytest
 
 from producers.task.data import read_examples
 from producers.task.labels import load_labels
-from producers.task.sampledata import sample_data_exists, write_sample_data
+from producers.task.sampledata import HELD_BACK, MAX_CHARS, MIN_CHARS, sample_data_exists, write_sample_data
 
 LABELS_YAML = Path(__file__).resolve().parents[2] / "configs" / "labels.yaml"
 
@@ -59,7 +59,7 @@ def test_texts_and_rationales_are_short_and_label_specific(sample: dict[str, Pat
     rationales: dict[object, set[object]] = {}
     for path in sample.values():
         for row in rows(path):
-            assert 40 <= len(str(row["text"])) <= 140
+            assert MIN_CHARS <= len(str(row["text"])) <= MAX_CHARS
             assert len(str(row["rationale"])) <= 80
             assert row["metadata"] in ({"channel": "chat"}, {"channel": "email"}, {"channel": "forum"})
             rationales.setdefault(row["label"], set()).add(row["rationale"])
@@ -84,6 +84,13 @@ def test_held_out_texts_are_new_combinations_of_training_words(sample: dict[str,
                 continue  # only ~40 ambiguous training rows: too few to cover every word
             unseen = words(text) - vocabulary[row["label"]]
             assert not unseen, f"{split}: {text!r} has words never seen for {row['label']}: {unseen}"
+
+
+def test_short_lines_as_people_type_them_and_the_examples_held_back(sample: dict[str, Path]) -> None:
+    texts = [str(row["text"]) for path in sample.values() for row in rows(path)]
+    short = [text for text in texts if len(text) < 40]
+    assert 0.1 <= len(short) / len(texts) <= 0.3, len(short)
+    assert not HELD_BACK & set(texts)  # what the docs show is answered from the templates, never recalled
 
 
 def test_every_row_reads_back_with_the_real_labels(sample: dict[str, Path]) -> None:

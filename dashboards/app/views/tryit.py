@@ -16,14 +16,23 @@ from consumers.predict.client import ServedAlias
 from dashboards.app import connection, predictions
 from dashboards.app.charts import probability_chart
 from dashboards.app.reader import BusReader
+from runtime.cli import demo
 from schemas.predict import Answer
 
 # Session-state keys (comments, not docstrings: Streamlit's magic would draw a bare string of a page
-# script): this session's ``predictions.Discoveries``, its latest ``predictions.Asked``, the alias picked.
+# script): this session's ``predictions.Discoveries``, its latest ``predictions.Asked``, the alias picked,
+# the text, the picked alias's metadata keys with the values seen, and (prefix + key) the value picked for one.
 DISCOVERY = "trainbus-tryit-discovery"
 ASKED = "trainbus-tryit-asked"
 ALIAS = "tryit-alias"
+TEXT = "tryit-text"
+SEEN = "trainbus-tryit-seen"
+METADATA = "tryit-metadata-"
 RUN_PAGE = "views/run.py"
+
+# The texts offered to try, each with the decision the demo's model gives it: the README's examples,
+# which `make demo` asks its served model too (tests/end_to_end/test_examples.py checks them all).
+EXAMPLES: tuple[tuple[str, str], ...] = demo.EXAMPLES
 
 
 def _describe(served: ServedAlias) -> str:
@@ -54,13 +63,45 @@ def served(reader: BusReader) -> None:
         st.info(f"No predictor is serving on this bus. {_how_to_serve(reader)}", icon=":material/cloud_off:")
     else:
         by_alias = {a.alias: a for a in found}
-        st.selectbox("Served model", list(by_alias), key=ALIAS, format_func=lambda a: _describe(by_alias[a]))
+        alias = st.selectbox("Served model", list(by_alias), key=ALIAS, format_func=lambda a: _describe(by_alias[a]))
+        metadata_fields(by_alias[alias].metadata_seen if alias in by_alias else {})
+
+
+def metadata_fields(seen: dict[str, list[str]]) -> None:
+    """One optional field per metadata key the served model was trained with, offering the values seen."""
+    st.session_state[SEEN] = seen
+    if not seen:
+        return
+    with st.expander("Metadata (optional)", icon=":material/label:"):
+        st.caption(
+            "The model was trained with these lines in its prompt, and without them: leave them empty to send the "
+            "text alone (as `trainbus predict TEXT`), or pick what `trainbus predict --metadata KEY=VALUE` would send."
+        )
+        for key, values in seen.items():
+            st.selectbox(key, ["", *values], key=METADATA + key, format_func=lambda v: v or "(none)")
+
+
+def picked_metadata() -> dict[str, str]:
+    """The metadata picked for the served model's keys (those left empty are not sent)."""
+    seen: dict[str, list[str]] = st.session_state.get(SEEN, {})
+    return {key: str(value) for key in seen if (value := st.session_state.get(METADATA + key))}
+
+
+def _use_example(text: str) -> None:
+    st.session_state[TEXT] = text
+
+
+def examples() -> None:
+    """The example texts, each a button that puts it in the text field."""
+    st.caption("Examples")
+    for column, (text, _) in zip(st.columns(len(EXAMPLES)), EXAMPLES, strict=True):
+        column.button(text, key=f"tryit-example-{text}", on_click=_use_example, args=(text,), width="stretch")
 
 
 def question(reader: BusReader) -> None:
     """The text and the Predict button; the answer is the ``answer`` fragment's to show."""
     with st.form("tryit-form"):
-        text = st.text_area("Text", key="tryit-text", height=120, placeholder="e.g. I am going to hurt him tomorrow.")
+        text = st.text_area("Text", key=TEXT, height=120, placeholder=f"e.g. {EXAMPLES[0][0]}")
         rationale = st.checkbox("with a rationale (slower: it is generated token by token)", value=True)
         submitted = st.form_submit_button("Predict", icon=":material/send:", type="primary")
     if not submitted:
@@ -71,7 +112,9 @@ def question(reader: BusReader) -> None:
     elif alias is None:
         st.warning(f"No served model to ask. {_how_to_serve(reader)}")
     else:
-        st.session_state[ASKED] = predictions.ask(reader, str(alias), text, rationale=rationale)
+        st.session_state[ASKED] = predictions.ask(
+            reader, str(alias), text, rationale=rationale, metadata=picked_metadata()
+        )
 
 
 def _since(reader: BusReader, answer: Answer, alias: str) -> str:
@@ -119,7 +162,12 @@ def answer(reader: BusReader) -> None:
     asked: predictions.Asked | None = st.session_state.get(ASKED)
     if asked is None:
         return
-    st.caption(f"Asked `{asked.alias}`" + (" with a rationale" if asked.rationale else ""))
+    metadata = ", ".join(f"{k}={v}" for k, v in asked.metadata.items())
+    st.caption(
+        f"Asked `{asked.alias}`"
+        + (f" with metadata {metadata}" if metadata else " with the text alone")
+        + (", with a rationale" if asked.rationale else "")
+    )
     st.text(asked.text if len(asked.text) <= 300 else asked.text[:299] + "…")
     reply = predictions.reply_of(asked)
     if reply is None:
@@ -137,6 +185,7 @@ def render() -> None:
     st.caption("Ask a model that `trainbus serve` is serving: the same request as `trainbus predict`.")
     reader = connection.reader()
     served(reader)
+    examples()
     question(reader)
     answer(reader)
 

@@ -1,5 +1,5 @@
-"""The trainer's publisher process (issue 13): the training process keeps no bus thread, a SIGKILL of it
-loses no event handed over, and a killed sidecar is started again or the run says it no longer publishes."""
+"""The trainer's publisher process: the training process keeps no bus thread, a SIGKILL of it loses no
+event handed over, and a killed publisher process is started again or the run says it no longer publishes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from producers.run.publishing import open_bus
 from runtime.bus.connect import BusTarget
 from runtime.bus.server import RunningServer
 from runtime.logs import setup_logging
-from runtime.publish.sink import SidecarSink
+from runtime.publish.sink import PublisherSink
 from runtime.publish.sinks import Stamper
 from runtime.settings import BusSettings, Settings
 from schemas import CommandReply, TrainStep, control_subject
@@ -58,7 +58,7 @@ def logs(capsys: pytest.CaptureFixture[str]) -> Logs:
 
 
 def said(logs: Logs, start: str) -> list[dict[str, Any]]:
-    """The log lines so far (the sidecar's are copied to this process's stderr) that start with ``start``."""
+    """The log lines so far (the publisher process's are copied to this process's stderr) that start with ``start``."""
     return [line for line in logs() if line["event"].startswith(start)]
 
 
@@ -101,7 +101,7 @@ def test_the_training_process_runs_no_bus_thread_and_keeps_its_gil_switch_interv
     sink = open_bus("no-thread", Settings(bus=BusSettings(url=nats_server.url)), tmp_path / "outbox.jsonl", ControlChannel("no-thread"))  # fmt: skip
     try:
         steps(Stamper(sink, "no-thread"), 1, 20)
-        assert threading.active_count() == threads  # the connection, publishing and control are the sidecar's
+        assert threading.active_count() == threads  # the connection, publishing and control are the publisher process's
         assert sys.getswitchinterval() == interval
     finally:
         stats = sink.close()
@@ -119,16 +119,16 @@ def test_a_sigkill_of_the_training_process_loses_no_event_it_handed_over(
         cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert script.returncode == -signal.SIGKILL, script.stderr[-3000:]
-    sidecar = int(script.stdout.split()[0])
-    wait_until(lambda: not _alive(sidecar), timeout=60, what="the sidecar to send what was left and exit")
+    publisher = int(script.stdout.split()[0])
+    wait_until(lambda: not _alive(publisher), timeout=60, what="the publisher process to send what was left and exit")
     assert [e.seq for e in stored(nats_server.url, "killed")] == list(range(1, 301))  # once each, in order
     assert not outbox.exists()  # all of it acknowledged
 
 
-def test_a_killed_sidecar_is_started_again_and_the_run_loses_nothing(
+def test_a_killed_publisher_process_is_started_again_and_the_run_loses_nothing(
     nats_server: RunningServer, tmp_path: Path, logs: Logs
 ) -> None:
-    url, run = nats_server.url, "sidecar-killed"
+    url, run = nats_server.url, "publisher-killed"
     channel = ControlChannel(run)
     sink = open_bus(run, Settings(bus=BusSettings(url=url)), tmp_path / "outbox.jsonl", channel)
     stamper = Stamper(sink, run)
@@ -137,12 +137,12 @@ def test_a_killed_sidecar_is_started_again_and_the_run_loses_nothing(
         first = sink.pid
         kill(first)
         sent = iter(range(51, 1000))
-        # publishing finds the sidecar gone (it looks once a second) and starts another
+        # publishing finds the publisher process gone (it looks once a second) and starts another
         wait_until(lambda: steps(stamper, next(sent), 1) or sink.restarts == 1, timeout=30, what="a restart")
         last = next(sent) - 1
         assert sink.pid != first
         command = {"type": "pause", "command_id": "after-restart", "run_id": run, "issued_by": "test"}
-        wait_until(lambda: _answers(url, run), timeout=60, what="the new sidecar to answer commands")
+        wait_until(lambda: _answers(url, run), timeout=60, what="the new publisher process to answer commands")
         assert request(url, control_subject(run), command).status == "accepted"
         assert [c.command_id for c in channel.take(timeout=5)] == ["after-restart"]
     finally:
@@ -162,13 +162,13 @@ def _answers(url: str, run: str) -> bool:
     return reply.code == "wrong_run"
 
 
-def test_a_sidecar_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_every_event(
+def test_a_publisher_process_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_every_event(
     nats_server: RunningServer, tmp_path: Path, logs: Logs
 ) -> None:
-    url, run, outbox = nats_server.url, "sidecar-gone", tmp_path / "outbox.jsonl"
+    url, run, outbox = nats_server.url, "publisher-gone", tmp_path / "outbox.jsonl"
     settings = Settings(bus=BusSettings(url=url))
     argv = [sys.executable, "-m", "producers.run.publisher"]
-    sink = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False, max_restarts=1).start()  # fmt: skip
+    sink = PublisherSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False, max_restarts=1).start()  # fmt: skip
     stamper = Stamper(sink, run)
     sent = iter(range(1, 1000))
     steps(stamper, next(sent), 1)
@@ -185,6 +185,6 @@ def test_a_sidecar_that_keeps_dying_says_the_run_no_longer_publishes_and_keeps_e
     assert len(said(logs, "this run no longer publishes")) == 1
     assert not {e.seq for e in stored(url, run)} & set(range(lost_from, total + 1))  # none went out after
     assert stats.outbox_pending >= 10
-    again = SidecarSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False).start()  # fmt: skip
+    again = PublisherSink(BusTarget([url], "test"), settings, outbox_path=outbox, argv=argv, run_id=run, control=False).start()  # fmt: skip
     assert again.close().outbox_pending == 0  # the next start sends what was kept
     assert [e.seq for e in stored(url, run)] == list(range(1, total + 1))

@@ -1,0 +1,1 @@
+"""The launch queue: `trainbus submit`, `trainbus agent`, `trainbus queue` and `trainbus cancel`."""

@@ -1,0 +1,105 @@
+"""`trainbus submit CONFIG`: queue a training run for a `trainbus agent` with free slots.
+
+    trainbus submit configs/tiny.yaml --set training.max_steps=200 --priority high
+    trainbus submit configs/presets/qwen2.5-7b.yaml --slots 2 --on gpu=a100
+
+The config is checked as `trainbus train` would check it (every mistake named, exit 2) before
+anything is queued. The job carries the config's text and the ``--set`` items, so an agent on
+another machine needs no copy of the file; data files it names must exist where the agent runs.
+Prints the job id and the run id, which `trainbus queue`, `trainbus cancel` and every run command
+then take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from runtime.bus.connect import BusTarget, bus_target, issuer
+from runtime.bus.queue import enqueue, ensure_queue
+from runtime.bus.stream import jetstream
+from runtime.cli.args import key_values
+from runtime.errors import BusUnavailable, ConfigError
+from runtime.settings import Settings, load_config, packaged
+from schemas import check_run_id
+from schemas.jobs import PRIORITIES, JobRecord, JobSpec
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("submit", help="queue a training run for an agent with free slots (trainbus agent)")
+    p.add_argument("config", help="run config YAML, e.g. configs/tiny.yaml (checked before it is queued)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a config key, e.g. training.max_steps=40")  # fmt: skip
+    p.add_argument("--run-id", help="choose the run id (default: <run_name>-<timestamp>)")
+    p.add_argument(
+        "--slots", type=int, default=1, help="processes/GPUs the run needs (default 1; >1 runs under torchrun)"
+    )
+    p.add_argument(
+        "--priority", choices=PRIORITIES, default="normal", help="agents take high first, then normal, then low"
+    )
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="times the run is resumed elsewhere when its agent is lost (default 3)")  # fmt: skip
+    p.add_argument("--on", action="append", default=[], metavar="KEY=VALUE", dest="requires",
+                   help="only an agent with this label runs it (trainbus agent --label KEY=VALUE)")  # fmt: skip
+    p.set_defaults(func=cmd_submit)
+
+
+def build_spec(args: argparse.Namespace) -> tuple[JobSpec, Settings]:
+    """The job `submit` would queue, with the config checked as `trainbus train` checks it."""
+    from producers.config import RunConfig
+    from producers.run.arguments import check_training
+
+    path = packaged(args.config)
+    cfg = load_config(RunConfig, path, args.overrides, check=check_training)
+    run_id = args.run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        check_run_id(run_id)
+        spec = JobSpec(
+            job_id=f"j-{uuid.uuid4().hex[:10]}", run_id=run_id, config_name=args.config,
+            config_yaml=Path(path).read_text(), overrides=list(args.overrides), slots=args.slots,
+            priority=args.priority, max_restarts=args.max_restarts, requires=key_values(args.requires, "--on", "gpu=a100"),
+            submitted_by=issuer(),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(_first_problem(exc)) from None
+    return spec, cfg
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec, settings = build_spec(args)
+    with bus_target(settings, announce=False) as target:
+        if target.server is not None:
+            raise BusUnavailable(
+                "no bus is running to queue on: start `trainbus up` (it runs a local agent) or set NATS_URL"
+            )
+        record = asyncio.run(_submit(target, settings, spec))
+    print(f"queued job {spec.job_id} for run {spec.run_id} ({_describe(record)})")
+    return 0
+
+
+async def _submit(target: BusTarget, settings: Settings, spec: JobSpec) -> JobRecord:
+    async with jetstream(target, settings, "trainbus-submit") as nc:
+        js = nc.jetstream()
+        await ensure_queue(js, settings.stream)
+        return await enqueue(js, spec)
+
+
+def _describe(record: JobRecord) -> str:
+    spec = record.spec
+    slots = f"{spec.slots} slot" + ("s" if spec.slots > 1 else "")
+    return f"priority {spec.priority}, {slots}; `trainbus queue` shows where it stands"
+
+
+def _first_problem(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = {"slots": "--slots", "max_restarts": "--max-restarts", "run_id": "--run-id"}.get(
+            str(first["loc"][0]), ".".join(str(p) for p in first["loc"])
+        )
+        return f"{where}: {first['msg']}"
+    return str(exc)
