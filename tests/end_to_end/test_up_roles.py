@@ -1,4 +1,4 @@
-"""The README's "Roles" block, run as written: `up` with the roles config provisions as admin and
+"""The roles page's first block (docs/roles.md), run as written: `up` with the roles config provisions as admin and
 starts each consumer under its own role; an operator in a second shell lists the runs."""
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 EXPORTER_PORT = 9464
 
 
-def readme_block(section: str) -> list[str]:
-    """The first ```sh block of README section ``section``, as shell commands (continuations joined)."""
-    text = (REPO / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    block = body.split("```sh\n", 1)[1].split("```", 1)[0]
+def docs_block(page: str) -> list[str]:
+    """The first ```sh block of ``docs/<page>``, as shell commands (continuations joined)."""
+    text = (REPO / "docs" / page).read_text()
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
     return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
 
 
@@ -35,11 +34,11 @@ def environ_of(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def test_the_readme_roles_block_works_as_written(tmp_path: Path) -> None:
+def test_the_roles_page_block_works_as_written(tmp_path: Path) -> None:
     with socket.socket() as probe:  # the block runs the exporter on its default port
         if probe.connect_ex(("127.0.0.1", EXPORTER_PORT)) == 0:
             pytest.fail(f"port {EXPORTER_PORT} is taken by another exporter; stop it to run this test")
-    exports, up_line, runs_line = readme_block("Roles")
+    exports, up_line, runs_line = docs_block("roles.md")
     assert up_line.startswith("trainbus up --set server.config_file=configs/nats/roles.conf")
     passwords = iter("pw-" + secrets.token_hex(8) for _ in range(exports.count("…")))
     exports = re.sub("…", lambda _: next(passwords), exports)
