@@ -234,6 +234,9 @@ class PublishConfig(Section):
     """False: train offline with a null sink."""
     offline_ok: bool = False
     """True: an unreachable bus does not stop the run; events wait in the outbox until it connects (``--offline-ok``)."""
+    upload_checkpoints: bool = True
+    """Put every checkpoint in the bus's object store (``TRAINBUS_CHECKPOINT_FILES``), so a resume on another
+    machine and a predictor on another host fetch it; False when ``training.output_dir`` is a shared folder."""
 
     @model_validator(mode="before")
     @classmethod

@@ -8,7 +8,7 @@ Nothing here loads a model. ``choose`` refuses a rejected or unjudged checkpoint
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +19,13 @@ from pydantic import ValidationError
 
 from consumers.predict.waiting import RunProgress
 from producers.config import RunConfig
+from runtime.bus.objects import fetch
 from runtime.bus.stream import last_event, replay
 from runtime.checkpoints import changed_since_announced, fingerprint
 from runtime.errors import ConfigError, NotFound, TrainbusError
 from runtime.settings import describe_validation_error
 from schemas import AuditVerdict, Checkpoint, RunFinished, RunStarted, TrainStep
-from schemas.subjects import CHECKPOINTS_BUCKET, event_subject
+from schemas.subjects import CHECKPOINT_FILES_BUCKET, CHECKPOINTS_BUCKET, event_subject
 
 Verdict = Literal["approved", "rejected", "pending"]
 
@@ -167,6 +168,25 @@ async def _latest_step(js: JetStreamContext, run_id: str) -> int | None:
     except nats.js.errors.Error:  # no stream, or no direct get: the step is only for the message
         return None
     return last.event.step if last is not None and isinstance(last.event, TrainStep) else None
+
+
+CACHE = Path(".trainbus") / "checkpoints"
+"""Where a checkpoint fetched from the bus goes when this machine does not have its folder."""
+
+
+async def localize(js: JetStreamContext, chosen: Chosen, cache: Path = CACHE) -> Chosen:
+    """``chosen`` with a folder on this machine: its own, else fetched from the bus's object store
+    (``runtime.bus.objects``) into ``cache`` and checked against the sha256 its event announced."""
+    if chosen.path.is_dir() or chosen.event_id is None:
+        return chosen
+    dest = cache / chosen.run_id / f"checkpoint-{chosen.step}"
+    if not dest.is_dir() or changed_since_announced(dest, chosen.sha256, chosen.event_id) is not None:
+        try:
+            obs = await js.object_store(CHECKPOINT_FILES_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            raise NotFound(f"checkpoint folder {chosen.path} is not on this machine, and the bus holds no checkpoint files") from None  # fmt: skip
+        await fetch(obs, chosen.run_id, chosen.step, chosen.sha256, dest)
+    return replace(chosen, path=dest)
 
 
 def verify(chosen: Chosen) -> None:

@@ -265,14 +265,14 @@ def check_output(out: Path) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     check_output(args.merge)
-    from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, verify
+    from consumers.predict.checkpoints import Chosen, best_key, choose, localize, open_bucket, parse_best, verify
 
     async def pick(where: BusTarget) -> Chosen:
         nc = await connect(where, settings, name="trainbus-export")
         try:
             js = nc.jetstream()
             if args.step is not None:
-                return await choose(js, args.run, step=args.step, force=args.force)
+                return await localize(js, await choose(js, args.run, step=args.step, force=args.force))
             bucket = await open_bucket(js)
             best = None
             if bucket is not None:
@@ -282,7 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     best = None
             if best is None:
                 raise ConfigError(f"run {args.run} has no best approved checkpoint; name one with --step")
-            return await choose(js, args.run, best=best, force=args.force)
+            return await localize(js, await choose(js, args.run, best=best, force=args.force))
         finally:
             await nc.close()
 

@@ -29,7 +29,16 @@ from pydantic import ValidationError
 
 from consumers.predict.announce import announce
 from consumers.predict.batching import MicroBatcher
-from consumers.predict.checkpoints import Chosen, best_key, choose, open_bucket, parse_best, run_progress, verify
+from consumers.predict.checkpoints import (
+    Chosen,
+    best_key,
+    choose,
+    localize,
+    open_bucket,
+    parse_best,
+    run_progress,
+    verify,
+)
 from consumers.predict.client import SERVICE_NAME, describe_invalid
 from consumers.predict.config import ServeConfig
 from consumers.predict.quiet import say_loading
@@ -172,6 +181,7 @@ class Predictor:
         """Verify and load ``chosen`` off the event loop, swap it in, announce it."""
         previous = self.served
         started = time.monotonic()
+        chosen = await localize(self.js, chosen)
         say_loading("serve", chosen)
         served = await asyncio.to_thread(self._verified_load, chosen)
         self.served = served

@@ -43,6 +43,7 @@ from producers.run.fencing import launch_tag
 from producers.run.publishing import open_bus
 from runtime.checkpoints import fingerprint
 from runtime.publish.sinks import EventSink, NullSink, Stamper
+from runtime.publish.upload import Uploader
 from runtime.settings import Settings
 from schemas import (
     Checkpoint,
@@ -192,6 +193,7 @@ class TrainbusCallback(TrainerCallback):
             # someone's own script: a bus that is down must not stop their training
             sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
             self.stamper = Stamper(sink, self.run_id, self.stamper.attempt)
+            self.upload = self.upload or Uploader(sink.target.servers, outbox.with_name(f"upload-{self.run_id}.log"))
             self._exit_guard.arm()
         model = kwargs.get("model")
         config = self.run_config if self.run_config is not None else args.to_sanitized_dict()
@@ -345,6 +347,8 @@ class TrainbusCallback(TrainerCallback):
             metrics=metrics,
             trigger=trigger,
         )
+        if self.upload is not None:  # the checkpoint to the bus's object store, by a process of its own
+            self.upload(self.run_id, state.global_step, digest, folder)
 
     # ---- control -------------------------------------------------------------------------
 
@@ -483,3 +487,6 @@ class TrainbusCallback(TrainerCallback):
 
     on_hyperparameters: Any = None
     """Called with the effective values after ``set`` (``trainbus train`` persists them for --resume)."""
+    upload: Callable[[str, int, str, Path], None] | None = None
+    """Called with (run, step, sha256, folder) after each checkpoint is announced: puts it in the bus's
+    object store (``runtime.publish.upload.Uploader``), so a resume or a predictor elsewhere can fetch it."""

@@ -28,7 +28,17 @@ from producers.run.control_inbox import ControlChannel
 from producers.run.distributed import agree, init_if_launched, main_process_first, world
 from producers.run.progress import Progress
 from producers.run.publishing import open_bus
-from producers.run.resume import RUN_FILE, Resume, ResumeFrom, announce, check_room, choose_checkpoint, read_saved
+from producers.run.resume import (
+    RUN_FILE,
+    Resume,
+    ResumeFrom,
+    announce,
+    check_room,
+    choose_checkpoint,
+    fetcher,
+    next_attempt,
+    read_saved,
+)
 from producers.task.chat import ChatDataset, Perplexity, use_chat_template
 from producers.task.chatdata import parse_conversation, write_chat_sample
 from producers.task.data import data_fingerprint, metadata_seen, read_examples, read_jsonl
@@ -43,10 +53,12 @@ from producers.task.model import (
     prepare_base_model,
 )
 from producers.task.sampledata import write_sample_data
-from runtime.errors import ConfigError, NotFound, TrainbusError
+from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import console_output, get_logger, status
 from runtime.publish.outbox import dead_letter_path
+from runtime.publish.sink import PublisherSink
 from runtime.publish.sinks import EventSink, NullSink, PublisherStats
+from runtime.publish.upload import Uploader
 from schemas import SweepTag, check_run_id
 
 LIVE_FILE = "trainbus-live.json"
@@ -114,10 +126,7 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | N
     if resume:
         run_id = check_run_id(resume.run_id)
         run_dir = output / run_id
-        previous = run_dir / RUN_FILE
-        if not previous.exists():
-            raise NotFound(f"--resume {run_id}: no run folder {run_dir} (looked for {previous})")
-        attempt = int(json.loads(previous.read_text()).get("attempt", 1)) + 1
+        attempt = int(agree(str(next_attempt(cfg, run_id, run_dir)) if world()[0] == 0 else None) or 0)
         resume_from = _resume_point(cfg, run_id, run_dir, resume)
         check_room(run_id, resume_from, cfg.training.max_steps)
     else:
@@ -138,7 +147,9 @@ def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom)
     chosen = None
     if rank == 0:
         saved = read_saved(cfg, run_id)
-        chosen = choose_checkpoint(run_id, run_dir, saved, from_step=asked.step, from_approved=asked.approved)
+        chosen = choose_checkpoint(
+            run_id, run_dir, saved, from_step=asked.step, from_approved=asked.approved, fetch=fetcher(cfg)
+        )
         announce(chosen, get_logger(run_id=run_id))
     step = int(agree(str(chosen.step) if chosen is not None else None) or 0)
     return chosen if chosen is not None else choose_checkpoint(run_id, run_dir, None, from_step=step)
@@ -302,6 +313,8 @@ def run(
     sink, channel = _open_run(prep, rank)
     callback = run_callback(prep, sink, channel, sweep)
     callback.on_hyperparameters = _remembering(prep.run_dir, live)
+    if isinstance(sink, PublisherSink) and cfg.publish.upload_checkpoints:
+        callback.upload = Uploader(sink.target.servers, prep.run_dir / "upload.log")
     previous = _catch_signals(callback)
     others = [*callbacks] if rank else [Progress(log, terminal=console_output(cfg.log.format)), *callbacks]
     ended = "failed"

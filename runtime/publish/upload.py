@@ -10,6 +10,8 @@ says in one log line what it did, and exits 0 when the checkpoint is in the buck
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,27 @@ from runtime.settings import Settings, load_config
 def argv(run_id: str, step: int, sha256: str, folder: Path) -> list[str]:
     """The command that uploads ``folder`` (for a trainer to start)."""
     return [sys.executable, "-m", "runtime.publish.upload", run_id, str(step), sha256, str(folder)]
+
+
+class Uploader:
+    """Starts an upload process per announced checkpoint, on the bus at ``servers``; its log lines go
+    to ``log`` (the run folder's ``upload.log``). It never waits for one: a run may end before its
+    last checkpoint is up, and the upload goes on."""
+
+    def __init__(self, servers: list[str], log: Path) -> None:
+        self.servers = servers
+        self.log = log
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, run_id: str, step: int, sha256: str, folder: Path) -> None:
+        env = {**os.environ, "NATS_URL": ",".join(self.servers)}
+        with self.log.open("ab") as out:
+            upload = subprocess.Popen(
+                argv(run_id, step, sha256, folder), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
+        self.started.append(upload)
+        self.started = [p for p in self.started if p.poll() is None]
 
 
 async def _upload(target: BusTarget, settings: Settings, run_id: str, step: int, sha256: str, folder: Path) -> int:

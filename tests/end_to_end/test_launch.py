@@ -56,8 +56,11 @@ class Bus:
         return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=self.tmp, env=trainbus_env(self.url),
                               capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
-    def submit(self, run_id: str, *overrides: str, priority: str = "normal") -> str:
-        sets = [a for item in [*self.data, *overrides] for a in ("--set", item)]
+    def submit(self, run_id: str, *overrides: str, priority: str = "normal", shared: bool = True) -> str:
+        """Queue a run of configs/tiny.yaml on the module's data; ``shared``: its output folder is one
+        every agent sees (else each agent writes its own, as machines without a shared disk do)."""
+        data = self.data if shared else self.data[:-1]
+        sets = [a for item in [*data, *overrides] for a in ("--set", item)]
         done = self.cli("submit", "configs/tiny.yaml", "--run-id", run_id, "--priority", priority, *sets)
         assert done.returncode == 0, done.stderr
         return done.stdout.split()[2]  # "queued job j-… for run …"
@@ -69,8 +72,11 @@ class Bus:
                 f"data.test_file={d / 'test.jsonl'}", f"training.output_dir={self.tmp / 'runs'}"]  # fmt: skip
 
     def agent(self, name: str, *args: str) -> subprocess.Popen[str]:
+        """An agent in a folder of its own: what it writes (job configs, logs, unshared run folders) is its machine's."""
         log = (self.tmp / f"agent-{name}.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "agent", "--agent", name, *args], cwd=self.tmp,
+        home = self.tmp / f"host-{name}"
+        home.mkdir(exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "agent", "--agent", name, *args], cwd=home,
                                 env=trainbus_env(self.url), stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
         assert proc.stdout is not None
         ready = proc.stdout.readline()
@@ -204,7 +210,7 @@ def test_agents_take_what_fits_highest_priority_first_and_cancel_and_drain_work(
 def test_a_killed_agents_run_resumes_elsewhere_from_its_latest_checkpoint_with_nothing_lost(bus: Bus) -> None:
     bus.agent("a3", "--slots", "1")  # beside a1 from the test above
     pausing = pause_at_checkpoint(bus.url, "killed", 20)  # the orphan must not finish the run meanwhile
-    job = bus.submit("killed", *SMALL)
+    job = bus.submit("killed", *SMALL, shared=False)  # the next agent has no folder of it: all from the bus
     record = bus.wait_job(job, "running")
     pausing.join(300)
     wait_events(bus.url, "killed", lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev))
@@ -213,6 +219,8 @@ def test_a_killed_agents_run_resumes_elsewhere_from_its_latest_checkpoint_with_n
     assert requeued.agent != record.agent and requeued.restarts == 1
     done = bus.wait_job(job, "completed", timeout=240)
     events = events_of(bus.url, "killed")
+    fetched = bus.tmp / f"host-{done.agent}" / "runs" / "killed" / "checkpoint-20"
+    assert fetched.is_dir()  # fetched from the object store onto the other agent's "machine"
     assert done.attempt == 2 and first(events, RunStarted, attempt=2).resumed_from_step == 20
     orphan = first(events, RunFinished, attempt=1)
     assert orphan.status == "stopped" and orphan.reason.startswith("fenced:")

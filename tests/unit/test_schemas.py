@@ -85,7 +85,13 @@ SAMPLE_EVENTS: dict[str, dict[str, Any]] = {
     },
     "run.tag": {"tags": {"team": "risk", "dataset": "v2"}, "source": "user", "issued_by": "ana"},
     "run.note": {"text": "lr 3e-3 diverged at step 40; retrying with 1e-3", "source": "user"},
-    "job.state": {"job_id": "j-3f2a9c1d0e", "state": "starting", "agent": "gpu-host-1", "gpus": [0], "source": "launch"},
+    "job.state": {
+        "job_id": "j-3f2a9c1d0e",
+        "state": "starting",
+        "agent": "gpu-host-1",
+        "gpus": [0],
+        "source": "launch",
+    },
 }
 
 
