@@ -3,8 +3,8 @@ group's table (every metric's mean, std, min and max over its members). Pure (nu
 `trainbus runs --group-by KEY` and the dashboard's Compare page compute the same numbers.
 
 A group is the runs that share a value of a key: a config key (``adapter.r``,
-``training.learning_rate``), ``tag:NAME`` (``trainbus tag``, or the ``seeds`` tag `train --seeds N`
-writes), or ``sweep``. Runs that differ only in their seed are its members.
+``training.learning_rate``), ``tag:NAME`` (``trainbus tag``), ``sweep``, or ``group`` (the runs
+`trainbus train --seeds N` started together). Runs that differ only in their seed are its members.
 
 Curves are aligned on the steps the members logged, never interpolated: at each step the
 statistics are over the members that logged that very step, and ``n`` says how many did. By
@@ -35,10 +35,14 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
-def group_value(key: str, config: Mapping[str, Any], tags: Mapping[str, str], sweep: str | None) -> str | None:
+def group_value(
+    key: str, config: Mapping[str, Any], tags: Mapping[str, str], sweep: str | None, group: str | None = None
+) -> str | None:
     """The value of ``key`` for one run (None: the run has no such value and joins no group)."""
     if key == "sweep":
         return sweep
+    if key == "group":
+        return group
     if key.startswith("tag:"):
         return tags.get(key[4:])
     value: Any = config

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
 from schemas.common import (
+    RUN_ID_PATTERN,
     SCHEMA_VERSION,
     SWEEP_NAME_PATTERN,
     Envelope,
@@ -23,6 +24,7 @@ from schemas.common import (
     MetricFloat,
     Model,
     NonNegativeFinite,
+    RunId,
     ShortText,
 )
 from schemas.jobs import JobState, LaunchTag
@@ -55,6 +57,19 @@ class SweepTag(Model):
     """The Optuna trial number: the run id is ``<name>-t<trial>``."""
 
 
+class ForkTag(Model):
+    """The run a fork (`trainbus train --fork RUN@STEP`) was started from, and what it changed."""
+
+    parent: RunId
+    step: Step
+    """The parent's checkpoint step the fork continues from (its own steps count on from there)."""
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """The sha256 of that checkpoint, as its ``checkpoint`` event announced it (checked before training)."""
+    checkpoint_event_id: str
+    changed: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Each config key the fork set otherwise: ``{"training.learning_rate": {"from": 0.003, "to": 0.001}}``."""
+
+
 class RunStarted(Envelope):
     """A run (or a resumed attempt of it) began; carries what is needed to reproduce it."""
 
@@ -73,6 +88,10 @@ class RunStarted(Envelope):
     host: str = ""
     sweep: SweepTag | None = None
     """Set when the run is a trial of a hyper-parameter sweep; absent in events of older trainers."""
+    fork: ForkTag | None = None
+    """Set when the run is a fork of another run's checkpoint; absent otherwise (and in older trainers' events)."""
+    group: Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)] | None = None
+    """Runs started together to be compared as one group (`trainbus train --seeds N`): the first one's run id."""
     launch: LaunchTag | None = None
     """Set when a `trainbus agent` started the run (its job, the agent, the GPUs it saw); absent otherwise."""
     metadata_seen: MetadataSeen = Field(default_factory=dict)

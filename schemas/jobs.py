@@ -51,7 +51,11 @@ class JobSpec(Model):
     requires: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     """Agent labels the job needs (``--on gpu=a100``); an agent without them leaves it to others."""
     fork: str | None = None
-    """``RUN[@STEP]``: start the run from another run's checkpoint (`trainbus train --fork`)."""
+    """``RUN[@STEP|@best]``: start the run from another run's checkpoint (`trainbus train --fork`)."""
+    force: bool = False
+    """With ``fork``: fork a checkpoint the audit gate rejected."""
+    group: str | None = None
+    """The group of runs submitted together with ``--seeds N`` (the first one's run id)."""
     submitted_by: str = ""
     submitted_at: AwareDatetime = Field(default_factory=utc_now)
 

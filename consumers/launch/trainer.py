@@ -48,13 +48,18 @@ def train_argv(spec: JobSpec, config_file: Path, *, resume: bool) -> list[str]:
     if spec.slots > 1:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         head = [torchrun, "--standalone", "--nproc_per_node", str(spec.slots), "-m", "runtime.cli"]
-    argv = [*head, "train"]
-    argv += ["--resume", spec.run_id] if resume else [str(config_file), "--run-id", spec.run_id]
-    if spec.fork and not resume:
-        argv += ["--fork", spec.fork]
+    argv = [*head, "train", *_start(spec, config_file, resume=resume)]
     for item in spec.overrides:
         argv += ["--set", item]
     return argv
+
+
+def _start(spec: JobSpec, config_file: Path, *, resume: bool) -> list[str]:
+    """How the trainer starts: the next attempt of the run, a fork of another run, or the config."""
+    if resume:
+        return ["--resume", spec.run_id]
+    start = ["--fork", spec.fork, *(["--force"] if spec.force else [])] if spec.fork else [str(config_file)]
+    return [*start, "--run-id", spec.run_id, *(["--group", spec.group] if spec.group else [])]
 
 
 def trainer_env(

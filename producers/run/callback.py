@@ -51,6 +51,7 @@ from schemas import (
     CommandReply,
     CommandResult,
     Evaluation,
+    ForkTag,
     Heartbeat,
     RunFinished,
     RunStarted,
@@ -125,6 +126,8 @@ class TrainbusCallback(TrainerCallback):
         outbox_dir: Path | None = None,
         sweep: SweepTag | None = None,
         metadata_seen: dict[str, list[str]] | None = None,
+        fork: ForkTag | None = None,
+        group: str | None = None,
     ) -> None:
         self.run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.rank, self.world_size = world()
@@ -140,6 +143,8 @@ class TrainbusCallback(TrainerCallback):
         self.outbox_dir = outbox_dir
         self.sweep = sweep
         self.metadata_seen = metadata_seen or {}
+        self.fork = fork
+        self.group = group
         self.trainer: Trainer | None = None
         self.phase = "starting"
         self.paused = False
@@ -178,6 +183,15 @@ class TrainbusCallback(TrainerCallback):
     def is_publisher(self) -> bool:
         return self.rank == 0
 
+    def _open_own_bus(self, args: TrainingArguments) -> None:
+        """Someone's own script: the callback opens the bus itself; a bus that is down must not stop training."""
+        self.channel = self.channel or ControlChannel(self.run_id, self._on_reply)
+        outbox = (self.outbox_dir or Path(str(args.output_dir))) / f"outbox-{self.run_id}.jsonl"
+        sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
+        self.stamper = Stamper(sink, self.run_id, self.stamper.attempt)
+        self.upload = self.upload or Uploader(sink.target.servers, outbox.with_name(f"upload-{self.run_id}.log"))
+        self._exit_guard.arm()
+
     def emit(self, cls: type[Any], **fields: Any) -> None:
         if self.is_publisher:
             self.stamper.emit(cls, **fields)
@@ -188,13 +202,9 @@ class TrainbusCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.is_publisher and self._own_sink and isinstance(self.stamper.sink, NullSink):
-            self.channel = self.channel or ControlChannel(self.run_id, self._on_reply)
-            outbox = (self.outbox_dir or Path(str(args.output_dir))) / f"outbox-{self.run_id}.jsonl"
-            # someone's own script: a bus that is down must not stop their training
-            sink = open_bus(self.run_id, self.settings, outbox, self.channel, offline_ok=True)
-            self.stamper = Stamper(sink, self.run_id, self.stamper.attempt)
-            self.upload = self.upload or Uploader(sink.target.servers, outbox.with_name(f"upload-{self.run_id}.log"))
-            self._exit_guard.arm()
+            self._open_own_bus(args)
+        if self.reapply:  # a resume or a fork: the checkpoint's optimizer and schedule loaded, now this run's values
+            hyperparams.apply(self.reapply, args, state, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
         model = kwargs.get("model")
         config = self.run_config if self.run_config is not None else args.to_sanitized_dict()
         config_json = json.dumps(config, sort_keys=True, default=str)
@@ -220,6 +230,8 @@ class TrainbusCallback(TrainerCallback):
             resumed_from_step=state.global_step or None,
             host=socket.gethostname(),
             sweep=self.sweep,
+            fork=self.fork,
+            group=self.group,
             launch=launch_tag(os.environ),
             metadata_seen=self.metadata_seen,
         )
@@ -487,6 +499,9 @@ class TrainbusCallback(TrainerCallback):
 
     on_hyperparameters: Any = None
     """Called with the effective values after ``set`` (``trainbus train`` persists them for --resume)."""
+    reapply: dict[str, Any] | None = None
+    """Live hyper-parameters to set once the Trainer has loaded a checkpoint's optimizer and schedule
+    (a resume or a fork whose values differ from the checkpoint's)."""
     upload: Callable[[str, int, str, Path], None] | None = None
     """Called with (run, step, sha256, folder) after each checkpoint is announced: puts it in the bus's
     object store (``runtime.publish.upload.Uploader``), so a resume or a predictor elsewhere can fetch it."""

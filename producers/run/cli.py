@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from producers.run.fork import fork_arg
 from runtime.logs import console_output, setup_logging
 from runtime.settings import load_config, packaged
 from schemas import SweepTag
@@ -48,29 +49,26 @@ def register_train(sub: Any) -> None:
         action="store_true",
         help="train even when the bus is unreachable: events wait in the run's outbox and are sent once it connects",
     )
+    p.add_argument("--fork", metavar="RUN[@STEP|@best]", type=fork_arg,
+                   help="start a new run from RUN's checkpoint (its newest, at STEP, or the audit gate's best) with RUN's config and --set on top")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="with --fork: fork a checkpoint the audit gate rejected")
+    p.add_argument(
+        "--seeds", type=int, metavar="N", help="N runs that differ only in training.seed, one group (<run-id>-s<seed>)"
+    )
+    p.add_argument("--group", help=argparse.SUPPRESS)  # set by --seeds on each of its runs
     p.add_argument("--sweep", metavar="NAME", help="tag run.started as a trial of sweep NAME (set by `trainbus sweep`)")
     p.add_argument("--trial", metavar="K", type=int, help="with --sweep: the trial number")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from runtime.errors import ConfigError
-
-    if args.run_id and args.resume:
-        raise ConfigError("--run-id and --resume are exclusive (--resume keeps the run's id)")
-    if not args.resume and (args.from_checkpoint is not None or args.from_approved):
-        raise ConfigError("--from-checkpoint and --from-approved choose where --resume RUN_ID continues")
-    if args.config is None and not args.resume:
-        raise ConfigError("a run config is needed, e.g. trainbus train configs/tiny.yaml")
-    from producers.config import RunConfig
-    from producers.run.arguments import check_training
-    from producers.run.resume import restore_config
-
-    if args.resume:
-        cfg = restore_config(args.config, args.overrides, args.resume, check=check_training)
-    else:
-        cfg = load_config(RunConfig, args.config, args.overrides, check=check_training)
+    _check_starts(args)
+    cfg, fork = _config_of(args)
     setup_logging(cfg.log.level, cfg.log.format)
+    if args.seeds:
+        from producers.run.seeds import train_seeds
+
+        return train_seeds(cfg, args)
     quiet_libraries(cfg)
     if args.offline_ok:
         cfg.publish.offline_ok = True
@@ -78,7 +76,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     from producers.run.train import run
 
     resume = ResumeFrom(args.resume, args.from_checkpoint, args.from_approved) if args.resume else None
-    return run(cfg, run_id=args.run_id, resume=resume, sweep=_sweep_tag(args.sweep, args.trial))
+    sweep = _sweep_tag(args.sweep, args.trial)
+    return run(cfg, run_id=args.run_id, resume=resume, sweep=sweep, fork=fork, group=args.group)
+
+
+def _check_starts(args: argparse.Namespace) -> None:
+    """The ways a run may start (a config, --resume, --fork) and what goes with each; mistakes name the flags."""
+    from runtime.errors import ConfigError
+
+    if args.run_id and args.resume:
+        raise ConfigError("--run-id and --resume are exclusive (--resume keeps the run's id)")
+    if not args.resume and (args.from_checkpoint is not None or args.from_approved):
+        raise ConfigError("--from-checkpoint and --from-approved choose where --resume RUN_ID continues")
+    if args.fork is not None and (args.resume or args.config is not None):
+        raise ConfigError("--fork trains with the parent's config: leave out CONFIG and --resume; change it with --set")
+    if args.force and args.fork is None:
+        raise ConfigError("--force goes with --fork (a checkpoint the audit gate rejected)")
+    if args.config is None and not args.resume and args.fork is None:
+        raise ConfigError("a run config is needed, e.g. trainbus train configs/tiny.yaml")
+    if args.seeds is not None and (args.seeds < 1 or args.resume):
+        raise ConfigError("--seeds N: at least 1, and not with --resume (a resumed run keeps its seed)")
+
+
+def _config_of(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The run's config, and the fork to make (None unless --fork)."""
+    from producers.config import RunConfig
+    from producers.run.arguments import check_training
+    from producers.run.fork import Forking, fork_config
+    from producers.run.resume import restore_config
+
+    if args.resume:
+        return restore_config(args.config, args.overrides, args.resume, check=check_training), None
+    if args.fork is not None:
+        here = load_config(RunConfig, None, [o for o in args.overrides if o.startswith(("bus.", "log.", "state_dir"))])
+        cfg, parent = fork_config(here, args.fork, args.overrides, check=check_training)
+        return cfg, Forking(args.fork, args.force, parent)
+    return load_config(RunConfig, args.config, args.overrides, check=check_training), None
 
 
 def quiet_libraries(cfg: Any) -> None:

@@ -26,6 +26,7 @@ from producers.run.arguments import training_arguments
 from producers.run.callback import TrainbusCallback
 from producers.run.control_inbox import ControlChannel
 from producers.run.distributed import agree, init_if_launched, main_process_first, world
+from producers.run.fork import Forking, announce_fork, resolve, tag
 from producers.run.progress import Progress
 from producers.run.publishing import open_bus
 from producers.run.resume import (
@@ -59,7 +60,7 @@ from runtime.publish.outbox import dead_letter_path
 from runtime.publish.sink import PublisherSink
 from runtime.publish.sinks import EventSink, NullSink, PublisherStats
 from runtime.publish.upload import Uploader
-from schemas import SweepTag, check_run_id
+from schemas import ForkTag, SweepTag, check_run_id
 
 LIVE_FILE = "trainbus-live.json"
 
@@ -79,6 +80,8 @@ class Prepared:
     validation: list[Any]
     fingerprint: str
     resume_from: Resume | None
+    fork: ForkTag | None = None
+    """Where a fork comes from (``--fork``): its ``run.started`` says it."""
 
 
 def _read(path: str, labels: LabelSet | None, skip_invalid: bool, log: Any) -> list[Any]:
@@ -102,8 +105,11 @@ def _check_writable(folder: Path) -> None:
         raise ConfigError(f"training.output_dir: cannot write checkpoints to {folder}: {exc.strerror}") from None
 
 
-def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | None = None) -> Prepared:
-    """Validate config, labels, data and output folder; decide run id, attempt and checkpoint."""
+def prepare(
+    cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | None = None, fork: Forking | None = None
+) -> Prepared:
+    """Validate config, labels, data and output folder; decide run id, attempt and checkpoint (a resumed
+    run's own, or the parent's of a fork)."""
     log = get_logger()
     check_quantization(cfg.model)
     chat = cfg.data.task == "chat"
@@ -122,7 +128,7 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | N
     if cfg.data.max_eval_samples:
         validation = validation[: cfg.data.max_eval_samples]
     output = Path(cfg.training.output_dir)
-    attempt, resume_from = 1, None
+    attempt, resume_from, forked = 1, None, None
     if resume:
         run_id = check_run_id(resume.run_id)
         run_dir = output / run_id
@@ -130,15 +136,33 @@ def prepare(cfg: RunConfig, *, run_id: str | None = None, resume: ResumeFrom | N
         resume_from = _resume_point(cfg, run_id, run_dir, resume)
         check_room(run_id, resume_from, cfg.training.max_steps)
     else:
-        try:
-            run_id = check_run_id(agree(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}") or "")
-        except ValueError as exc:
-            raise ConfigError(f"--run-id: {exc}") from None
-        run_dir = output / run_id
-        if world()[0] == 0 and (run_dir / RUN_FILE).exists():
-            raise ConfigError(f"--run-id {run_id}: {run_dir} already holds a run; use --resume {run_id} to continue it")
+        run_id, run_dir = _new_run(cfg, run_id, output)
+        if fork is not None:
+            resume_from, forked = _fork_point(cfg, fork, run_dir)
+            check_room(run_id, resume_from, cfg.training.max_steps)
     _check_writable(run_dir)
-    return Prepared(cfg, run_id, attempt, run_dir, labels, train, validation, data_fingerprint(files), resume_from)
+    fingerprint = data_fingerprint(files)
+    return Prepared(cfg, run_id, attempt, run_dir, labels, train, validation, fingerprint, resume_from, forked)
+
+
+def _new_run(cfg: RunConfig, run_id: str | None, output: Path) -> tuple[str, Path]:
+    try:
+        run_id = check_run_id(agree(run_id or f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}") or "")
+    except ValueError as exc:
+        raise ConfigError(f"--run-id: {exc}") from None
+    run_dir = output / run_id
+    if world()[0] == 0 and (run_dir / RUN_FILE).exists():
+        raise ConfigError(f"--run-id {run_id}: {run_dir} already holds a run; use --resume {run_id} to continue it")
+    return run_id, run_dir
+
+
+def _fork_point(cfg: RunConfig, fork: Forking, run_dir: Path) -> tuple[Resume, ForkTag]:
+    """The parent's checkpoint a fork starts from (rank 0 chooses, checks and fetches it; every rank takes it)."""
+    found = resolve(cfg, fork.asked, run_dir, force=fork.force)
+    announce_fork(found, fork, get_logger())
+    return Resume(found.path, found.event.step, found.verdict, True), tag(
+        found, fork.parent, cfg.model_dump(mode="json")
+    )
 
 
 def _resume_point(cfg: RunConfig, run_id: str, run_dir: Path, asked: ResumeFrom) -> Resume:
@@ -206,11 +230,16 @@ def build_trainer(prep: Prepared, callbacks: list[TrainerCallback]) -> Trainer:
 
 
 def run_callback(
-    prep: Prepared, sink: EventSink, channel: ControlChannel | None, sweep: SweepTag | None = None
+    prep: Prepared,
+    sink: EventSink,
+    channel: ControlChannel | None,
+    sweep: SweepTag | None = None,
+    group: str | None = None,
 ) -> TrainbusCallback:
-    """The trainbus callback of a prepared run, publishing to ``sink`` (``sweep``: the trial it is)."""
+    """The trainbus callback of a prepared run, publishing to ``sink`` (``sweep``: the trial it is; ``group``:
+    the runs started with it by ``--seeds``)."""
     cfg = prep.cfg
-    return TrainbusCallback(
+    callback = TrainbusCallback(
         prep.run_id,
         sink=sink,
         channel=channel,
@@ -223,7 +252,13 @@ def run_callback(
         data_fingerprint=prep.fingerprint,
         sweep=sweep,
         metadata_seen=metadata_seen(prep.train) if prep.labels is not None else {},
+        fork=prep.fork,
+        group=group,
     )
+    if prep.resume_from is not None:  # the checkpoint's optimizer and schedule load first; then this run's values
+        values = {name: getattr(cfg.training, name) for name in LIVE_NAMES}
+        callback.reapply = {name: value for name, value in values.items() if value is not None}
+    return callback
 
 
 LIVE_NAMES = ("learning_rate", "max_grad_norm", "weight_decay", "logging_steps", "eval_steps", "save_steps")
@@ -302,16 +337,18 @@ def run(
     resume: ResumeFrom | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     sweep: SweepTag | None = None,
+    fork: Forking | None = None,
+    group: str | None = None,
 ) -> int:
     """Train one run end to end; returns the process exit code. ``callbacks`` run after trainbus's own;
     ``sweep`` tags ``run.started`` as a trial of a sweep."""
     init_if_launched()
-    prep = prepare(cfg, run_id=run_id, resume=resume)
+    prep = prepare(cfg, run_id=run_id, resume=resume, fork=fork)
     log = get_logger(run_id=prep.run_id, attempt=prep.attempt)
     live = _live_values(prep, resume)
     rank, _ = world()
     sink, channel = _open_run(prep, rank)
-    callback = run_callback(prep, sink, channel, sweep)
+    callback = run_callback(prep, sink, channel, sweep, group)
     callback.on_hyperparameters = _remembering(prep.run_dir, live)
     if isinstance(sink, PublisherSink) and cfg.publish.upload_checkpoints:
         callback.upload = Uploader(sink.target.servers, prep.run_dir / "upload.log")

@@ -36,6 +36,7 @@ from schemas import (
     Evaluation,
     Event,
     NewerSchema,
+    RunStarted,
     RunTag,
     TrainStep,
     parse_event,
@@ -308,11 +309,7 @@ def summary_of(
         summary["last_event"] = datetime.fromtimestamp(life.trainer_time, UTC).isoformat()
         summary["age_seconds"] = round(max(0.0, now - life.trainer_time), 3)
     if life.started is not None:
-        summary["model"], summary["max_steps"] = life.started.model, life.started.max_steps
-        if life.started.sweep is not None:
-            summary["sweep"] = life.started.sweep.name
-        if config:
-            summary["config"] = life.started.config
+        summary.update(_started_fields(life.started, config=config))
     if life.hyperparameters:
         summary["hyperparameters"] = dict(life.hyperparameters)
     step = latest.get("train.step")
@@ -322,6 +319,18 @@ def summary_of(
     if isinstance(evaluation, Evaluation):
         summary["eval_accuracy"] = evaluation.accuracy
     return summary
+
+
+def _started_fields(started: RunStarted, *, config: bool) -> dict[str, Any]:
+    """What a run's ``run.started`` adds to its summary: model, length, sweep, group, parent (a fork)."""
+    fields: dict[str, Any] = {"model": started.model, "max_steps": started.max_steps}
+    optional = {
+        "sweep": started.sweep.name if started.sweep else None,
+        "group": started.group,
+        "parent": f"{started.fork.parent}@{started.fork.step}" if started.fork else None,
+        "config": started.config if config else None,
+    }
+    return fields | {key: value for key, value in optional.items() if value is not None}
 
 
 async def run_summary(

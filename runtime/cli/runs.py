@@ -32,6 +32,8 @@ from schemas.subjects import CHECKPOINTS_BUCKET
 RUN_COLUMNS = [
     "run_id", "state", "last_event", "attempt", "step", "loss", "learning_rate", "lr_peak", "max_grad_norm", "eval_accuracy",
 ]  # fmt: skip
+LINEAGE_COLUMNS = ["parent", "group"]
+"""Shown when any listed run is a fork (``parent``: RUN@STEP) or one of a ``--seeds`` group."""
 
 RUNS_DESCRIPTION = (
     "Every run on the bus with its state, step and attempt, as the dashboard and /metrics show them. "
@@ -102,14 +104,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         run["max_grad_norm"] = hp.get("max_grad_norm")
         run["tags"] = ",".join(f"{k}={v}" for k, v in (run.get("tags") or {}).items())
     if args.csv:
-        write_csv([flat(run) for run in runs], [*RUN_COLUMNS, "tags"])
+        write_csv([flat(run) for run in runs], [*RUN_COLUMNS, *LINEAGE_COLUMNS, "tags"])
     elif not runs:
         filtered = args.states or args.name or args.since
         print("no runs match" if filtered else "no runs yet: start one with `trainbus train configs/tiny.yaml`")
     else:
         for run in runs:
             run["last_event"] = age(run["age_seconds"]) if "age_seconds" in run else None
-        print(table(runs, [*RUN_COLUMNS, *(["tags"] if any(run["tags"] for run in runs) else [])]))
+        lineage = [c for c in LINEAGE_COLUMNS if any(run.get(c) for run in runs)]
+        print(table(runs, [*RUN_COLUMNS, *lineage, *(["tags"] if any(run["tags"] for run in runs) else [])]))
     return 0
 
 
@@ -117,7 +120,7 @@ def group_rows(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """The group table of ``runs`` (``runtime.groups``): the runs with no value for ``key`` join no group."""
     members: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
-        value = group_value(key, run.get("config") or {}, run.get("tags") or {}, run.get("sweep"))
+        value = group_value(key, run.get("config") or {}, run.get("tags") or {}, run.get("sweep"), run.get("group"))
         if value is not None:
             members.setdefault(value, {})[run["run_id"]] = run
     return [{key: row.pop("group"), **row} for row in group_table(members)]
