@@ -1,7 +1,7 @@
 """`trainbus agent`: pulls jobs from the launch queue when it has the slots, and trains them.
 
 Every ``TICK_SECONDS`` the agent looks at its trainers, and with free slots asks the queue for
-work, higher priority first (``runtime.bus.queue``: one work-queue consumer per priority, shared
+work, higher priority first (``runtime.launch.queue``: one work-queue consumer per priority, shared
 by every agent). It keeps each job's message while the job runs and renews it every
 ``RENEW_SECONDS`` together with its heartbeat; if the agent dies, JetStream hands the job to
 another agent after ``LEASE_SECONDS``, which resumes the run from its latest checkpoint as the next
@@ -34,9 +34,9 @@ from pydantic import ValidationError
 from consumers.control_client import build_command, send_command
 from consumers.launch.slots import Slots
 from consumers.launch.trainer import Trainer, config_file, outcome, thread_share, train_argv, trainer_env
-from runtime.bus.jobs import Change, Conflict, JobStore, moved
-from runtime.bus.queue import RENEW_SECONDS, agents_bucket
 from runtime.errors import NotFound, TrainbusError
+from runtime.launch.jobs import Change, Conflict, JobStore, moved
+from runtime.launch.queue import RENEW_SECONDS, agents_bucket
 from runtime.logs import get_logger
 from schemas import EVENTS_STREAM, Event, RunFinished, event_subject, parse_event
 from schemas.common import utc_now

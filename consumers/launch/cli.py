@@ -22,9 +22,9 @@ import nats.errors
 from consumers.launch.agent import Agent, Options
 from consumers.launch.slots import Slots
 from runtime.bus.connect import BusTarget, bus_target, connected
-from runtime.bus.queue import ensure_queue
 from runtime.cli.args import add_settings_args, key_values, settings_from
 from runtime.errors import ConfigError, NotFound
+from runtime.launch.queue import ensure_queue
 from runtime.settings import Settings
 from schemas.jobs import AGENT_ID_PATTERN
 from schemas.subjects import agent_subject

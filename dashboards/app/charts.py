@@ -43,6 +43,7 @@ MARKER_COLOURS = {
     "flag": "#d62728",
     "non-finite": "#9467bd",
     "note": "#ff7f0e",
+    "fork": "#8c564b",
 }
 _SCALE = {"memory_bytes": 1 / (1 << 20)}
 _SI_AXIS = {"tokens_per_second", "samples_per_second", "memory_bytes"}

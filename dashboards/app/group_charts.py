@@ -27,7 +27,7 @@ def groups_of(snapshots: Sequence[RunSnapshot], key: str) -> dict[str, list[RunS
     groups: dict[str, list[RunSnapshot]] = {}
     for snap in snapshots:
         s = snap.summary
-        value = group_value(key, s.config, s.tags, s.sweep)
+        value = group_value(key, s.config, s.tags, s.sweep, s.group)
         if value is not None:
             groups.setdefault(value, []).append(snap)
     return groups
@@ -41,7 +41,10 @@ def candidate_keys(summaries: Sequence[RunSummary]) -> list[str]:
             values.setdefault(key, set()).add(value)
     differing = sorted(k for k, v in values.items() if len(v) > 1)
     tags = sorted({f"tag:{k}" for s in summaries for k in s.tags})
-    return [*differing, *tags, *(["sweep"] if any(s.sweep for s in summaries) else [])]
+    special = [
+        k for k, has in (("group", any(s.group for s in summaries)), ("sweep", any(s.sweep for s in summaries))) if has
+    ]
+    return [*special, *differing, *tags]
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -20,8 +20,8 @@ import pandas as pd
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from runtime.bus.queue import AGENT_TTL_SECONDS, waiting_order
 from runtime.cli.render import age
+from runtime.launch.queue import AGENT_TTL_SECONDS, waiting_order
 from runtime.logs import get_logger
 from schemas.jobs import AgentStatus, JobRecord
 from schemas.subjects import AGENTS_BUCKET, JOBS_BUCKET

@@ -14,6 +14,7 @@ from typing import Any
 from dashboards.app.rows import CheckpointRow, CommandRow, EvalPoint, FlagRow, LoadRow, Marker, NoteRow
 from dashboards.app.series import Floats, for_display
 from dashboards.app.state import RunView
+from schemas import ForkTag
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class RunSummary:
     trial: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     """``trainbus tag`` labels of the run."""
+    fork: ForkTag | None = None
+    """Where the run was forked from (parent, step, what changed); None for a run started from scratch."""
+    group: str | None = None
+    """The ``--seeds`` group the run belongs to."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ def summarise(run: RunView) -> RunSummary:
         sweep=started.sweep.name if started and started.sweep else None,
         trial=started.sweep.trial if started and started.sweep else None,
         tags=dict(run.tags),
+        fork=started.fork if started else None,
+        group=started.group if started else None,
     )
 
 

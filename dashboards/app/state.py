@@ -173,12 +173,16 @@ def count_newer(state: DashboardState, run_id: str, stream_seq: int = 0) -> bool
 
 
 def _on_started(event: RunStarted, run: RunView) -> None:
-    """A resumed attempt redoes the steps after its checkpoint: their points go, and a marker says so."""
+    """A resumed attempt redoes the steps after its checkpoint: their points go, and a marker says so;
+    a fork's first steps continue its parent's, and a marker says from where."""
     if event.attempt > 1 or event.resumed_from_step is not None:
         start = float(event.resumed_from_step or 0)
         for series in run.series.values():
             series.truncate_after(start)
-        run.markers.append(Marker(start, "resume", f"attempt {event.attempt} resumed"))
+        if event.fork is not None and event.attempt == 1:
+            run.markers.append(Marker(start, "fork", f"forked from {event.fork.parent} at step {event.fork.step}"))
+        else:
+            run.markers.append(Marker(start, "resume", f"attempt {event.attempt} resumed"))
 
 
 def _on_step(event: TrainStep, run: RunView) -> None:

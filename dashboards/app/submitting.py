@@ -40,8 +40,10 @@ class Submitted:
     message: str = ""
 
 
-def submit_argv(config: str, overrides: list[str], *, slots: int, priority: str, run_id: str = "") -> list[str]:
-    argv = [sys.executable, "-m", "runtime.cli", "submit", config, "--slots", str(slots), "--priority", priority]
+def submit_argv(config: str | None, overrides: list[str], *, slots: int, priority: str, run_id: str = "") -> list[str]:
+    """`trainbus submit` (``config`` None: a fork, which trains with its parent's config)."""
+    head = [sys.executable, "-m", "runtime.cli", "submit", *([config] if config else [])]
+    argv = [*head, "--slots", str(slots), "--priority", priority]
     if run_id:
         argv += ["--run-id", run_id]
     for item in overrides:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pydantic import ValidationError
 
 from producers.run.control_inbox import ControlChannel
-from runtime.bus.queue import LEASE_SECONDS
+from runtime.launch.queue import LEASE_SECONDS
 from runtime.logs import get_logger
 from schemas import RunStarted, Stop, event_subject, parse_event
 from schemas.jobs import LaunchTag

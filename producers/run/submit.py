@@ -23,10 +23,10 @@ import yaml
 
 from producers.run.fork import fork_arg
 from runtime.bus.connect import BusTarget, bus_target, issuer
-from runtime.bus.queue import enqueue, ensure_queue
 from runtime.bus.stream import jetstream
 from runtime.cli.args import key_values
 from runtime.errors import BusUnavailable, ConfigError
+from runtime.launch.queue import enqueue, ensure_queue
 from runtime.settings import Settings, load_config, packaged
 from schemas import check_run_id
 from schemas.jobs import PRIORITIES, JobRecord, JobSpec

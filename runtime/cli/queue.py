@@ -19,12 +19,12 @@ from typing import Any
 import nats.js.errors
 
 from runtime.bus.connect import BusTarget, bus_target
-from runtime.bus.jobs import Conflict, JobStore
-from runtime.bus.queue import agents_bucket, cancel, waiting_order
 from runtime.bus.stream import jetstream
 from runtime.cli.args import add_settings_args, settings_from
 from runtime.cli.render import age, table
 from runtime.errors import ConfigError
+from runtime.launch.jobs import Conflict, JobStore
+from runtime.launch.queue import agents_bucket, cancel, waiting_order
 from runtime.settings import Settings
 from schemas.jobs import AgentStatus, JobRecord
 

@@ -26,8 +26,8 @@ from nats.aio.client import Client as NATS
 
 from consumers.control_client import send_command
 from producers.task.sampledata import write_sample_data
-from runtime.bus.jobs import JobStore
 from runtime.bus.server import RunningServer, start_server
+from runtime.launch.jobs import JobStore
 from runtime.settings import ServerSettings
 from schemas import Evaluation, Event, JobState, Pause, RunFinished, RunStarted, TrainStep, event_subject
 from schemas.jobs import JobRecord

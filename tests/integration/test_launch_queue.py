@@ -8,9 +8,9 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.bus.jobs import Conflict, JobStore, moved
-from runtime.bus.queue import cancel, enqueue, ensure_queue, waiting_order
 from runtime.bus.stream import replay
+from runtime.launch.jobs import Conflict, JobStore, moved
+from runtime.launch.queue import cancel, enqueue, ensure_queue, waiting_order
 from runtime.settings import Settings
 from schemas import run_events
 from schemas.jobs import JobSpec, JobState

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from consumers.launch.slots import Slots, cuda_devices
 from consumers.launch.trainer import config_file, outcome, thread_share, train_argv, trainer_env
-from runtime.bus.queue import waiting_order
+from runtime.launch.queue import waiting_order
 from schemas.jobs import JobRecord, JobSpec
 
 

@@ -12,9 +12,9 @@ from dashboards.app import connection
 from dashboards.app.denials import Denied
 from dashboards.app.queue import agents_table, jobs_table, live_agents
 from dashboards.app.reader import BusReader
-from runtime.bus.jobs import Conflict
-from runtime.bus.queue import cancel
 from runtime.errors import TrainbusError
+from runtime.launch.jobs import Conflict
+from runtime.launch.queue import cancel
 from schemas.jobs import JobRecord
 from schemas.subjects import JOBS_BUCKET
 

@@ -15,13 +15,15 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from dashboards.app import connection, control_panel
+from dashboards.app import connection, control_panel, fork_form
 from dashboards.app.charts import TRAIN_CHARTS, Chart, confusion_chart, eval_chart, reported, train_chart
+from dashboards.app.lineage import children_line, children_of, parent_line, with_parent
 from dashboards.app.reader import BusReader
 from dashboards.app.snapshot import RunSnapshot
 from dashboards.app.tables import (
     STATE_ICONS,
     age,
+    checkpoints_table,
     commands_table,
     eval_table,
     hyperparameters_table,
@@ -32,10 +34,10 @@ from dashboards.app.tables import (
 )
 from dashboards.app.tiles import run_tiles
 
-TABS = ["Training", "Evaluation", "Config", "Commands", "Notes"]
+TABS = ["Training", "Evaluation", "Checkpoints", "Config", "Commands", "Notes"]
 MARKERS_NOTE = (
     "Dashed rules: commands applied (blue), resumed attempts (green), audit flags (red), notes (orange), "
-    "non-finite values (purple)."
+    "non-finite values (purple), the step a fork starts from (brown)."
 )
 
 
@@ -65,6 +67,9 @@ def header(reader: BusReader, run_id: str) -> None:
     if run.tags:
         with st.container(key="run-tags"):
             st.text(f"tags: {tags_text(run.tags)}")
+    family = [parent_line(run), children_line(children_of(run_id, reader.overview().runs))]
+    for line in filter(None, family):
+        st.markdown(line)
     if run.max_steps:
         st.progress(min(1.0, run.step / run.max_steps), text=f"step {run.step} of {run.max_steps}")
     # a row that wraps rather than cut a value (st.metric ends one that does not fit with "…")
@@ -97,7 +102,12 @@ def training(reader: BusReader, run_id: str) -> None:
     snap = reader.run(run_id)
     if snap is None:
         return
-    _grid([(f"train-{name}", train_chart(snap, name)) for name in TRAIN_CHARTS])
+    charts = {name: train_chart(snap, name) for name in TRAIN_CHARTS}
+    fork = snap.summary.fork
+    parent = reader.run(fork.parent) if fork is not None else None
+    if fork is not None and parent is not None and st.session_state.get(f"parent-history-{run_id}"):
+        charts = {name: with_parent(chart, parent, name, fork.step) for name, chart in charts.items()}
+    _grid([(f"train-{name}", chart) for name, chart in charts.items()])
     st.caption(MARKERS_NOTE)
 
 
@@ -128,6 +138,24 @@ def evaluation(reader: BusReader, run_id: str) -> None:
             st.dataframe(per_label_table(point), hide_index=True, width="stretch")
     with st.expander("Every evaluation"):
         st.dataframe(eval_table(snap.evals), hide_index=True, width="stretch")
+
+
+@connection.live(connection.CHART_SECONDS)
+def checkpoint_list(reader: BusReader, run_id: str) -> None:
+    """The run's checkpoints with their verdicts (★ the best)."""
+    snap = reader.run(run_id)
+    if snap is not None and snap.checkpoints:
+        st.dataframe(checkpoints_table([snap]).drop(columns=["run"]), hide_index=True, width="stretch", key="run-checkpoints")  # fmt: skip
+    elif snap is not None:
+        st.info("No checkpoint yet: the trainer saves every `save_steps`, or press Save checkpoint.")
+
+
+def checkpoints(reader: BusReader, run_id: str) -> None:
+    """The checkpoints, and "Fork from here" (a form: it is not redrawn every second while it is filled in)."""
+    checkpoint_list(reader, run_id)
+    snap = reader.run(run_id)
+    if snap is not None:
+        fork_form.form(snap)
 
 
 @connection.live(connection.CHART_SECONDS)
@@ -172,6 +200,14 @@ def notes(reader: BusReader, run_id: str) -> None:
     _history(reader, run_id, notes_table, empty, "notes")
 
 
+def parent_toggle(reader: BusReader, run_id: str) -> None:
+    """A fork's charts may show its parent's history up to the fork step, greyed."""
+    snap = reader.run(run_id)
+    fork = snap.summary.fork if snap is not None else None
+    if fork is not None and reader.run(fork.parent) is not None:
+        st.checkbox(f"Show {fork.parent}'s history up to step {fork.step} (grey)", key=f"parent-history-{run_id}")
+
+
 def choose_run(reader: BusReader) -> str | None:
     """The run in ``?run=``, else the newest; a select box switches (and updates the URL)."""
     overview = reader.overview()
@@ -203,10 +239,15 @@ def render() -> None:
         return
     header(reader, run_id)
     control_panel.panel(reader, run_id)
-    parts = {"Training": training, "Evaluation": evaluation, "Config": config, "Commands": commands, "Notes": notes}
+    parts = {
+        "Training": training, "Evaluation": evaluation, "Checkpoints": checkpoints, "Config": config,
+        "Commands": commands, "Notes": notes,
+    }  # fmt: skip
     for tab, name in zip(st.tabs(TABS, key="tab", bind="query-params"), TABS, strict=True):
         if tab.open:
             with tab:
+                if name == "Training":
+                    parent_toggle(reader, run_id)
                 parts[name](reader, run_id)
 
 

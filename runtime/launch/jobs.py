@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from runtime.errors import NotFound, TrainbusError
+from runtime.publish.direct import event_id, publish_event
 from schemas import EVENTS_STREAM, event_subject
 from schemas.common import utc_now
 from schemas.jobs import JobRecord, JobSpec, JobState, JobStateName
@@ -52,7 +53,7 @@ def state_event(record: JobRecord) -> JobState:
     """The ``job.state`` event announcing ``record``'s current state (numbered by its transitions)."""
     spec = record.spec
     return JobState(
-        event_id=f"{spec.run_id}.launch.{spec.job_id}.{record.transitions}", run_id=spec.run_id,
+        event_id=event_id(spec.run_id, "launch", spec.job_id, record.transitions), run_id=spec.run_id,
         attempt=max(1, record.attempt), seq=record.transitions, source="launch", job_id=spec.job_id,
         state=record.state, agent=record.agent, gpus=record.gpus, slots=spec.slots, priority=spec.priority,
         restarts=record.restarts, reason=record.reason,
@@ -142,8 +143,4 @@ class JobStore:
 
     async def announce(self, record: JobRecord) -> None:
         """Publish the ``job.state`` event of ``record``'s current state (idempotent by event id)."""
-        event = state_event(record)
-        await self.js.publish(
-            event_subject(event.run_id, event.type), event.model_dump_json().encode(),
-            stream=EVENTS_STREAM, headers={"Nats-Msg-Id": event.event_id},
-        )  # fmt: skip
+        await publish_event(self.js, state_event(record))

@@ -18,9 +18,9 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from runtime.bus.jobs import Conflict, JobStore, moved
 from runtime.bus.stream import NO_JETSTREAM, auto_replicas, ensure_bucket, ensure_stream
 from runtime.errors import BusUnavailable
+from runtime.launch.jobs import Conflict, JobStore, moved
 from runtime.settings import StreamSettings
 from schemas.jobs import PRIORITIES, JobRecord, JobSpec
 from schemas.subjects import AGENTS_BUCKET, JOBS_BUCKET, QUEUE_PREFIX, QUEUE_STREAM, dispatch_consumer, queue_subject
