@@ -2,7 +2,8 @@
 
 The bus keeps its port across restarts (``runtime.bus.server``), is recorded in
 ``<state_dir>/bus.json`` for the other commands of the folder, and is provisioned as admin: the
-events stream and the checkpoint bucket, with 3 replicas on a cluster. With a roles config
+events stream, the checkpoint bucket, the launch queue (its stream, consumers, job and agent
+buckets) and the checkpoint files' object store, with 3 replicas on a cluster. With a roles config
 (``server.config_file=configs/nats/roles.conf``) each consumer runs under its own role, with the
 password from ``TRAINBUS_<ROLE>_PASSWORD``; ``up`` itself provisions as ``admin``
 (``TRAINBUS_ADMIN_PASSWORD``) unless ``NATS_USER``/``NATS_TOKEN``/… name someone else.
@@ -29,6 +30,8 @@ import nats.js.errors
 
 from runtime.bus.cluster import LocalCluster, start_cluster
 from runtime.bus.connect import BusTarget, Credentials, connect, split_urls
+from runtime.bus.objects import checkpoint_store
+from runtime.bus.queue import ensure_queue
 from runtime.bus.server import RunningServer, clear_state, read_state, start_server, write_state
 from runtime.bus.stream import ensure_bucket, ensure_stream
 from runtime.cli.args import add_cluster_arg, add_settings_args, settings_from
@@ -36,9 +39,15 @@ from runtime.errors import BusUnavailable, ConfigError, TrainbusError
 from runtime.settings import Settings
 from schemas.subjects import CHECKPOINTS_BUCKET
 
-SERVICE_ROLES = {"audit": "auditor", "exporter": "viewer", "predict": "predictor", "dashboard": "operator"}
-"""The role each service `up` starts runs as on a server with roles (the dashboard sends commands too);
-any other service: viewer (read-only)."""
+SERVICE_ROLES = {
+    "audit": "auditor",
+    "exporter": "viewer",
+    "predict": "predictor",
+    "dashboard": "operator",
+    "agent": "agent",
+}
+"""The role each service `up` starts runs as on a server with roles (the dashboard sends commands and
+submits jobs too; the agent's trainers connect as trainer); any other service: viewer (read-only)."""
 CREDENTIAL_VARIABLES = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY")
 READY_TIMEOUT = 30.0
 """Seconds a new cluster gets to elect its JetStream leader."""
@@ -134,7 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        replicas = asyncio.run(_provision(bus.url, settings, cluster=size > 0))
+        replicas = asyncio.run(provision(bus.url, settings, cluster=size > 0))
         _record(state_dir, bus)
         _announce(bus, replicas)
         if not args.no_services:
@@ -209,9 +218,10 @@ def _supervise(
         time.sleep(0.5)
 
 
-async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
-    """Create the stream and the checkpoint bucket as admin; returns their replicas (3 on a cluster
-    unless ``stream.replicas`` says otherwise: its size is known here, not guessed from INFO)."""
+async def provision(url: str, settings: Settings, *, cluster: bool) -> int:
+    """Create, as admin, what the other users may only use: the events stream, the checkpoint
+    bucket, the launch queue and the checkpoint files' object store; returns their replicas (3 on a
+    cluster unless ``stream.replicas`` says otherwise: its size is known here, not guessed from INFO)."""
     replicas = settings.stream.replicas or (3 if cluster else 1)
     limits = settings.stream.model_copy(update={"replicas": replicas})
     nc = await connect(
@@ -235,6 +245,8 @@ async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
                     history=5,
                     description="checkpoints the trainbus audit gate approved",
                 )
+                await ensure_queue(js, limits)
+                await checkpoint_store(js, limits.objects_max_bytes, replicas)
                 return replicas
             except BusUnavailable:
                 # a node that has not joined yet makes R3 "insufficient resources"; a restarted
