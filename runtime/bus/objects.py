@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.object_store import ObjectStore
 
-from runtime.bus.stream import auto_replicas
+from runtime.bus.stream import PROVISION, auto_replicas
 from runtime.checkpoints import fingerprint
 from runtime.errors import BusUnavailable, ConfigError, NotFound
 from schemas.subjects import CHECKPOINT_FILES_BUCKET
@@ -72,7 +72,7 @@ async def checkpoint_store(js: JetStreamContext, max_bytes: int, replicas: int |
     except (TimeoutError, nats.errors.TimeoutError):  # the server drops a create this user may not send
         raise BusUnavailable(
             f"{CHECKPOINT_FILES_BUCKET} does not exist and JetStream did not answer creating it: this user may not "
-            "create it; `trainbus up` provisions it as admin"
+            f"create it; {PROVISION}"
         ) from None
 
 

@@ -7,8 +7,8 @@ progress acknowledgement every few seconds; when the agent dies the acknowledgem
 (``LEASE_SECONDS``) passes and JetStream hands the job to another agent. One durable pull consumer
 per priority (``dispatch-high``, ``-normal``, ``-low``) is shared by every agent.
 
-`trainbus up` creates all of it, as admin; on a bus with roles every other user only looks
-(``ensure_queue``) and uses what its role allows (configs/nats/roles.conf).
+`trainbus up` (or `trainbus provision`) creates all of it, as admin; on a bus with roles every
+other user only looks (``ensure_queue``) and uses what its role allows (configs/nats/roles.conf).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from runtime.bus.jobs import Conflict, JobStore, moved
-from runtime.bus.stream import NO_JETSTREAM, auto_replicas, creation_refused, ensure_stream
+from runtime.bus.stream import NO_JETSTREAM, PROVISION, auto_replicas, creation_refused, ensure_stream
 from runtime.errors import BusUnavailable
 from runtime.settings import StreamSettings
 from schemas.jobs import PRIORITIES, JobRecord, JobSpec
@@ -101,8 +101,9 @@ async def ensure_queue(js: JetStreamContext, limits: StreamSettings) -> None:
     events go to, created where missing (idempotent).
 
     When everything exists it only looks (stream and consumer info), which every role that uses
-    the queue may do. Creating is for whoever provisions the bus (`trainbus up`, as admin): a user
-    the server does not let create them is told in one line what is missing.
+    the queue may do. Creating is for whoever provisions the bus (`trainbus up` or `trainbus
+    provision`, as admin): a user the server does not let create them is told in one line what is
+    missing.
     """
     await ensure_stream(js, limits)
     missing = await _missing(js)
@@ -116,8 +117,7 @@ async def ensure_queue(js: JetStreamContext, limits: StreamSettings) -> None:
             # a create this user may not send is dropped by the server: no answer comes
             raise BusUnavailable(
                 f"the launch queue is not provisioned ({', '.join(p.name for p in missing)} missing) and JetStream "
-                f"did not answer creating the {part.name}: this user may not create it; `trainbus up` provisions it "
-                "as admin"
+                f"did not answer creating the {part.name}: this user may not create it; {PROVISION}"
             ) from None
         except nats.js.errors.APIError as exc:
             raise creation_refused(part.name, replicas, exc) from None

@@ -43,6 +43,9 @@ from schemas import (
 from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
 
 NS = 1_000_000_000
+PROVISION = "`trainbus up` provisions its bus as admin, `trainbus provision` (as admin) a bus you run yourself"
+"""Who creates what a user may not: said after a create that got no answer (the server drops a
+request its user may not send)."""
 NO_JETSTREAM = (
     "JetStream is not enabled on this NATS server: start nats-server with -js (or a jetstream {} block), "
     "or use `trainbus up`"
@@ -130,7 +133,7 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         except (TimeoutError, nats.errors.TimeoutError):  # the server drops a create this user may not send
             raise BusUnavailable(
                 f"{EVENTS_STREAM} does not exist and JetStream did not answer creating it: this user may not "
-                "create it; `trainbus up` provisions it as admin"
+                f"create it; {PROVISION}"
             ) from None
         log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes, replicas=replicas)
         return "created"
