@@ -19,7 +19,7 @@ from runtime.bus.stream import ensure_stream
 from runtime.settings import BusSettings, ServerSettings, Settings
 
 REPO = Path(__file__).resolve().parents[1]
-ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "admin")
+ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "agent", "admin")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

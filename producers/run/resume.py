@@ -28,7 +28,7 @@ import nats.js.errors
 
 from producers.config import RunConfig
 from runtime.bus.connect import bus_target, connected
-from runtime.bus.objects import checkpoint_store, fetch
+from runtime.bus.objects import existing_store, fetch
 from runtime.bus.stream import replay
 from runtime.checkpoints import changed_since_announced, checkpoint_folders
 from runtime.errors import BusUnavailable, ConfigError, NotFound
@@ -94,7 +94,7 @@ def fetcher(cfg: RunConfig) -> Callable[[Checkpoint, Path], None]:
     async def get(event: Checkpoint, dest: Path) -> None:
         with bus_target(cfg, announce=False) as target:
             async with connected(target, cfg, name="trainbus-resume-fetch") as nc:
-                obs = await checkpoint_store(nc.jetstream(), cfg.stream.objects_max_bytes, cfg.stream.replicas)
+                obs = await existing_store(nc.jetstream())
                 await fetch(obs, event.run_id, event.step, event.sha256, dest)
 
     def fetch_one(event: Checkpoint, dest: Path) -> None:

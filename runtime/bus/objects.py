@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.object_store import ObjectStore
 
-from runtime.bus.stream import auto_replicas
+from runtime.bus.stream import PROVISION, auto_replicas
 from runtime.checkpoints import fingerprint
 from runtime.errors import BusUnavailable, ConfigError, NotFound
 from schemas.subjects import CHECKPOINT_FILES_BUCKET
@@ -50,7 +50,10 @@ def object_name(run_id: str, step: int) -> str:
 
 
 async def checkpoint_store(js: JetStreamContext, max_bytes: int, replicas: int | None = None) -> ObjectStore:
-    """The bucket, created when missing (its size limit is set once, when it is made)."""
+    """The bucket, created when missing (its size limit is set once, when it is made).
+
+    `trainbus up` creates it as admin; on a bus with roles a trainer only looks, and a user the
+    server does not let create it is told so in one line."""
     try:
         return await js.object_store(CHECKPOINT_FILES_BUCKET)
     except nats.js.errors.BucketNotFoundError:
@@ -66,6 +69,19 @@ async def checkpoint_store(js: JetStreamContext, max_bytes: int, replicas: int |
             f"JetStream refused to create {CHECKPOINT_FILES_BUCKET} ({max_bytes:,} bytes): {exc.description}; "
             "stream.objects_max_bytes sets its size (the server's max_file_bytes must hold it beside the stream)"
         ) from None
+    except (TimeoutError, nats.errors.TimeoutError):  # the server drops a create this user may not send
+        raise BusUnavailable(
+            f"{CHECKPOINT_FILES_BUCKET} does not exist and JetStream did not answer creating it: this user may not "
+            f"create it; {PROVISION}"
+        ) from None
+
+
+async def existing_store(js: JetStreamContext) -> ObjectStore:
+    """The bucket, to fetch from (never created: an empty one would hold nothing to fetch)."""
+    try:
+        return await js.object_store(CHECKPOINT_FILES_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        raise NotFound(f"the bus holds no checkpoint files: it has no {CHECKPOINT_FILES_BUCKET} bucket") from None
 
 
 async def stored(obs: ObjectStore, run_id: str, step: int) -> Stored | None:

@@ -44,6 +44,9 @@ from schemas import (
 from schemas.subjects import EVENTS_PREFIX, run_events, run_id_of
 
 NS = 1_000_000_000
+PROVISION = "`trainbus up` provisions its bus as admin, `trainbus provision` (as admin) a bus you run yourself"
+"""Who creates what a user may not: said after a create that got no answer (the server drops a
+request its user may not send)."""
 NO_JETSTREAM = (
     "JetStream is not enabled on this NATS server: start nats-server with -js (or a jetstream {} block), "
     "or use `trainbus up`"
@@ -100,7 +103,8 @@ def _differences(have: api.StreamConfig, want: api.StreamConfig) -> dict[str, tu
     return out
 
 
-def _creation_refused(name: str, replicas: int, exc: nats.js.errors.APIError) -> BusUnavailable:
+def creation_refused(name: str, replicas: int, exc: nats.js.errors.APIError) -> BusUnavailable:
+    """What to say when JetStream answered a create of ``name`` with an error."""
     hint = (
         f"; {replicas} replicas need {replicas} JetStream servers up (stream.replicas sets how many)"
         if replicas > 1
@@ -126,7 +130,12 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         try:
             await js.add_stream(config=want)
         except nats.js.errors.APIError as exc:
-            raise _creation_refused(EVENTS_STREAM, replicas, exc) from None
+            raise creation_refused(EVENTS_STREAM, replicas, exc) from None
+        except (TimeoutError, nats.errors.TimeoutError):  # the server drops a create this user may not send
+            raise BusUnavailable(
+                f"{EVENTS_STREAM} does not exist and JetStream did not answer creating it: this user may not "
+                f"create it; {PROVISION}"
+            ) from None
         log.info("stream created", max_age_days=limits.max_age_days, max_bytes=limits.max_bytes, replicas=replicas)
         return "created"
     except nats.js.errors.ServiceUnavailableError:
@@ -142,11 +151,13 @@ async def ensure_stream(js: JetStreamContext, limits: StreamSettings) -> str:
         return "unchanged"
     try:
         await js.update_stream(config=want)
-    except nats.js.errors.APIError as exc:
+    except (nats.js.errors.APIError, TimeoutError, nats.errors.TimeoutError) as exc:
+        # no answer: the server dropped an update this user may not send (only `up` provisions)
+        said = exc.description if isinstance(exc, nats.js.errors.APIError) else "no answer (may this user update it?)"
         log.warning(
             "stream exists with other limits; keeping them",
             differences={k: {"have": v[0], "want": v[1]} for k, v in diff.items()},
-            server_said=exc.description,
+            server_said=said,
         )
         return "kept"
     log.info("stream limits updated", changed=sorted(diff))
@@ -161,7 +172,7 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int, *, histo
         try:
             return await js.create_key_value(bucket=name, history=history, replicas=replicas, description=description)
         except nats.js.errors.APIError as exc:
-            raise _creation_refused(f"the key-value bucket {name}", replicas, exc) from None
+            raise creation_refused(f"the key-value bucket {name}", replicas, exc) from None
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable(NO_JETSTREAM) from None
     except (TimeoutError, nats.errors.TimeoutError):  # e.g. a restarted cluster still electing the bucket's leader

@@ -116,7 +116,10 @@ async def _read(target: BusTarget, settings: Settings) -> tuple[list[JobRecord],
 
 async def live_agents(js: Any) -> list[AgentStatus]:
     """Every agent whose heartbeat has not expired."""
-    kv = await agents_bucket(js)
+    try:
+        kv = await agents_bucket(js)
+    except nats.js.errors.BucketNotFoundError:  # no agent has run on this bus yet
+        return []
     try:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:

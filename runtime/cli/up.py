@@ -2,7 +2,8 @@
 
 The bus keeps its port across restarts (``runtime.bus.server``), is recorded in
 ``<state_dir>/bus.json`` for the other commands of the folder, and is provisioned as admin: the
-events stream and the checkpoint bucket, with 3 replicas on a cluster. With a roles config
+events stream, the checkpoint bucket, the launch queue (its stream, consumers, job and agent
+buckets) and the checkpoint files' object store, with 3 replicas on a cluster. With a roles config
 (``server.config_file=configs/nats/roles.conf``) each consumer runs under its own role, with the
 password from ``TRAINBUS_<ROLE>_PASSWORD``; ``up`` itself provisions as ``admin``
 (``TRAINBUS_ADMIN_PASSWORD``) unless ``NATS_USER``/``NATS_TOKEN``/… name someone else.
@@ -28,17 +29,25 @@ import nats.errors
 import nats.js.errors
 
 from runtime.bus.cluster import LocalCluster, start_cluster
-from runtime.bus.connect import BusTarget, Credentials, connect, split_urls
+from runtime.bus.connect import BusTarget, Credentials, connect, resolve_target, split_urls
+from runtime.bus.objects import checkpoint_store
 from runtime.bus.server import RunningServer, clear_state, read_state, start_server, write_state
-from runtime.bus.stream import ensure_bucket, ensure_stream
+from runtime.bus.stream import auto_replicas, cluster_size, ensure_bucket, ensure_stream
 from runtime.cli.args import add_cluster_arg, add_settings_args, settings_from
 from runtime.errors import BusUnavailable, ConfigError, TrainbusError
-from runtime.settings import Settings
+from runtime.launch.queue import ensure_queue
+from runtime.settings import Settings, StreamSettings
 from schemas.subjects import CHECKPOINTS_BUCKET
 
-SERVICE_ROLES = {"audit": "auditor", "exporter": "viewer", "predict": "predictor", "dashboard": "operator"}
-"""The role each service `up` starts runs as on a server with roles (the dashboard sends commands too);
-any other service: viewer (read-only)."""
+SERVICE_ROLES = {
+    "audit": "auditor",
+    "exporter": "viewer",
+    "predict": "predictor",
+    "dashboard": "operator",
+    "agent": "agent",
+}
+"""The role each service `up` starts runs as on a server with roles (the dashboard sends commands and
+submits jobs too; the agent's trainers connect as trainer); any other service: viewer (read-only)."""
 CREDENTIAL_VARIABLES = ("NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY")
 READY_TIMEOUT = 30.0
 """Seconds a new cluster gets to elect its JetStream leader."""
@@ -64,6 +73,26 @@ def register_nats(sub: Any) -> None:
     add_settings_args(p)
     add_cluster_arg(p)
     p.set_defaults(func=cmd_up, no_services=True, service_args=[])
+
+
+def register_provision(sub: Any) -> None:
+    help = "as admin, create the streams and buckets on a bus you run yourself (up does it for its own)"
+    p = sub.add_parser("provision", help=help)
+    add_settings_args(p)
+    p.set_defaults(func=cmd_provision)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """What `up` creates, on the bus ``NATS_URL`` (or ``bus.url``, or the folder's bus) names; never
+    starts a server (one that stops with the command would keep nothing)."""
+    settings = settings_from(args)
+    target = resolve_target(settings, announce=False, start=False)
+    replicas = asyncio.run(provision(target, settings))
+    print(
+        f"trainbus: provisioned {target.display}: the events stream, the checkpoint bucket, the launch queue and "
+        f"the checkpoint files, with {replicas} replica{'s' if replicas > 1 else ''}"
+    )
+    return 0
 
 
 def service_commands() -> dict[str, list[str]]:
@@ -134,7 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        replicas = asyncio.run(_provision(bus.url, settings, cluster=size > 0))
+        replicas = asyncio.run(provision(BusTarget(split_urls(bus.url), "trainbus up"), settings, cluster=size > 0))
         _record(state_dir, bus)
         _announce(bus, replicas)
         if not args.no_services:
@@ -209,32 +238,25 @@ def _supervise(
         time.sleep(0.5)
 
 
-async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
-    """Create the stream and the checkpoint bucket as admin; returns their replicas (3 on a cluster
-    unless ``stream.replicas`` says otherwise: its size is known here, not guessed from INFO)."""
-    replicas = settings.stream.replicas or (3 if cluster else 1)
-    limits = settings.stream.model_copy(update={"replicas": replicas})
-    nc = await connect(
-        BusTarget(split_urls(url), "trainbus up"),
-        settings,
-        name="trainbus-up",
-        credentials=admin_credentials(os.environ),
-    )
+async def provision(target: BusTarget, settings: Settings, *, cluster: bool | None = None) -> int:
+    """Create, as admin, what the other users may only use: the events stream, the checkpoint
+    bucket, the launch queue and the checkpoint files' object store; returns their replicas (3 on a
+    cluster unless ``stream.replicas`` says otherwise). ``cluster``: whether `up` started a cluster
+    (its size is known, not guessed from INFO); None for a bus `up` did not start, whose INFO says."""
+    nc = await connect(target, settings, name="trainbus-up", credentials=admin_credentials(os.environ))
     try:
+        if cluster is None:
+            cluster = cluster_size(nc) > 1
+            replicas = settings.stream.replicas or auto_replicas(nc, None)
+        else:
+            replicas = settings.stream.replicas or (3 if cluster else 1)
         js = nc.jetstream(timeout=2.0)
         if cluster:
             await _jetstream_ready(js)
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
-                await ensure_stream(js, limits)
-                await ensure_bucket(
-                    js,
-                    CHECKPOINTS_BUCKET,
-                    replicas,
-                    history=5,
-                    description="checkpoints the trainbus audit gate approved",
-                )
+                await _create(js, settings.stream.model_copy(update={"replicas": replicas}))
                 return replicas
             except BusUnavailable:
                 # a node that has not joined yet makes R3 "insufficient resources"; a restarted
@@ -244,6 +266,15 @@ async def _provision(url: str, settings: Settings, *, cluster: bool) -> int:
                 await asyncio.sleep(0.5)
     finally:
         await nc.close()
+
+
+async def _create(js: nats.js.JetStreamContext, limits: StreamSettings) -> None:
+    """Each stream and bucket where missing, with ``limits.replicas``."""
+    replicas = limits.replicas or 1
+    await ensure_stream(js, limits)
+    await ensure_bucket(js, CHECKPOINTS_BUCKET, replicas, history=5, description="checkpoints the trainbus audit gate approved")  # fmt: skip
+    await ensure_queue(js, limits)
+    await checkpoint_store(js, limits.objects_max_bytes, replicas)
 
 
 async def _jetstream_ready(js: nats.js.JetStreamContext) -> None:

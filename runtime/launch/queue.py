@@ -6,11 +6,16 @@ acknowledges it at the end. An agent holds the message while the run trains and 
 progress acknowledgement every few seconds; when the agent dies the acknowledgement deadline
 (``LEASE_SECONDS``) passes and JetStream hands the job to another agent. One durable pull consumer
 per priority (``dispatch-high``, ``-normal``, ``-low``) is shared by every agent.
+
+`trainbus up` (or `trainbus provision`) creates all of it, as admin; on a bus with roles every
+other user only looks (``ensure_queue``) and uses what its role allows (configs/nats/roles.conf).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import nats.errors
@@ -18,7 +23,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
-from runtime.bus.stream import NO_JETSTREAM, auto_replicas, ensure_bucket, ensure_stream
+from runtime.bus.stream import NO_JETSTREAM, PROVISION, auto_replicas, creation_refused, ensure_stream
 from runtime.errors import BusUnavailable
 from runtime.launch.jobs import Conflict, JobStore, moved
 from runtime.settings import StreamSettings
@@ -58,39 +63,86 @@ def dispatch_config(priority: str) -> api.ConsumerConfig:
     )
 
 
+@dataclass(frozen=True)
+class Part:
+    """One piece of the launch queue: how to see that it exists, and how to create it."""
+
+    name: str
+    look: Callable[[JetStreamContext], Awaitable[object]]
+    make: Callable[[JetStreamContext, int], Awaitable[object]]
+
+
+def queue_parts() -> list[Part]:
+    """What the launch queue is made of, in the order it is created (the stream before its consumers)."""
+
+    def consumer(priority: str) -> Part:
+        name = dispatch_consumer(priority)
+        return Part(
+            f"consumer {name}",
+            lambda js: js.consumer_info(QUEUE_STREAM, name),
+            lambda js, _: js.add_consumer(QUEUE_STREAM, config=dispatch_config(priority)),
+        )
+
+    return [
+        Part(f"stream {QUEUE_STREAM}", lambda js: js.stream_info(QUEUE_STREAM),
+             lambda js, n: js.add_stream(config=queue_config(n))),
+        *(consumer(priority) for priority in PRIORITIES),
+        Part(f"bucket {JOBS_BUCKET}", lambda js: js.key_value(JOBS_BUCKET),
+             lambda js, n: js.create_key_value(bucket=JOBS_BUCKET, history=16, replicas=n,
+                                               description="trainbus jobs: one record per job")),
+        Part(f"bucket {AGENTS_BUCKET}", lambda js: js.key_value(AGENTS_BUCKET),
+             lambda js, n: js.create_key_value(bucket=AGENTS_BUCKET, history=1, ttl=AGENT_TTL_SECONDS, replicas=n,
+                                               description="trainbus agents: one heartbeat per live agent")),
+    ]  # fmt: skip
+
+
 async def ensure_queue(js: JetStreamContext, limits: StreamSettings) -> None:
-    """Create the queue stream, its consumers and both buckets where missing (idempotent), and the
-    events stream the jobs' ``job.state`` events go to."""
+    """The launch queue (stream, consumers, both buckets) and the events stream its ``job.state``
+    events go to, created where missing (idempotent).
+
+    When everything exists it only looks (stream and consumer info), which every role that uses
+    the queue may do. Creating is for whoever provisions the bus (`trainbus up` or `trainbus
+    provision`, as admin): a user the server does not let create them is told in one line what is
+    missing.
+    """
     await ensure_stream(js, limits)
-    n = auto_replicas(js._nc, limits.replicas)  # the JetStream context's own connection
-    try:
+    missing = await _missing(js)
+    if not missing:
+        return
+    replicas = auto_replicas(js._nc, limits.replicas)  # the JetStream context's own connection
+    for part in missing:
         try:
-            await js.stream_info(QUEUE_STREAM)
+            await part.make(js, replicas)
+        except (TimeoutError, nats.errors.TimeoutError):
+            # a create this user may not send is dropped by the server: no answer comes
+            raise BusUnavailable(
+                f"the launch queue is not provisioned ({', '.join(p.name for p in missing)} missing) and JetStream "
+                f"did not answer creating the {part.name}: this user may not create it; {PROVISION}"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise creation_refused(part.name, replicas, exc) from None
+
+
+async def _missing(js: JetStreamContext) -> list[Part]:
+    """The parts of the queue that do not exist (a consumer of a missing stream is missing too)."""
+    missing = []
+    for part in queue_parts():
+        try:
+            await part.look(js)
         except nats.js.errors.NotFoundError:
-            await js.add_stream(config=queue_config(n))
-        for priority in PRIORITIES:
-            await js.add_consumer(QUEUE_STREAM, config=dispatch_config(priority))
-    except nats.js.errors.ServiceUnavailableError:
-        raise BusUnavailable(NO_JETSTREAM) from None
-    except (TimeoutError, nats.errors.TimeoutError):
-        raise BusUnavailable(f"no answer from JetStream for the launch queue {QUEUE_STREAM}") from None
-    except nats.js.errors.APIError as exc:
-        raise BusUnavailable(
-            f"JetStream refused to create the launch queue {QUEUE_STREAM}: {exc.description}"
-        ) from None
-    await ensure_bucket(js, JOBS_BUCKET, n, history=16, description="trainbus jobs: one record per job")
-    await agents_bucket(js, n)
+            missing.append(part)
+        except nats.js.errors.ServiceUnavailableError:
+            raise BusUnavailable(NO_JETSTREAM) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise BusUnavailable(
+                f"no answer from JetStream for the launch queue's {part.name}: may this user read the queue?"
+            ) from None
+    return missing
 
 
-async def agents_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
-    """The agents' heartbeats; an entry older than ``AGENT_TTL_SECONDS`` expires."""
-    try:
-        return await js.key_value(AGENTS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(
-            bucket=AGENTS_BUCKET, history=1, ttl=AGENT_TTL_SECONDS, replicas=replicas,
-            description="trainbus agents: one heartbeat per live agent",
-        )  # fmt: skip
+async def agents_bucket(js: JetStreamContext) -> KeyValue:
+    """The agents' heartbeats (``ensure_queue`` creates it); an entry older than ``AGENT_TTL_SECONDS`` expires."""
+    return await js.key_value(AGENTS_BUCKET)
 
 
 async def enqueue(js: JetStreamContext, spec: JobSpec) -> JobRecord:

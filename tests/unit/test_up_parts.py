@@ -12,6 +12,7 @@ from runtime.bus.server import included_config
 from runtime.cli.up import admin_credentials, service_env, with_extra_args
 from runtime.errors import ConfigError
 from runtime.settings import ServerSettings
+from tests.conftest import ROLE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,8 +57,8 @@ def test_service_args_append_to_the_named_service_and_name_the_services_when_wro
 def test_a_roles_file_whose_passwords_are_not_exported_is_named_before_the_server_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for role in ("TRAINER", "AUDITOR", "OPERATOR", "VIEWER", "PREDICTOR", "ADMIN"):
-        monkeypatch.setenv(f"TRAINBUS_{role}_PASSWORD", "x")
+    for role in ROLE_NAMES:
+        monkeypatch.setenv(f"TRAINBUS_{role.upper()}_PASSWORD", "x")
     roles = str(REPO / "configs/nats/roles.conf")
     assert "authorization" in included_config(ServerSettings(config_file=roles))
     monkeypatch.delenv("TRAINBUS_ADMIN_PASSWORD")
@@ -74,8 +75,8 @@ def test_a_roles_file_whose_passwords_are_not_exported_is_named_before_the_serve
 def test_a_password_nats_server_would_read_as_a_number_is_refused_by_name(
     value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for role in ("TRAINER", "AUDITOR", "OPERATOR", "VIEWER", "PREDICTOR", "ADMIN"):
-        monkeypatch.setenv(f"TRAINBUS_{role}_PASSWORD", "a1b2c3d4e5")  # letters and digits: a string
+    for role in ROLE_NAMES:
+        monkeypatch.setenv(f"TRAINBUS_{role.upper()}_PASSWORD", "a1b2c3d4e5")  # letters and digits: a string
     roles = str(REPO / "configs/nats/roles.conf")
     monkeypatch.setenv("TRAINBUS_PREDICTOR_PASSWORD", value)
     with pytest.raises(ConfigError) as info:
