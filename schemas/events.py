@@ -13,17 +13,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas.common import (
     SCHEMA_VERSION,
-    SWEEP_NAME_PATTERN,
     Envelope,
     JsonDict,
     MetricFloat,
     Model,
     NonNegativeFinite,
     ShortText,
+    SweepTag,
 )
 from schemas.jobs import JobState, LaunchTag
 from schemas.predict import MetadataSeen, PredictorLoaded
@@ -45,14 +45,6 @@ class Hyperparameters(Model):
     eval_steps: Annotated[int, Field(ge=1)] | None = None
     save_steps: Annotated[int, Field(ge=1)] | None = None
     logging_steps: Annotated[int, Field(ge=1)] = 1
-
-
-class SweepTag(Model):
-    """The sweep a run is a trial of (``trainbus sweep``), so any consumer can group its runs."""
-
-    name: Annotated[str, StringConstraints(pattern=SWEEP_NAME_PATTERN)]
-    trial: Annotated[int, Field(ge=0)]
-    """The Optuna trial number: the run id is ``<name>-t<trial>``."""
 
 
 class RunStarted(Envelope):

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from runtime.bus.connect import BusTarget, bus_target, issuer
-from runtime.bus.queue import enqueue, ensure_queue
+from runtime.bus.queue import enqueue, ensure_queue, new_job_id
 from runtime.bus.stream import jetstream
 from runtime.cli.args import key_values
 from runtime.errors import BusUnavailable, ConfigError
@@ -59,7 +58,7 @@ def build_spec(args: argparse.Namespace) -> tuple[JobSpec, Settings]:
     try:
         check_run_id(run_id)
         spec = JobSpec(
-            job_id=f"j-{uuid.uuid4().hex[:10]}", run_id=run_id, config_name=args.config,
+            job_id=new_job_id(), run_id=run_id, config_name=args.config,
             config_yaml=Path(path).read_text(), overrides=list(args.overrides), slots=args.slots,
             priority=args.priority, max_restarts=args.max_restarts, requires=key_values(args.requires, "--on", "gpu=a100"),
             submitted_by=issuer(),

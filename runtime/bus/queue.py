@@ -11,6 +11,7 @@ per priority (``dispatch-high``, ``-normal``, ``-low``) is shared by every agent
 from __future__ import annotations
 
 import contextlib
+import uuid
 from typing import Literal
 
 import nats.errors
@@ -91,6 +92,11 @@ async def agents_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
             bucket=AGENTS_BUCKET, history=1, ttl=AGENT_TTL_SECONDS, replicas=replicas,
             description="trainbus agents: one heartbeat per live agent",
         )  # fmt: skip
+
+
+def new_job_id() -> str:
+    """A fresh job id (``j-`` and ten hex digits)."""
+    return f"j-{uuid.uuid4().hex[:10]}"
 
 
 async def enqueue(js: JetStreamContext, spec: JobSpec) -> JobRecord:
