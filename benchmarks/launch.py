@@ -53,6 +53,7 @@ from runtime.bus.server import start_server
 from runtime.errors import ConfigError, TrainbusError
 from runtime.logs import setup_logging
 from runtime.settings import ServerSettings, Settings, load_config, packaged
+from schemas import Event, JobState
 from schemas.jobs import JobSpec
 
 PARTS = ("start", "dispatch", "failover")
@@ -246,11 +247,19 @@ async def failover_part(lab: Lab, nc: Any, arrivals: Arrivals, args: argparse.Na
     command = build_command("stop", run_id, issued_by="bench-launch", reason="measured", save=False)
     await send_command(nc, command)
     await arrivals.wait(run_id, "run.finished", attempt=2)
-    lost, twice = lost_and_twice([e for e, _ in await stored(nc, run_id)])
+    lost, twice = _lost_and_twice([e for e, _ in await stored(nc, run_id)])
     for name in list(lab.agents):
         lab.stop_agent(name)
     return {"holder": holder, "reached": reached, "resumed": arrivals.resumed_from.get(run_id), "marks": marks,
             "lost": lost, "twice": twice}  # fmt: skip
+
+
+def _lost_and_twice(events: list[Event]) -> tuple[int, int]:
+    """``lost_and_twice`` of the trainers' events (numbered per attempt), plus the gaps in the job's
+    ``job.state`` events, which are numbered per job across its attempts."""
+    jobs = sorted(e.seq for e in events if isinstance(e, JobState))
+    lost, twice = lost_and_twice([e for e in events if not isinstance(e, JobState)])
+    return lost + (jobs[-1] - len(set(jobs)) if jobs else 0), twice + len(jobs) - len(set(jobs))
 
 
 async def _holder(lab: Lab, nc: Any, job_id: str) -> str:
