@@ -99,3 +99,12 @@ class Envelope(Model):
 
 
 JsonDict = dict[str, Any]
+
+
+class SweepTag(Model):
+    """The sweep a run is a trial of (``trainbus sweep``), so any consumer can group its runs; in
+    ``run.started`` and in a queued trial's job."""
+
+    name: Annotated[str, StringConstraints(pattern=SWEEP_NAME_PATTERN)]
+    trial: Annotated[int, Field(ge=0)]
+    """The Optuna trial number: the run id is ``<name>-t<trial>``."""

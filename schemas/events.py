@@ -18,7 +18,6 @@ from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 from schemas.common import (
     RUN_ID_PATTERN,
     SCHEMA_VERSION,
-    SWEEP_NAME_PATTERN,
     Envelope,
     JsonDict,
     MetricFloat,
@@ -26,6 +25,7 @@ from schemas.common import (
     NonNegativeFinite,
     RunId,
     ShortText,
+    SweepTag,
 )
 from schemas.jobs import JobState, LaunchTag
 from schemas.predict import MetadataSeen, PredictorLoaded
@@ -47,14 +47,6 @@ class Hyperparameters(Model):
     eval_steps: Annotated[int, Field(ge=1)] | None = None
     save_steps: Annotated[int, Field(ge=1)] | None = None
     logging_steps: Annotated[int, Field(ge=1)] = 1
-
-
-class SweepTag(Model):
-    """The sweep a run is a trial of (``trainbus sweep``), so any consumer can group its runs."""
-
-    name: Annotated[str, StringConstraints(pattern=SWEEP_NAME_PATTERN)]
-    trial: Annotated[int, Field(ge=0)]
-    """The Optuna trial number: the run id is ``<name>-t<trial>``."""
 
 
 class ForkTag(Model):

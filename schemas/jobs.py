@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, Field, StringConstraints
 
-from schemas.common import Envelope, Model, RunId, ShortText, utc_now
+from schemas.common import Envelope, Model, RunId, ShortText, SweepTag, utc_now
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -56,6 +56,8 @@ class JobSpec(Model):
     """With ``fork``: fork a checkpoint the audit gate rejected."""
     group: str | None = None
     """The group of runs submitted together with ``--seeds N`` (the first one's run id)."""
+    sweep: SweepTag | None = None
+    """The sweep trial this run is (`trainbus sweep --queue`): its ``run.started`` says so, every attempt."""
     submitted_by: str = ""
     submitted_at: AwareDatetime = Field(default_factory=utc_now)
 
@@ -74,6 +76,8 @@ class JobRecord(Model):
     restarts: Annotated[int, Field(ge=0)] = 0
     """Times its agent was lost and another took it over."""
     reason: ShortText = ""
+    exit_code: int | None = None
+    """How its last trainer exited (negative: killed by that signal; 2: it refused its config)."""
     queue_seq: int | None = None
     """The dispatch message's sequence in the queue stream (``trainbus cancel`` deletes it)."""
     cancel: Literal["save", "no-save"] | None = None
@@ -101,6 +105,8 @@ class JobState(Envelope):
     priority: Priority = "normal"
     restarts: Annotated[int, Field(ge=0)] = 0
     reason: ShortText = ""
+    exit_code: int | None = None
+    """How the job's last trainer exited, in a final state an agent recorded (2: it refused its config)."""
 
 
 class LaunchTag(Model):

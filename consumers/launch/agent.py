@@ -273,7 +273,7 @@ class Agent:
             record = None
         if record is not None and record.agent == self.o.agent_id and not record.final:
             state, reason = await self._outcome(job, record, code)
-            await self.store.change(job_id, lambda r: moved(r, state, reason=reason))
+            await self.store.change(job_id, lambda r: moved(r, state, reason=reason, exit_code=code))
             await (job.msg.nak() if state == "requeued" else job.msg.ack())
             self.log.info("job ended", job=job_id, state=state, reason=reason)
         else:

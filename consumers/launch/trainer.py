@@ -3,10 +3,11 @@ its exit means for the job.
 
 A job runs ``trainbus train CONFIG --run-id RUN`` the first time and ``trainbus train --resume
 RUN`` when it starts again after a lost agent or a requeue (the next attempt, from the latest
-checkpoint). With more than one slot it runs under ``torchrun --nproc_per_node N``. The trainer
-sees only the job's GPUs (``CUDA_VISIBLE_DEVICES``), a share of the machine's cores on CPU slots,
-the bus its agent uses, the ``trainer`` role's credentials when ``TRAINBUS_TRAINER_PASSWORD`` is
-set, and ``TRAINBUS_JOB``/``TRAINBUS_AGENT``, by which it knows whose lease it trains under.
+checkpoint); a sweep's trial adds ``--sweep NAME --trial K`` to both. With more than one slot it
+runs under ``torchrun --nproc_per_node N``. The trainer sees only the job's GPUs
+(``CUDA_VISIBLE_DEVICES``), a share of the machine's cores on CPU slots, the bus its agent uses,
+the ``trainer`` role's credentials when ``TRAINBUS_TRAINER_PASSWORD`` is set, and
+``TRAINBUS_JOB``/``TRAINBUS_AGENT``, by which it knows whose lease it trains under.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def train_argv(spec: JobSpec, config_file: Path, *, resume: bool) -> list[str]:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         head = [torchrun, "--standalone", "--nproc_per_node", str(spec.slots), "-m", "runtime.cli"]
     argv = [*head, "train", *_start(spec, config_file, resume=resume)]
+    if spec.sweep is not None:  # every attempt of a trial says which trial it is
+        argv += ["--sweep", spec.sweep.name, "--trial", str(spec.sweep.trial)]
     for item in spec.overrides:
         argv += ["--set", item]
     return argv

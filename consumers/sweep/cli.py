@@ -1,7 +1,11 @@
 """`trainbus sweep` (the driver) and `trainbus sweep show NAME` (every trial of a sweep).
 
 trainbus sweep configs/tiny.yaml --space configs/sweeps/tiny.yaml --trials 8 --parallel 2 --name lr-r
+trainbus sweep configs/tiny.yaml --space configs/sweeps/tiny.yaml --trials 8 --parallel 4 --queue
 trainbus sweep show lr-r
+
+With ``--queue`` each trial is a job in the launch queue, trained by any `trainbus agent` with a
+free slot, instead of a process on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from runtime.bus.stream import ensure_stream
 from runtime.cli.args import seconds_arg
 from runtime.cli.render import table
 from runtime.errors import ConfigError
+from runtime.launch.queue import ensure_queue
 from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import setup_logging
 from runtime.settings import Settings, layers, packaged, redact_url, validate_layers
@@ -45,7 +50,7 @@ def register_sweep(sub: Any) -> None:
     p = sub.add_parser(
         "sweep",
         help="hyper-parameter search with Optuna: each trial a `trainbus train` run, judged from the bus",
-        description="trainbus sweep CONFIG --space SPACE --trials N [--parallel K] [--name NAME] [--storage URL]\n"
+        description="trainbus sweep CONFIG --space SPACE --trials N [--parallel K] [--queue] [--name NAME] [--storage URL]\n"
         "trainbus sweep show NAME [--storage URL] [--json]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,7 +62,13 @@ def register_sweep(sub: Any) -> None:
         "--parallel",
         type=_positive,
         default=1,
-        help=f"trials running at once (default 1; at most the cores, {cores()} here: each trial gets an equal share)",
+        help=f"trials running at once (default 1; at most the cores, {cores()} here: each trial gets an equal share; "
+        "with --queue: trials queued or running at once, on the agents' slots)",
+    )
+    p.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue each trial as a job for `trainbus agent`s on any machine, instead of training it here",
     )
     p.add_argument("--name", help="the sweep (Optuna study) name; drivers with the same name share the study")
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///<state_dir>/sweeps.db)")
@@ -94,8 +105,10 @@ def threads_per_trial(parallel: int) -> int:
     return max(1, cores() // parallel)
 
 
-def share_line(parallel: int) -> str:
-    """How the trials share the machine, said once when the sweep starts."""
+def share_line(parallel: int, queue: bool = False) -> str:
+    """How the trials share the machine (or the agents), said once when the sweep starts."""
+    if queue:
+        return f"each trial is a job in the launch queue, {parallel} at a time, for any agent with a free slot"
     have, threads = cores(), threads_per_trial(parallel)
     if "OMP_NUM_THREADS" in os.environ:
         return f"each trial uses OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} torch threads (as set); {have} cores"
@@ -143,7 +156,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{space.direction} {space.metric}; study {name} in {redact_url(storage)}",
         flush=True,
     )
-    print(f"sweep {name}: {share_line(args.parallel)}", flush=True)
+    print(f"sweep {name}: {share_line(args.parallel, args.queue)}", flush=True)
     with bus_target(settings) as target:
         return asyncio.run(_drive(target, settings, study, args, name, space))
 
@@ -162,8 +175,9 @@ async def _drive(target: BusTarget, settings: Settings, study: Any, args: argpar
         stall_after=args.stall_after,
         log_dir=Path(settings.state_dir) / "sweeps" / name,
         bus_url=",".join(target.servers),
-        threads=threads_per_trial(args.parallel),
+        threads=0 if args.queue else threads_per_trial(args.parallel),
         progress_every=ON_A_TERMINAL if sys.stdout.isatty() else IN_A_LOG,
+        queue=args.queue,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,7 +185,7 @@ async def _drive(target: BusTarget, settings: Settings, study: Any, args: argpar
         loop.add_signal_handler(sig, stop.set)
     nc = await connect(target, settings, name=f"trainbus-sweep-{name}")
     try:
-        await ensure_stream(nc.jetstream(), settings.stream)
+        await (ensure_queue if opts.queue else ensure_stream)(nc.jetstream(), settings.stream)
         return await Sweep(opts, study, nc).run(stop)
     finally:
         await nc.close()

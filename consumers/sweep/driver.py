@@ -3,9 +3,11 @@
 Optuna keeps the search (sampler, pruner, storage); the driver owns each trial's work
 (``study.ask()``/``study.tell()``): it starts ``trainbus train CONFIG --run-id <name>-t<k>
 --sweep <name> --trial <k> --set key=value …`` as a subprocess (in its own session, so it
-outlives the driver), then only reads the run's events from the stream — it never imports the
-trainer. Evaluations go to ``trial.report``; when the pruner says so the run gets a ``stop``
-command (recorded in the stream like any other). ``consumers.sweep.judge`` decides the outcome.
+outlives the driver), or with ``--queue`` queues that run as a job for any `trainbus agent`
+(``consumers.sweep.queued``), then only reads the run's events from the stream — it never imports
+the trainer. Evaluations go to ``trial.report``; when the pruner says so the run gets a ``stop``
+command (recorded in the stream like any other), or, while its job still waits for a slot, the
+job is cancelled. ``consumers.sweep.judge`` decides the outcome.
 
 Each trial carries the driver watching it and a lease that driver renews. A driver adopts every
 running trial whose driver is gone (killed: its process no longer runs on this host, or its lease
@@ -34,18 +36,18 @@ from nats.js import JetStreamContext, api
 from consumers.control_client import NoTrainer, build_command, send_command
 from consumers.sweep.clock import TrialClock
 from consumers.sweep.judge import TRAINER_EVENTS, Outcome, Report, StopRun, TrialWatch, handle, outcome
+from consumers.sweep.launched import Launched
 from consumers.sweep.progress import ON_A_TERMINAL, Progress
+from consumers.sweep.queued import job_gone, trial_job, waiting, withdraw
 from consumers.sweep.space import Space
 from consumers.sweep.study import LEASE_RENEW, abandoned, describe_best, driver_identity, record_outcome
 from runtime.bus.stream import decode
 from runtime.cli.render import fmt
 from runtime.errors import ConfigError
+from runtime.launch.queue import enqueue
 from runtime.lifecycle import STALL_AFTER_SECONDS
 from runtime.logs import get_logger
 from schemas import EVENTS_STREAM, run_events
-
-STOP_GRACE = 60.0
-"""Seconds a judged trial's trainer gets to exit by itself before it is sent SIGTERM."""
 
 
 @dataclass
@@ -68,6 +70,8 @@ class SweepOptions:
     """torch threads of each trial (``OMP_NUM_THREADS``), its share of the cores; 0: torch's default."""
     progress_every: float = ON_A_TERMINAL
     """Seconds between two progress lines while trials run."""
+    queue: bool = False
+    """Queue each trial as a job for the agents (``--queue``) instead of starting its trainer here."""
 
 
 @dataclass
@@ -77,8 +81,7 @@ class Running:
     number: int
     watch: TrialWatch
     task: asyncio.Task[Outcome | None]
-    process: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
+    launched: Launched
 
     @property
     def run_id(self) -> str:
@@ -104,15 +107,6 @@ def trial_handle(study: optuna.Study, number: int) -> optuna.trial.Trial:
     """A live ``Trial`` for trial ``number`` of ``study``: what ``study.ask()`` returns, for a trial
     asked by an earlier driver (Optuna has no public call for it; ``_trial_id`` is its key)."""
     return optuna.trial.Trial(study, frozen_trial(study, number)._trial_id)
-
-
-def _last_line(log: Path | None) -> str:
-    """The trainer's own error line from its log (``trainbus train: …``), else its last line."""
-    if log is None or not log.exists():
-        return ""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    mine = [line for line in lines if line.startswith("trainbus train:")]
-    return (mine or lines or [""])[-1][:500]
 
 
 class Sweep:
@@ -192,7 +186,8 @@ class Sweep:
             trial.set_user_attr("driver", self.me)
             trial.set_user_attr("lease", now)
             self.say(frozen.number, run_id, "watching its run from the stream (its driver is gone)")
-            self._track(frozen.number, run_id, None, None, int(frozen.user_attrs.get("stream_seq", 1)))
+            seq, job_id = int(frozen.user_attrs.get("stream_seq", 1)), frozen.user_attrs.get("job_id")
+            self._track(frozen.number, run_id, seq, Launched(job_id=job_id))
 
     async def _start(self) -> None:
         """Ask Optuna for a trial and start its run."""
@@ -208,8 +203,17 @@ class Sweep:
         trial.set_user_attr("stream_seq", start_seq)
         trial.set_user_attr("run_id", run_id)
         sampled = opts.space.overrides(trial.params)
+        if opts.queue:
+            launched = await self._queue(trial, run_id, sampled)
+        else:
+            launched = self._spawn(trial.number, run_id, sampled)
+        self._track(trial.number, run_id, start_seq, launched)
+
+    def _spawn(self, number: int, run_id: str, sampled: list[str]) -> Launched:
+        """Start the trial's trainer here."""
+        opts = self.opts
         argv = [sys.executable, "-m", "runtime.cli", "train", opts.config, "--run-id", run_id]
-        argv += ["--sweep", opts.name, "--trial", str(trial.number)]
+        argv += ["--sweep", opts.name, "--trial", str(number)]
         for item in [*opts.overrides, *sampled]:
             argv += ["--set", item]
         opts.log_dir.mkdir(parents=True, exist_ok=True)
@@ -218,13 +222,21 @@ class Sweep:
         with log.open("wb") as handle:
             # its own session: Ctrl-C or a kill of the driver leaves the run going; a new driver judges it
             process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.say(trial.number, run_id, f"started: {' '.join(sampled)} (pid {process.pid}, log {log})")
-        self._track(trial.number, run_id, process, log, start_seq)
+        self.say(number, run_id, f"started: {' '.join(sampled)} (pid {process.pid}, log {log})")
+        return Launched(process=process, log=log)
 
-    def _track(self, number: int, run_id: str, process: subprocess.Popen[bytes] | None, log: Path | None, seq: int) -> None:  # fmt: skip
+    async def _queue(self, trial: optuna.trial.Trial, run_id: str, sampled: list[str]) -> Launched:
+        """Queue the trial's run as a job; an agent with a free slot trains it."""
+        spec = trial_job(self.opts.name, trial.number, run_id, self.opts.config, [*self.opts.overrides, *sampled])
+        await enqueue(self.js, spec)
+        trial.set_user_attr("job_id", spec.job_id)
+        self.say(trial.number, run_id, f"queued as job {spec.job_id}: {' '.join(sampled)}")
+        return Launched(job_id=spec.job_id)
+
+    def _track(self, number: int, run_id: str, seq: int, launched: Launched) -> None:
         watch = TrialWatch(run_id, self.opts.space.metric, self.issuer)
-        task = asyncio.ensure_future(self._watch(number, watch, process, log, seq))
-        self.running[number] = Running(number, watch, task, process, log)
+        task = asyncio.ensure_future(self._watch(number, watch, launched, seq))
+        self.running[number] = Running(number, watch, task, launched)
 
     async def _finish(self, item: Running, result: Outcome | None) -> None:
         """Tell Optuna the judgement; wait for the trainer to exit so the next trial gets its CPU."""
@@ -240,13 +252,10 @@ class Sweep:
             self.say(
                 item.number, item.run_id, result.reason if result.state == "pruned" else f"failed: {result.reason}"
             )
-        process = item.process
-        if process is not None:
-            await _reap(process)
-            # exit 2 before run.started: the trainer refused its input (a bad key or value in the
-            # space or --set); every other trial would fail the same way
-            if process.returncode == 2 and not item.watch.started and self.bad_input is None:
-                self.bad_input = f"trial {item.number} ({item.run_id}): {_last_line(item.log)}"
+        await item.launched.reap()
+        why = item.launched.refusal(item.watch)
+        if why is not None and self.bad_input is None:
+            self.bad_input = f"trial {item.number} ({item.run_id}): {why}"
 
     def _tell(self, number: int, result: Outcome) -> bool:
         """Record the judgement in the study; False when the trial was already finished there."""
@@ -255,9 +264,7 @@ class Sweep:
 
     # ---- one trial -----------------------------------------------------------------------
 
-    async def _watch(
-        self, number: int, watch: TrialWatch, process: subprocess.Popen[bytes] | None, log: Path | None, start_seq: int
-    ) -> Outcome | None:
+    async def _watch(self, number: int, watch: TrialWatch, launched: Launched, start_seq: int) -> Outcome | None:
         """Follow the run's events from ``start_seq`` until ``judge.outcome`` has a judgement
         (None: another driver of the study judged the trial first)."""
         trial = trial_handle(self.study, number)
@@ -265,7 +272,8 @@ class Sweep:
         sub = await self.js.subscribe(run_events(watch.run_id), stream=EVENTS_STREAM, ordered_consumer=True, config=config)  # fmt: skip
         loop = asyncio.get_running_loop()
         clock = TrialClock(loop.time(), self.opts.stall_after, self.opts.verdict_timeout)
-        followed = Followed(number, watch, trial, set(frozen_trial(self.study, number).intermediate_values), clock)
+        reported = set(frozen_trial(self.study, number).intermediate_values)
+        followed = Followed(number, watch, trial, reported, clock)
         try:
             while True:
                 msg = await _next_msg(sub)
@@ -275,7 +283,7 @@ class Sweep:
                 if msg is not None and await self._take(msg, followed, now):
                     continue  # judge on the whole stored history, not half of it
                 waited = clock.verdict_waited(now, watch.finished is not None)
-                result = outcome(watch, verdict_waited=waited, gone=self._gone(clock, now, process, log))
+                result = outcome(watch, verdict_waited=waited, gone=launched.gone(clock, now, watch))
                 if result is not None:
                     if waited:
                         self._judged_without_verdict(watch)
@@ -294,17 +302,6 @@ class Sweep:
             for action in handle(item.event, followed.watch):
                 await self._act(action, followed)
         return bool(msg.metadata.num_pending)
-
-    def _gone(self, clock: TrialClock, now: float, process: subprocess.Popen[bytes] | None, log: Path | None) -> str | None:  # fmt: skip
-        """Why the trainer can no longer finish the run, if it cannot: its process exited, or (a
-        trial adopted from another driver) it has been silent for ``stall_after``."""
-        if process is not None:
-            if clock.exited(now, process.poll()):
-                return f"trainbus train exited with {process.returncode}: {_last_line(log)}"
-            return None
-        if clock.silent(now):
-            return f"no event from its trainer for {self.opts.stall_after:g} s (it died without finishing)"
-        return None
 
     def _judged_without_verdict(self, watch: TrialWatch) -> None:
         if watch.checkpoint is not None and watch.last_verdict is None:
@@ -332,24 +329,21 @@ class Sweep:
         if watch.stop_requested is not None:
             return
         watch.stop_requested = reason
+        job = watch.job
+        if job is not None and waiting(job):  # no trainer yet: the job leaves the queue
+            self.say(number, watch.run_id, f"{reason}; {await withdraw(self.js, job.job_id)}")
+            return
         command = build_command("stop", watch.run_id, issued_by=self.issuer, reason=reason[:500], save=False)
         try:
             reply, _ = await send_command(self.nc, command)
         except NoTrainer as exc:
-            self.say(number, watch.run_id, f"{reason}; could not stop it: {exc}")
+            if job is not None and not job_gone(job):  # its agent is starting the trainer: the agent stops it
+                said = await withdraw(self.js, job.job_id)
+            else:
+                said = f"could not stop it: {exc}"
+            self.say(number, watch.run_id, f"{reason}; {said}")
             return
         self.say(number, watch.run_id, f"stop {reply.status}: {reason}")
-
-
-async def _reap(process: subprocess.Popen[bytes]) -> None:
-    """Wait for a judged trial's trainer to exit; after ``STOP_GRACE`` ask it to (SIGTERM saves and stops)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STOP_GRACE
-    while process.poll() is None:
-        if loop.time() > deadline:
-            process.terminate()
-            deadline = loop.time() + STOP_GRACE
-        await asyncio.sleep(0.5)
 
 
 @dataclass

@@ -18,7 +18,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas import AuditFlag, AuditVerdict, Checkpoint, CommandResult, Evaluation, Event, RunFinished, RunStarted
+from schemas import (
+    AuditFlag,
+    AuditVerdict,
+    Checkpoint,
+    CommandResult,
+    Evaluation,
+    Event,
+    JobState,
+    RunFinished,
+    RunStarted,
+)
 
 TRAINER_EVENTS = frozenset(
     {"run.started", "run.state", "run.finished", "train.step", "eval", "checkpoint", "heartbeat", "command.result"}
@@ -79,6 +89,8 @@ class TrialWatch:
     """Why the driver asked the run to stop (set by the driver when it sends ``stop``)."""
     stopped_by_sweep: bool = False
     finished: RunFinished | None = None
+    job: JobState | None = None
+    """The newest ``job.state`` of the trial's launch job (`trainbus sweep --queue`); None otherwise."""
 
     @property
     def last_verdict(self) -> AuditVerdict | None:
@@ -109,6 +121,8 @@ def handle(event: Event, watch: TrialWatch) -> list[Action]:
         watch.stopped_by_sweep = watch.stopped_by_sweep or event.status in ("accepted", "applied")
     elif isinstance(event, RunFinished) and event.attempt >= watch.attempt:
         watch.finished = event
+    elif isinstance(event, JobState):
+        watch.job = event
     return []
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from runtime.cli.render import fmt
-from schemas import Evaluation, Event, Heartbeat, RunStarted, TrainStep
+from schemas import Evaluation, Event, Heartbeat, JobState, RunStarted, TrainStep
 
 ON_A_TERMINAL = 10.0
 IN_A_LOG = 60.0
@@ -24,8 +24,12 @@ class TrialProgress:
     max_steps: int | None = None
     eval_step: int | None = None
     value: float | None = None
+    job: str | None = None
+    """The state of its launch job (`trainbus sweep --queue`)."""
 
     def describe(self, number: int, metric: str) -> str:
+        if self.job in ("queued", "requeued"):
+            return f"trial {number} waiting for an agent ({self.job})"
         where = "starting" if self.step is None else f"step {self.step}"
         if self.step is not None and self.max_steps:
             where += f"/{self.max_steps}"
@@ -52,6 +56,8 @@ class Progress:
             value = getattr(event, self.metric, None)
             trial.eval_step = event.step
             trial.value = float(value) if value is not None else math.nan
+        elif isinstance(event, JobState):
+            trial.job = event.state
         if isinstance(event, TrainStep | Heartbeat | Evaluation):
             trial.step = max(trial.step or 0, event.step)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from runtime.bus.connect import BusTarget, bus_target, issuer
 from runtime.bus.stream import jetstream
 from runtime.cli.args import key_values
 from runtime.errors import BusUnavailable, ConfigError
-from runtime.launch.queue import enqueue, ensure_queue
+from runtime.launch.queue import enqueue, ensure_queue, new_job_id
 from runtime.settings import Settings, load_config, packaged
 from schemas import check_run_id
 from schemas.jobs import PRIORITIES, JobRecord, JobSpec
@@ -71,7 +70,7 @@ def _spec(
     args: argparse.Namespace, run_id: str, name: str, text: str, seed: list[str], *, group: str | None
 ) -> JobSpec:
     return JobSpec(
-        job_id=f"j-{uuid.uuid4().hex[:10]}", run_id=check_run_id(run_id), config_name=name, config_yaml=text,
+        job_id=new_job_id(), run_id=check_run_id(run_id), config_name=name, config_yaml=text,
         overrides=[*args.overrides, *seed], slots=args.slots, priority=args.priority, max_restarts=args.max_restarts,
         requires=key_values(args.requires, "--on", "gpu=a100"), fork=str(args.fork) if args.fork else None,
         force=args.force, group=group, submitted_by=issuer(),

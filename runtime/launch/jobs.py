@@ -56,7 +56,7 @@ def state_event(record: JobRecord) -> JobState:
         event_id=event_id(spec.run_id, "launch", spec.job_id, record.transitions), run_id=spec.run_id,
         attempt=max(1, record.attempt), seq=record.transitions, source="launch", job_id=spec.job_id,
         state=record.state, agent=record.agent, gpus=record.gpus, slots=spec.slots, priority=spec.priority,
-        restarts=record.restarts, reason=record.reason,
+        restarts=record.restarts, reason=record.reason, exit_code=record.exit_code,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ other user only looks (``ensure_queue``) and uses what its role allows (configs/
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -143,6 +144,11 @@ async def _missing(js: JetStreamContext) -> list[Part]:
 async def agents_bucket(js: JetStreamContext) -> KeyValue:
     """The agents' heartbeats (``ensure_queue`` creates it); an entry older than ``AGENT_TTL_SECONDS`` expires."""
     return await js.key_value(AGENTS_BUCKET)
+
+
+def new_job_id() -> str:
+    """A fresh job id (``j-`` and ten hex digits)."""
+    return f"j-{uuid.uuid4().hex[:10]}"
 
 
 async def enqueue(js: JetStreamContext, spec: JobSpec) -> JobRecord:
