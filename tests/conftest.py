@@ -22,15 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "agent", "admin")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``make test`` runs files on 2 workers (``--dist loadfile``), in this order: the shared
-    default run first (the longest file), then unit, integration and end-to-end files."""
+    """``make test`` runs on 2 workers (``--dist loadgroup``), a group of tests each at a time: a test
+    file is a group, except that every file using the shared default run is one group, so that run
+    trains once. The order is the longest first: the default run, then end-to-end, integration
+    and unit files, which fill the end."""
 
     def order(item: pytest.Item) -> int:
         if "default_run" in getattr(item, "fixturenames", ()):
             return 0
-        return {"unit": 1, "integration": 2}.get(item.path.parent.name, 3)
+        return {"end_to_end": 1, "integration": 2}.get(item.path.parent.name, 3)
 
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            shared = "default_run" in getattr(item, "fixturenames", ())
+            item.add_marker(pytest.mark.xdist_group("default_run" if shared else str(item.path.relative_to(REPO))))
     items.sort(key=order)
 
 

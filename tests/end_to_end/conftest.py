@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,9 +18,10 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
+from consumers.control_client import send_command
 from runtime.bus.server import RunningServer
 from runtime.bus.stream import replay
-from schemas import Event, run_events
+from schemas import Event, Pause, event_subject, run_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,6 +119,31 @@ def start_trainer(
         cwd=REPO, env=trainbus_env(url, **env), stdout=handle, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     return Trainer(run_id, process, log)
+
+
+def pause_on(url: str, run_id: str, kind: str, step: int | None = None) -> threading.Thread:
+    """Pause ``run_id`` the moment it publishes a ``kind`` event (at ``step``, if given): a `ctl`
+    process would start too late, as the tiny model trains the remaining steps in seconds. The
+    command lands at the next step boundary; join the thread to wait until the trainer took it."""
+
+    async def pause() -> None:
+        nc = NATS()
+        await nc.connect(url)
+        seen = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Any) -> None:
+            if (step is None or json.loads(msg.data).get("step") == step) and not seen.done():
+                seen.set_result(None)
+
+        await nc.subscribe(event_subject(run_id, kind), cb=on_event)
+        await asyncio.wait_for(seen, 300)
+        command = Pause(command_id=f"pause-{run_id}", run_id=run_id, issued_by="test", reason="hold it here")
+        await send_command(nc, command, timeout=30)
+        await nc.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(pause()), daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,15 +23,14 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from consumers.control_client import send_command
 from producers.task.sampledata import write_sample_data
 from runtime.bus.server import RunningServer, start_server
 from runtime.launch.jobs import JobStore
 from runtime.settings import ServerSettings
-from schemas import Evaluation, Event, JobState, Pause, RunFinished, RunStarted, TrainStep, event_subject
+from schemas import Evaluation, Event, JobState, RunFinished, RunStarted, TrainStep
 from schemas.jobs import JobRecord
 from tests.conftest import wait_until
-from tests.end_to_end.conftest import ctl, events_of, of_type, trainbus_env, wait_events
+from tests.end_to_end.conftest import ctl, events_of, of_type, pause_on, trainbus_env, wait_events
 
 pytestmark = pytest.mark.slow
 SMALL = ["training.max_steps=30", "training.save_steps=10", "training.logging_steps=5", "training.eval_steps=30"]
@@ -133,30 +131,6 @@ def job_states(events: list[Event], job_id: str) -> list[JobState]:
     return [e for e in events if isinstance(e, JobState) and e.job_id == job_id]
 
 
-def pause_at_checkpoint(url: str, run_id: str, step: int) -> threading.Thread:
-    """Pause ``run_id`` the moment it announces its checkpoint at ``step`` (a `ctl` process would start
-    too late: the tiny model trains the remaining steps in seconds); join the thread to wait for it."""
-
-    async def pause() -> None:
-        nc = NATS()
-        await nc.connect(url)
-        seen = asyncio.get_running_loop().create_future()
-
-        async def on_checkpoint(msg: Any) -> None:
-            if json.loads(msg.data).get("step") == step and not seen.done():
-                seen.set_result(None)
-
-        await nc.subscribe(event_subject(run_id, "checkpoint"), cb=on_checkpoint)
-        await asyncio.wait_for(seen, 300)
-        command = Pause(command_id=f"pause-{run_id}", run_id=run_id, issued_by="test", reason="hold it here")
-        await send_command(nc, command, timeout=30)
-        await nc.close()
-
-    thread = threading.Thread(target=lambda: asyncio.run(pause()), daemon=True)
-    thread.start()
-    return thread
-
-
 def first(events: list[Event], kind: type, **match: Any) -> Any:
     return next(e for e in events if isinstance(e, kind) and all(getattr(e, k) == v for k, v in match.items()))
 
@@ -209,7 +183,7 @@ def test_agents_take_what_fits_highest_priority_first_and_cancel_and_drain_work(
 
 def test_a_killed_agents_run_resumes_elsewhere_from_its_latest_checkpoint_with_nothing_lost(bus: Bus) -> None:
     bus.agent("a3", "--slots", "1")  # beside a1 from the test above
-    pausing = pause_at_checkpoint(bus.url, "killed", 20)  # the orphan must not finish the run meanwhile
+    pausing = pause_on(bus.url, "killed", "checkpoint", 20)  # the orphan must not finish the run meanwhile
     job = bus.submit("killed", *SMALL, shared=False)  # the next agent has no folder of it: all from the bus
     record = bus.wait_job(job, "running")
     pausing.join(300)

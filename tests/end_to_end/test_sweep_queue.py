@@ -25,7 +25,7 @@ from runtime.settings import ServerSettings
 from schemas import Event, JobState, RunFinished, RunStarted
 from schemas.jobs import JobRecord
 from tests.conftest import wait_until
-from tests.end_to_end.conftest import REPO, events_of, of_type, trainbus_env, wait_events
+from tests.end_to_end.conftest import REPO, ctl, events_of, of_type, pause_on, trainbus_env, wait_events
 
 NAME = "sq"
 MAX_STEPS = 10
@@ -78,17 +78,28 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = {"first": tmp / "first.out", "second": tmp / "second.out"}
     try:
         assert agent.stdout is not None and "waiting for jobs" in agent.stdout.readline()
+        pausing = pause_on(server.url, f"{NAME}-t0", "run.started")  # trial 0 waits, so the driver dies mid-trial
         with out["first"].open("w") as handle:
             driver = subprocess.Popen(sweep_argv(tmp, NAME), cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        try:  # trial 0 trains on the only slot while trial 1 waits for it
-            wait_events(server.url, f"{NAME}-t0", lambda ev: of_type(ev, "train.step"), timeout=180)
+        try:  # trial 0 holds the only slot while trial 1 waits for it
+            pausing.join(300)
+            wait_events(
+                server.url, f"{NAME}-t0", lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev)
+            )
             wait_events(server.url, f"{NAME}-t1", lambda ev: of_type(ev, "job.state"), timeout=60)
         finally:
             driver.kill()
             driver.wait(30)
         with out["second"].open("w") as handle:
-            second = subprocess.run(sweep_argv(tmp, NAME), cwd=REPO, env=env, stdout=handle,
-                                    stderr=subprocess.STDOUT, timeout=300, check=False)  # fmt: skip
+            second = subprocess.Popen(sweep_argv(tmp, NAME), cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: out["second"].read_text().count("watching its run from the stream") == 2,
+                       timeout=120, what="the second driver to adopt both trials")  # fmt: skip
+            assert ctl(server.url, "resume", "--run", f"{NAME}-t0").returncode == 0
+            second.wait(300)
+        finally:
+            if second.poll() is None:
+                second.kill()
         yield {"url": server.url, "tmp": tmp, "code": second.returncode, **{k: p.read_text() for k, p in out.items()}}
     finally:
         agent.terminate()
