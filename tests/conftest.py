@@ -22,23 +22,36 @@ REPO = Path(__file__).resolve().parents[1]
 ROLE_NAMES = ("trainer", "auditor", "operator", "viewer", "predictor", "agent", "admin")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+SHARED_RUN_FILES = ("tests/end_to_end/test_training.py", "tests/end_to_end/test_families.py")
+"""The files that use the session's default run: one worker runs them all, so it trains once."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``make test`` runs on 2 workers (``--dist loadgroup``), a group of tests each at a time: a test
-    file is a group, except that every file using the shared default run is one group, so that run
-    trains once. The order is the longest first: the default run, then end-to-end, integration
-    and unit files, which fill the end."""
+    """``make test`` runs on 2 workers a file each at a time (the files of ``SHARED_RUN_FILES`` as
+    one), longest first: the default run, then end-to-end, integration and unit files, which fill
+    the end."""
 
     def order(item: pytest.Item) -> int:
         if "default_run" in getattr(item, "fixturenames", ()):
+            assert str(item.path.relative_to(REPO)) in SHARED_RUN_FILES, (
+                f"{item.nodeid}: add its file to SHARED_RUN_FILES"
+            )
             return 0
         return {"end_to_end": 1, "integration": 2}.get(item.path.parent.name, 3)
 
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            shared = "default_run" in getattr(item, "fixturenames", ())
-            item.add_marker(pytest.mark.xdist_group("default_run" if shared else str(item.path.relative_to(REPO))))
     items.sort(key=order)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, except that the files sharing the default run are one unit of work."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return SHARED_RUN_FILES[0] if file in SHARED_RUN_FILES else file
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)

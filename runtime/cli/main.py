@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from runtime.errors import TrainbusError
+from runtime.logs import setup_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.values = [*args.values, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setup_logging()  # stderr, until the command sets its own level: stdout is for the command's output
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit

@@ -30,13 +30,14 @@ from runtime.settings import ServerSettings
 from schemas import Evaluation, Event, JobState, RunFinished, RunStarted, TrainStep
 from schemas.jobs import JobRecord
 from tests.conftest import wait_until
-from tests.end_to_end.conftest import ctl, events_of, of_type, pause_on, trainbus_env, wait_events
+from tests.end_to_end.conftest import events_of, of_type, pause_on, trainbus_env, wait_events
 
 pytestmark = pytest.mark.slow
-SMALL = ["training.max_steps=30", "training.save_steps=10", "training.logging_steps=5", "training.eval_steps=30"]
+SMALL = ["training.max_steps=30", "training.save_steps=10", "training.logging_steps=5", "training.eval_steps=30",
+         "data.max_eval_samples=32"]  # fmt: skip
 """A run of 30 steps: checkpoints at 10, 20 and 30, one evaluation at the end."""
 LONG = ["training.max_steps=400", "training.save_steps=400", "training.logging_steps=10", "training.eval_steps=400"]
-"""A run that holds its slot until it is cancelled (paused meanwhile: it costs nothing)."""
+"""A run that holds its slot until it is cancelled (paused at its start by ``hold``: it costs nothing)."""
 
 
 @dataclass
@@ -131,6 +132,16 @@ def job_states(events: list[Event], job_id: str) -> list[JobState]:
     return [e for e in events if isinstance(e, JobState) and e.job_id == job_id]
 
 
+def hold(bus: Bus, run_id: str) -> str:
+    """Queue a long run, wait until it runs, paused at its first step: it holds its slot and costs nothing."""
+    pausing = pause_on(bus.url, run_id, "run.started")
+    job = bus.submit(run_id, *LONG)
+    bus.wait_job(job, "running")
+    pausing.join(300)
+    wait_events(bus.url, run_id, lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev))
+    return job
+
+
 def first(events: list[Event], kind: type, **match: Any) -> Any:
     return next(e for e in events if isinstance(e, kind) and all(getattr(e, k) == v for k, v in match.items()))
 
@@ -138,14 +149,9 @@ def first(events: list[Event], kind: type, **match: Any) -> Any:
 def test_agents_take_what_fits_highest_priority_first_and_cancel_and_drain_work(bus: Bus) -> None:
     bus.agent("a1", "--slots", "1")
     bus.agent("a2", "--slots", "1")
-    holders = {bus.submit("hold-1", *LONG): "hold-1", bus.submit("hold-2", *LONG): "hold-2"}
-    for job in holders:
-        bus.wait_job(job, "running")
+    holders = {hold(bus, "hold-1"): "hold-1", hold(bus, "hold-2"): "hold-2"}  # the slots held without training
     by_agent = {bus.job(j).agent: j for j in holders}
     assert set(by_agent) == {"a1", "a2"}  # two jobs at once, one per agent
-    for run in holders.values():  # hold the slots without training
-        wait_events(bus.url, run, lambda ev: of_type(ev, "train.step"))
-        assert ctl(bus.url, "pause", "--run", run, "--wait").returncode == 0
     low, high, other = bus.submit("low", *SMALL, priority="low"), bus.submit("high", *SMALL, priority="high"), bus.submit("other", *SMALL)  # fmt: skip
     listed = {row["spec"]["job_id"]: row for row in map(json.loads, bus.cli("queue", "--json").stdout.splitlines()) if row["kind"] == "job"}  # fmt: skip
     assert all(listed[j]["state"] == "queued" for j in (low, high, other))
@@ -169,10 +175,12 @@ def test_agents_take_what_fits_highest_priority_first_and_cancel_and_drain_work(
     assert first(hold_events, RunFinished).status == "stopped" and of_type(hold_events, "checkpoint")
 
     hold2 = by_agent["a2"]
+    pausing = pause_on(bus.url, holders[hold2], "run.started")  # attempt 2's: it holds a1's slot without training
     drained = bus.cli("agent", "--drain", "--agent", "a2", "--requeue")  # a2 checkpoints hold-2, hands it back, exits
     assert drained.returncode == 0, drained.stderr
     bus.agents["a2"].wait(120)
     resumed = bus.wait_job(hold2, "running")
+    pausing.join(300)
     assert (resumed.agent, resumed.attempt, resumed.restarts) == ("a1", 2, 0)  # a handover is not a restart
     states = [e.state for e in job_states(events_of(bus.url, holders[hold2]), hold2)]
     assert states[:4] == ["queued", "starting", "running", "requeued"] and states[-2:] == ["starting", "running"]
@@ -231,9 +239,7 @@ def test_the_queue_survives_a_server_restart_and_a_refused_config_fails_once(bus
 
 
 def test_each_job_sees_only_its_own_gpu(bus: Bus) -> None:
-    jobs = [bus.submit(f"gpu-{n}", *LONG) for n in (1, 2)]  # both hold a slot of the agent's two GPUs at once
-    for job in jobs:
-        bus.wait_job(job, "running")
+    jobs = [hold(bus, f"gpu-{n}") for n in (1, 2)]  # both hold a slot of the agent's two GPUs at once
     devices = sorted(first(events_of(bus.url, f"gpu-{n}"), RunStarted).launch.devices for n in (1, 2))
     assert devices == ["0", "1"]
     assert sorted(g for job in jobs for g in bus.job(job).gpus) == [0, 1]

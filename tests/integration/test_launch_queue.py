@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
+from runtime.bus.server import start_server
 from runtime.bus.stream import replay
 from runtime.launch.jobs import Conflict, JobStore, moved
 from runtime.launch.queue import cancel, enqueue, ensure_queue, waiting_order
-from runtime.settings import Settings
+from runtime.settings import ServerSettings, Settings
 from schemas import run_events
 from schemas.jobs import JobSpec, JobState
 from schemas.subjects import JOBS_BUCKET, QUEUE_STREAM, dispatch_consumer
+from tests.conftest import REPO
 
 
 def spec(n: int, priority: str = "normal") -> JobSpec:
@@ -102,3 +109,20 @@ async def test_a_running_job_is_cancelled_by_asking_its_agent(js) -> None:  # ty
     await store.change("j-q0006", lambda r: moved(r, "starting", agent="a1"))
     asked = await cancel(js, "j-q0006", save=False)
     assert asked.state == "starting" and asked.cancel == "no-save"  # the agent stops it and records how it ended
+
+
+def test_submit_prints_its_job_on_stdout_and_its_logs_on_stderr(tmp_path: Path) -> None:
+    """On a new bus `submit` creates the events stream, and logs so on stderr: stdout holds its one
+    line, which scripts read the job id from."""
+    server = start_server(ServerSettings(), tmp_path / "nats", lock=False)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))} | {
+            "NATS_URL": server.url
+        }
+        argv = [sys.executable, "-m", "runtime.cli", "submit", "configs/tiny.yaml", "--run-id", "r1"]
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"queued job j-[0-9a-f]{10} for run r1 \(.*\)\n", done.stdout), done.stdout
+    assert "stream created" in done.stderr
