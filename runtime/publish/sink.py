@@ -38,7 +38,7 @@ from runtime.publish.journal import Journal, state_path
 from runtime.publish.outbox import Outbox, Record, record_of
 from runtime.publish.process import Spec
 from runtime.publish.sinks import PublisherStats
-from runtime.publish.window import MAY_WAIT, NOW, SOON
+from runtime.publish.window import NOW, SOON, may_wait
 from runtime.settings import Settings
 from schemas import Event
 
@@ -228,7 +228,7 @@ class PublisherSink:
             if not self._backlog:
                 self.log.error("cannot write the outbox; events wait in memory", error=str(exc), path=str(self.outbox_path))  # fmt: skip
             self._backlog.append(record)
-        if event.type not in MAY_WAIT or self.window <= 0:
+        if not may_wait(event) or self.window <= 0:
             self._wake(NOW)
         elif journal.idle:  # otherwise it looks at the journal by itself when its window ends
             journal.idle = False

@@ -1,6 +1,7 @@
 """When the sender sends: at once for what people wait on, after a short window for the rest.
 
-Events that may wait (``MAY_WAIT``: ``train.step``, ``heartbeat``, ``eval``) are gathered for up to
+Events that may wait (``MAY_WAIT``: ``train.step``, ``heartbeat``, ``eval``; not a step with a
+non-finite loss, see ``may_wait``) are gathered for up to
 ``delay`` seconds after the first of them arrives, then go as one pipelined batch: one wake-up of
 the publisher process, one read of the journal, one write to the socket, one round of acks, for
 all of them. The window opens only while events come faster than that: when the last batch left
@@ -19,12 +20,23 @@ window, not one per event.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 MAY_WAIT = frozenset({"train.step", "heartbeat", "eval"})
 """Event types that may wait up to the window for others to go with them."""
+
+
+def may_wait(event: Any) -> bool:
+    """Whether ``event`` may wait for the window: a type of ``MAY_WAIT``, except a ``train.step``
+    whose loss or gradient norm is not finite, which the audit gate flags and people wait on."""
+    if event.type not in MAY_WAIT:
+        return False
+    return all(math.isfinite(v) for v in (getattr(event, "loss", 0.0), getattr(event, "grad_norm", None) or 0.0))
+
+
 IDLE_LOOK_S = 1.0
 """How long an idle sender sleeps without a bell before it looks at the journal by itself."""
 NOW = b"!"

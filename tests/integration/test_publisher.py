@@ -61,13 +61,15 @@ def test_what_people_wait_on_goes_at_once_and_takes_the_waiting_steps_along(
         wait_until(lambda: len(stored(url, "pub-now")) == 7, timeout=30, what="the checkpoint to go at once")
         stamper.emit(CommandResult, command_id="c", command="pause", status="accepted", step=5)
         wait_until(lambda: len(stored(url, "pub-now")) == 8, timeout=30, what="the command result to go at once")
-        emit(stamper, 2, first=6)
+        stamper.emit(TrainStep, step=6, epoch=0.0, loss=float("nan"), learning_rate=1e-3)  # the audit gate flags it
+        wait_until(lambda: len(stored(url, "pub-now")) == 9, timeout=30, what="a NaN loss to go at once")
+        emit(stamper, 2, first=7)
     finally:
         stats = sink.close()  # closing sends what waits
     assert stats.outbox_pending == 0
     events = stored(url, "pub-now")
-    assert [e.seq for e in events] == list(range(1, 11))
-    assert [e.type for e in events] == ["run.started", *["train.step"] * 5, "checkpoint", "command.result", *["train.step"] * 2]  # fmt: skip
+    assert [e.seq for e in events] == list(range(1, 12))
+    assert [e.type for e in events] == ["run.started", *["train.step"] * 5, "checkpoint", "command.result", *["train.step"] * 3]  # fmt: skip
 
 
 def test_resending_the_same_ids_is_deduplicated(nats_server: RunningServer, tmp_path: Path) -> None:
