@@ -196,7 +196,7 @@ def closed_because(run: RunSummary, reason: str) -> str | None:
 
 def redraw_when_finished_changes(run: RunSummary) -> None:
     """Called by the live header: redraw the page once when the run finishes (or a resumed attempt
-    starts), so the panel, which does not refresh by itself, turns its controls off (or on)."""
+    starts), so the panel turns its controls off (or on) at once, not at its next own redraw."""
     key = f"{DRAWN}-{run.run_id}"
     drawn = st.session_state.get(key)
     if drawn is not None and drawn != run.finished:
@@ -204,7 +204,13 @@ def redraw_when_finished_changes(run: RunSummary) -> None:
         st.rerun(scope="app")
 
 
-@connection.live(None)
+PANEL_SECONDS = 5.0
+"""How often the panel redraws by itself. A full rerun of the page (a tab opened) that races the
+header's own rerun can lose the panel's elements in Streamlit (streamlit#9188): a panel that only
+redrew on its own clicks then stayed gone; now it is back within this long."""
+
+
+@connection.live(PANEL_SECONDS)
 def panel(reader: BusReader, run_id: str) -> None:
     """The buttons and the set form; a click reruns only this fragment. Off for a finished run."""
     confirm = f"confirm-stop-{run_id}"
