@@ -1,5 +1,6 @@
 """`trainbus bench NAME`: the benchmarks of the ``benchmarks`` package, found through the
-``trainbus.benchmarks`` entry-point group (pyproject.toml), so the CLI never imports them until asked."""
+``trainbus.benchmarks`` entry-point group (pyproject.toml). Each module only declares its arguments
+at import; what it measures (torch, the model, a server) loads when that benchmark runs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """When the sender sends: at once for what people wait on, after a short window for the rest.
 
-Events that may wait (``MAY_WAIT``: ``train.step``, ``heartbeat``, ``eval``; not a step with a
+Events that may wait (``MAY_WAIT``: ``train.step``, ``heartbeat``, ``eval``; not one with a
 non-finite loss, see ``may_wait``) are gathered for up to
 ``delay`` seconds after the first of them arrives, then go as one pipelined batch: one wake-up of
 the publisher process, one read of the journal, one write to the socket, one round of acks, for
@@ -30,11 +30,12 @@ MAY_WAIT = frozenset({"train.step", "heartbeat", "eval"})
 
 
 def may_wait(event: Any) -> bool:
-    """Whether ``event`` may wait for the window: a type of ``MAY_WAIT``, except a ``train.step``
-    whose loss or gradient norm is not finite, which the audit gate flags and people wait on."""
+    """Whether ``event`` may wait for the window: a type of ``MAY_WAIT``, unless it is an alarm (a
+    loss or gradient norm that is not finite, which the audit gate flags and people wait on)."""
     if event.type not in MAY_WAIT:
         return False
-    return all(math.isfinite(v) for v in (getattr(event, "loss", 0.0), getattr(event, "grad_norm", None) or 0.0))
+    values = (getattr(event, "loss", None), getattr(event, "grad_norm", None))
+    return all(v is None or math.isfinite(v) for v in values)
 
 
 IDLE_LOOK_S = 1.0
