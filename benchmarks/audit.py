@@ -23,7 +23,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from benchmarks.common import percentile, trainer_sink
-from runtime.bus.connect import BusTarget, connect
+from runtime.bus.connect import BusTarget, connect, round_trip
 from runtime.bus.server import start_server
 from runtime.bus.stream import ensure_stream
 from runtime.errors import TrainbusError
@@ -75,7 +75,7 @@ async def _measure(target: BusTarget, settings: Settings, rate: int, seconds: fl
             latencies.append((now - sent[flag.judged_event_id]) * 1000)
 
     await nc.subscribe(event_subject(RUN, "audit.flag"), cb=on_flag)
-    await nc.flush()
+    await round_trip(nc)
     publisher = trainer_sink(target, settings, workdir / "outbox.jsonl", RUN)
     stamper = Stamper(publisher, RUN)
     total = int(rate * seconds)

@@ -269,6 +269,18 @@ async def connect(
     return nc
 
 
+async def round_trip(nc: NATS) -> None:
+    """Return once the server has processed everything ``nc`` sent so far, e.g. a subscription that
+    another connection is about to publish to.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still queued
+    for its flusher task: right after ``subscribe()`` the wire reads ``PING``, then ``SUB``, so one
+    flush can return before the server has the subscription. The flusher runs before the first PONG
+    can be read, so the second PING follows the SUB."""
+    await nc.flush()
+    await nc.flush()
+
+
 @asynccontextmanager
 async def connected(target: BusTarget, settings: Settings, *, name: str) -> AsyncIterator[NATS]:
     """``connect`` as an async context manager that drains the connection on exit, or closes it when

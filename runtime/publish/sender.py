@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from runtime.bus.connect import BusTarget, Credentials, connect, listener, responder
+from runtime.bus.connect import BusTarget, Credentials, connect, listener, responder, round_trip
 from runtime.bus.stream import ensure_stream
 from runtime.errors import BusUnavailable
 from runtime.publish.delivery import Acks, Backoff, BatchAcks, denied_subject
@@ -125,7 +125,7 @@ class Sender:
             for subject, hear in self.listeners.items():
                 await nc.subscribe(subject, cb=listener(hear, self.log))
             if self.responders or self.listeners:
-                await nc.flush()
+                await round_trip(nc)  # subscribed at the server before anyone is told the run is up
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from consumers.audit.engine import Publish, handle, new_state
 from consumers.audit.rules import load_rules
 from producers.run.control_inbox import ControlChannel
-from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.connect import BusTarget, Credentials, connect, round_trip
 from runtime.bus.server import RunningServer, start_server
 from runtime.bus.stream import ensure_stream, replay
 from runtime.cli.main import main
@@ -237,7 +237,7 @@ async def test_pause_run_reaches_the_runs_control_channel(
         await msg.respond(channel.handle(msg.data))
 
     await nc.subscribe(control_subject(run), cb=respond)
-    await nc.flush()
+    await round_trip(nc)
     audits(nats_server.url, "--run", run)
     pub = publisher(target, settings, tmp_path / "outbox.jsonl")
     stamper = Stamper(pub, run)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from runtime.bus.connect import BusTarget, Credentials, connect
+from runtime.bus.connect import BusTarget, Credentials, connect, round_trip
 from runtime.bus.server import RunningServer
 from runtime.bus.stream import ensure_stream
 from runtime.errors import BusUnavailable
@@ -47,7 +47,7 @@ async def eventually(check: Callable[[], bool], timeout: float = TIMEOUT) -> boo
 async def delivered(listener: NATS, subject: str, publisher: NATS, payload: bytes) -> bytes:
     """What ``listener`` receives when ``publisher`` sends ``payload`` on ``subject`` (an allowed publish)."""
     sub = await listener.subscribe(subject)
-    await listener.flush()
+    await round_trip(listener)
     try:
         await publisher.publish(subject, payload)
         await publisher.flush()
@@ -59,7 +59,7 @@ async def delivered(listener: NATS, subject: str, publisher: NATS, payload: byte
 async def denied(listener: NATS, subject: str, publisher: NATS, payload: bytes, denials: list[str]) -> None:
     """``publisher`` may not send on ``subject``: the server says so, and ``listener`` gets nothing."""
     sub = await listener.subscribe(subject)
-    await listener.flush()
+    await round_trip(listener)
     try:
         await publisher.publish(subject, payload)
         await publisher.flush()

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from producers.run.fencing import Fence
-from runtime.bus.connect import BusTarget
+from runtime.bus.connect import BusTarget, round_trip
 from runtime.bus.objects import checkpoint_store, existing_store, fetch, object_name, stored, upload
 from runtime.bus.server import RunningServer, start_server
 from runtime.bus.stream import ensure_stream
@@ -155,7 +155,7 @@ async def test_an_agent_pulls_claims_beats_reports_and_stops_but_may_not_submit_
         await request.respond(b"draining a-roles")
 
     await agent.nc.subscribe(agent_subject("a-roles"), cb=answer)
-    await agent.nc.flush()  # subscribed at the server before the operator asks
+    await round_trip(agent.nc)  # subscribed at the server before the operator asks
     assert (await operator.request(agent_subject("a-roles"), b"drain", timeout=TIMEOUT)).data == b"draining a-roles"
     await msg.ack_sync()
     await heartbeats.delete("a-roles")  # drained: it leaves the bucket
@@ -240,7 +240,7 @@ async def test_a_trainer_puts_and_fetches_checkpoint_files_and_hears_what_fences
 
     for subject in fence.listeners():
         await trainer.nc.subscribe(subject, cb=hear)
-    await trainer.nc.flush()
+    await round_trip(trainer.nc)
     await (await agents_bucket(agent.jetstream())).put("a-fence", beat("a-fence"))
     assert await eventually(lambda: "$KV.TRAINBUS_AGENTS.a-fence" in heard), "the trainer never heard its agent beat"
     await admin.publish(event_subject("roles-trainer", "run.started"), started("roles-trainer", 2))
