@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import pytest
 
+from runtime.bus.connect import round_trip
 from runtime.bus.server import RunningServer
 from runtime.cli.main import main
 from runtime.publish.sinks import Stamper
@@ -45,6 +46,7 @@ def stand_in_trainer(url: str, run_id: str, script: Script) -> Iterator[None]:
                     await js.publish(event_subject(run_id, item.type), data, headers={"Nats-Msg-Id": item.event_id})
 
         await nc.subscribe(control_subject(run_id), cb=on_command)
+        await round_trip(nc)  # the command `ctl` sends next finds the subscription
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.05)
