@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from consumers.control_client import send_command
+from runtime.bus.connect import round_trip
 from runtime.bus.server import RunningServer
 from runtime.bus.stream import replay
 from schemas import Event, Pause, event_subject, run_events
@@ -124,7 +125,9 @@ def start_trainer(
 def pause_on(url: str, run_id: str, kind: str, step: int | None = None) -> threading.Thread:
     """Pause ``run_id`` the moment it publishes a ``kind`` event (at ``step``, if given): a `ctl`
     process would start too late, as the tiny model trains the remaining steps in seconds. The
-    command lands at the next step boundary; join the thread to wait until the trainer took it."""
+    command lands at the next step boundary; join the thread to wait until the trainer took it.
+    Returns once the server has the subscription, so the run may start."""
+    listening = threading.Event()
 
     async def pause() -> None:
         nc = NATS()
@@ -136,6 +139,8 @@ def pause_on(url: str, run_id: str, kind: str, step: int | None = None) -> threa
                 seen.set_result(None)
 
         await nc.subscribe(event_subject(run_id, kind), cb=on_event)
+        await round_trip(nc)
+        listening.set()
         await asyncio.wait_for(seen, 300)
         command = Pause(command_id=f"pause-{run_id}", run_id=run_id, issued_by="test", reason="hold it here")
         await send_command(nc, command, timeout=30)
@@ -143,7 +148,13 @@ def pause_on(url: str, run_id: str, kind: str, step: int | None = None) -> threa
 
     thread = threading.Thread(target=lambda: asyncio.run(pause()), daemon=True)
     thread.start()
+    assert listening.wait(60), f"pause_on({run_id}, {kind}) never subscribed"
     return thread
+
+
+def paused(events: list[Event]) -> bool:
+    """Whether the run has announced that it is paused."""
+    return any(e.type == "run.state" and e.state == "paused" for e in events)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from runtime.settings import ServerSettings
 from schemas import Evaluation, Event, JobState, RunFinished, RunStarted, TrainStep
 from schemas.jobs import JobRecord
 from tests.conftest import wait_until
-from tests.end_to_end.conftest import events_of, of_type, pause_on, trainbus_env, wait_events
+from tests.end_to_end.conftest import events_of, of_type, pause_on, paused, trainbus_env, wait_events
 
 pytestmark = pytest.mark.slow
 SMALL = ["training.max_steps=30", "training.save_steps=10", "training.logging_steps=5", "training.eval_steps=30",
@@ -138,7 +138,7 @@ def hold(bus: Bus, run_id: str) -> str:
     job = bus.submit(run_id, *LONG)
     bus.wait_job(job, "running")
     pausing.join(300)
-    wait_events(bus.url, run_id, lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev))
+    wait_events(bus.url, run_id, paused)
     return job
 
 
@@ -195,7 +195,7 @@ def test_a_killed_agents_run_resumes_elsewhere_from_its_latest_checkpoint_with_n
     job = bus.submit("killed", *SMALL, shared=False)  # the next agent has no folder of it: all from the bus
     record = bus.wait_job(job, "running")
     pausing.join(300)
-    wait_events(bus.url, "killed", lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev))
+    wait_events(bus.url, "killed", paused)
     bus.agents[record.agent or ""].send_signal(signal.SIGKILL)
     requeued = wait_until(lambda: (r := bus.job(job)).restarts and r, timeout=120, what="another agent to take the job")
     assert requeued.agent != record.agent and requeued.restarts == 1

@@ -25,7 +25,7 @@ from runtime.settings import ServerSettings
 from schemas import Event, JobState, RunFinished, RunStarted
 from schemas.jobs import JobRecord
 from tests.conftest import wait_until
-from tests.end_to_end.conftest import REPO, ctl, events_of, of_type, pause_on, trainbus_env, wait_events
+from tests.end_to_end.conftest import REPO, ctl, events_of, of_type, pause_on, paused, trainbus_env, wait_events
 
 NAME = "sq"
 MAX_STEPS = 10
@@ -83,9 +83,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             driver = subprocess.Popen(sweep_argv(tmp, NAME), cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
         try:  # trial 0 holds the only slot while trial 1 waits for it
             pausing.join(300)
-            wait_events(
-                server.url, f"{NAME}-t0", lambda ev: any(e.type == "run.state" and e.state == "paused" for e in ev)
-            )
+            wait_events(server.url, f"{NAME}-t0", paused)
             wait_events(server.url, f"{NAME}-t1", lambda ev: of_type(ev, "job.state"), timeout=60)
         finally:
             driver.kill()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from schemas import run_events
 from schemas.jobs import JobSpec, JobState
 from schemas.subjects import JOBS_BUCKET, QUEUE_STREAM, dispatch_consumer
 from tests.conftest import REPO
+from tests.end_to_end.conftest import trainbus_env
 
 
 def spec(n: int, priority: str = "normal") -> JobSpec:
@@ -116,11 +116,8 @@ def test_submit_prints_its_job_on_stdout_and_its_logs_on_stderr(tmp_path: Path) 
     line, which scripts read the job id from."""
     server = start_server(ServerSettings(), tmp_path / "nats", lock=False)
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "TRAINBUS_"))} | {
-            "NATS_URL": server.url
-        }
         argv = [sys.executable, "-m", "runtime.cli", "submit", "configs/tiny.yaml", "--run-id", "r1"]
-        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(argv, cwd=REPO, env=trainbus_env(server.url), capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     finally:
         server.stop()
     assert done.returncode == 0, done.stderr
