@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,24 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         raise ConfigError(f"--storage {redact_url(url)}: {first}") from None
 
 
+DESCRIBED = "metric"
+"""The study's user attribute its creator writes last: until it is there, the description is half written."""
+DESCRIBING_S = 30.0
+"""How long a joiner waits for a creator that is writing the description (a driver started beside it)."""
+
+
+def _described(study: optuna.Study) -> dict[str, Any]:
+    """The study's user attributes once its creator has written them all (empty for a new study).
+    Two drivers started at once both create the study; the second must not judge a half-written
+    description. After ``DESCRIBING_S`` (a creator that died writing), what is there."""
+    deadline = time.monotonic() + DESCRIBING_S
+    have = study.user_attrs
+    while have and DESCRIBED not in have and time.monotonic() < deadline:
+        time.sleep(0.2)
+        have = study.user_attrs
+    return have
+
+
 def open_study(name: str, storage: str, space: Space, config: str, overrides: list[str]) -> optuna.Study:
     """Create the study ``name`` or join it; refuse to join one that searches something else."""
     store = _storage(storage)
@@ -82,12 +101,12 @@ def open_study(name: str, storage: str, space: Space, config: str, overrides: li
         study_name=name, storage=store, direction=space.direction, load_if_exists=True, pruner=space.make_pruner()
     )
     want = {"config": config, "overrides": overrides, "search": space_json(space)}
-    have = study.user_attrs
+    have = _described(study)
     if not have:
         for key, value in want.items():
             study.set_user_attr(key, value)
         study.set_user_attr("space_file", space.path)
-        study.set_user_attr("metric", space.metric)
+        study.set_user_attr(DESCRIBED, space.metric)  # last: a joiner waits for it
         return study
     for key, value in want.items():
         if have.get(key) != value:

@@ -5,13 +5,15 @@ the trials whose driver is gone."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import optuna
 import psutil
 import pytest
 
-from consumers.sweep.space import load_space
+from consumers.sweep.space import load_space, space_json
 from consumers.sweep.study import LEASE_SECONDS, abandoned, default_storage, describe_best, driver_identity, open_study
 from runtime.cli.main import main
 from runtime.errors import ConfigError
@@ -145,6 +147,32 @@ def test_a_driver_joining_with_another_search_is_refused(tmp_path: Path) -> None
         open_study("s", storage, other, "configs/tiny.yaml", ["training.max_steps=30"])
     study = optuna.load_study(study_name="s", storage=storage)  # plain Optuna reads it
     assert describe_best(study) == ["sweep s: no trial has completed yet"]
+
+
+def test_a_driver_started_beside_the_creator_waits_for_the_whole_description(tmp_path: Path) -> None:
+    """Two drivers started at once both create the study: the second found the first's description
+    half written and was refused for a search it shares."""
+    storage = default_storage(str(tmp_path / "state"))
+    space = load_space(write(tmp_path, "parameters: {adapter.r: [8, 16]}"))
+    creator = optuna.create_study(study_name="s", storage=storage, direction=space.direction)
+    creator.set_user_attr("config", "configs/tiny.yaml")  # the creator is writing the rest
+    creator.set_user_attr("overrides", [])
+
+    def finish() -> None:
+        time.sleep(1.0)
+        creator.set_user_attr("search", space_json(space))
+        creator.set_user_attr("space_file", space.path)
+        creator.set_user_attr("metric", space.metric)
+
+    writing = threading.Thread(target=finish)
+    writing.start()
+    try:
+        joined = open_study("s", storage, space, "configs/tiny.yaml", [])
+    finally:
+        writing.join()
+    assert joined.user_attrs["search"] == space_json(space)
+    with pytest.raises(ConfigError, match=r"other --set overrides"):  # a real difference is still refused
+        open_study("s", storage, space, "configs/tiny.yaml", ["training.max_steps=40"])
 
 
 def test_an_unusable_storage_url_is_one_line(tmp_path: Path) -> None:
